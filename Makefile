@@ -1,0 +1,49 @@
+# metering: PGXS build, plus the two commands of the README (make demo, make test).
+EXTENSION   = metering
+EXTVERSION  = 0.1.0
+MODULE_big  = metering
+OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
+
+# The install script is assembled from one file per concern in src/sql.
+SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
+DATA_built  = $(EXTENSION)--$(EXTVERSION).sql
+
+# pg_regress suites (sql/ + expected/) and isolation specs (specs/ + expected/).
+REGRESS      = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --inputdir=. --load-extension=metering
+ISOLATION    = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
+ISOLATION_OPTS = --load-extension=metering
+
+PG_CFLAGS   = -Wall -Wextra -Werror -Wno-unused-parameter
+EXTRA_CLEAN = $(DATA_built) results/ regression.diffs regression.out output_iso/ tmp_check_iso/
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
+# On a fresh machine the server headers are not there yet: only the targets
+# below work until `make deps` (run by demo and test) has installed them.
+ifneq ($(wildcard $(PGXS)),)
+include $(PGXS)
+endif
+
+$(DATA_built): $(SQL_SOURCES)
+	cat $(SQL_SOURCES) > $@
+
+.PHONY: deps demo test bench
+# Installs the Debian packages the build and the suites need (as root only).
+deps:
+	@./tools/deps
+
+demo: deps
+	$(MAKE) all
+	./tools/install
+	./tools/demo
+
+test: deps
+	$(MAKE) all
+	./tools/install
+	./tools/test
+
+bench: deps
+	$(MAKE) all
+	./tools/install
+	./tools/bench

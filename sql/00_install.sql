@@ -1,0 +1,54 @@
+-- The extension installs with a plain CREATE EXTENSION (pg_regress ran it
+-- with --load-extension), and this is everything it owns.  A change to the
+-- object list shows up here; later versions walk the upgrade path from it.
+\dx metering
+\dx+ metering
+
+-- every object has a comment
+SELECT classid::regclass AS catalog, pg_describe_object(classid, objid, 0) AS object
+  FROM pg_depend
+ WHERE refclassid = 'pg_extension'::regclass
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'metering')
+   AND deptype = 'e'
+   AND obj_description(objid, classid::regclass::name) IS NULL
+ ORDER BY 2;
+-- and every table and view column
+SELECT c.relname, a.attname
+  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+ WHERE c.relnamespace = 'metering'::regnamespace AND c.relkind IN ('r', 'v')
+   AND a.attnum > 0 AND NOT a.attisdropped
+   AND col_description(c.oid, a.attnum) IS NULL
+ ORDER BY 1, 2;
+
+-- pg_dump keeps the rows of every user table
+SELECT unnest(extconfig)::regclass AS dumped FROM pg_extension WHERE extname = 'metering' ORDER BY 1::text;
+
+-- the extension is not relocatable and lives in its own schema
+SELECT extrelocatable, extnamespace::regnamespace, extversion FROM pg_extension WHERE extname = 'metering';
+
+-- Test helpers for the other files (they share this database).
+CREATE SCHEMA regress;
+-- runs a statement and shows its SQLSTATE and message instead of failing
+CREATE FUNCTION regress.err(statement text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+  EXECUTE statement;
+  RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+  RETURN SQLSTATE || ': ' || SQLERRM;
+END $$;
+-- empties every table of the extension
+CREATE FUNCTION regress.reset() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  TRUNCATE metering.events, metering.meter_rollups, metering.meters,
+           metering.usage_records, metering.registrations, metering.customers,
+           metering.product_dimensions, metering.products, metering.signing_keys;
+END $$;
+-- a CloudEvents object
+CREATE FUNCTION regress.ev(id text, subject text, type text, "time" text, data jsonb DEFAULT '{}',
+                           source text DEFAULT 'test')
+RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+  SELECT jsonb_build_object('specversion', '1.0', 'id', id, 'source', source, 'subject', subject,
+                            'type', type, 'time', "time", 'data', data)
+$$;

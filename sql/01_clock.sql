@@ -1,0 +1,57 @@
+-- metering.now() is the only clock.
+SET datestyle = 'ISO, YMD';
+SET timezone = 'UTC';
+SET metering.now = '2024-03-10 12:00:00+00';
+SELECT metering.now();
+-- it is a timestamp with time zone, read in the time zone of the setting
+SET metering.now = '2024-03-10 12:00:00-05';
+SELECT metering.now() AT TIME ZONE 'UTC' AS utc;
+-- unset: the start of the transaction
+RESET metering.now;
+BEGIN;
+SELECT metering.now() = transaction_timestamp() AS is_transaction_start;
+COMMIT;
+SET metering.now = '';
+SELECT metering.now() = transaction_timestamp() AS empty_is_unset;
+
+-- only a concrete instant is a clock
+SELECT regress.err($$SET metering.now = 'not a time'$$);
+SELECT regress.err($$SET metering.now = 'infinity'$$);
+SELECT regress.err($$SET metering.now = 'epoch'$$);
+
+-- only a superuser or the extension owner may move the clock
+CREATE ROLE regress_clock_user;
+GRANT USAGE ON SCHEMA metering, regress TO regress_clock_user;
+SET ROLE regress_clock_user;
+SELECT regress.err($$SET metering.now = '2024-01-01 00:00:00+00'$$);
+SELECT regress.err($$SET LOCAL metering.now = '2024-01-01 00:00:00+00'$$);
+SELECT regress.err($$SELECT set_config('metering.now', '2024-01-01 00:00:00+00', false)$$);
+RESET metering.now;           -- clearing it is allowed
+SELECT metering.now() = transaction_timestamp() AS reads_the_real_clock;
+RESET ROLE;
+-- a member of the extension owner's role may
+GRANT postgres TO regress_clock_user;
+SET ROLE regress_clock_user;
+SELECT regress.err($$SET metering.now = '2024-01-01 00:00:00+00'$$);
+SELECT metering.now();
+RESET ROLE;
+RESET metering.now;
+REVOKE postgres FROM regress_clock_user;
+REVOKE USAGE ON SCHEMA metering, regress FROM regress_clock_user;
+DROP ROLE regress_clock_user;
+
+-- other settings of the extension
+SHOW metering.meter_usage_max_age;
+SHOW metering.batch_meter_usage_max_age;
+SELECT regress.err($$SET metering.no_such_setting = 1$$);
+
+-- uuid_v7: version 7, variant 10, time-ordered and strictly increasing in a backend
+SELECT substr(u::text, 15, 1) AS version, substr(u::text, 20, 1) IN ('8', '9', 'a', 'b') AS variant
+  FROM (SELECT metering.uuid_v7() AS u) s;
+WITH ids AS (SELECT n, metering.uuid_v7() AS u FROM generate_series(1, 20000) n)
+SELECT count(*) AS ids,
+       count(DISTINCT u) AS distinct_ids,
+       bool_and(u > prev) AS strictly_increasing
+  FROM (SELECT u, lag(u) OVER (ORDER BY n) AS prev FROM ids) s;
+SELECT abs(extract(epoch FROM metering.uuid_v7_time(metering.uuid_v7()) - clock_timestamp())) < 5 AS carries_the_real_time;
+SELECT regress.err($$SELECT metering.uuid_v7_time('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')$$);

@@ -1,0 +1,230 @@
+/*
+ * ingest.c: CloudEvents 1.0 validation for metering.ingest and ingest_batch.
+ *
+ * Every event of a batch is validated before anything is stored, so one
+ * malformed event rejects the whole batch; the error names the event's index
+ * in the JSON array (from 0) and the offending attribute.  The rows go to
+ * metering.events through SQL (see src/sql/12_ingest.sql), so triggers,
+ * constraints and row security apply exactly as for a plain INSERT.
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "metering.h"
+#include "timeparse.h"
+
+/* how much of a bad value an error message quotes */
+#define QUOTE_LIMIT 64
+
+typedef struct EventContext
+{
+	int			index;			/* position in the batch, -1 for one event */
+} EventContext;
+
+static const char *
+JsonbValueTypeName(JsonbValue *v)
+{
+	switch (v->type)
+	{
+		case jbvNull:
+			return "null";
+		case jbvString:
+			return "a string";
+		case jbvNumeric:
+			return "a number";
+		case jbvBool:
+			return "a boolean";
+		case jbvBinary:
+			return JsonContainerIsArray(v->val.binary.data) ? "an array" : "an object";
+		default:
+			return "an unknown JSON value";
+	}
+}
+
+static char *
+EventPrefix(EventContext *ctx)
+{
+	if (ctx->index < 0)
+		return pstrdup("event");
+	return psprintf("event %d", ctx->index);
+}
+
+static char *
+Quote(JsonbValue *v)
+{
+	int			len = v->val.string.len;
+
+	if (len > QUOTE_LIMIT)
+		return psprintf("\"%.*s...\"", QUOTE_LIMIT, v->val.string.val);
+	return psprintf("\"%.*s\"", len, v->val.string.val);
+}
+
+static bool
+GetAttribute(JsonbContainer *obj, const char *name, JsonbValue *out)
+{
+	return getKeyJsonValueFromContainer(obj, name, strlen(name), out) != NULL;
+}
+
+/* A required, non-empty string attribute. */
+static text *
+RequiredString(EventContext *ctx, JsonbContainer *obj, const char *name)
+{
+	JsonbValue	v;
+
+	if (!GetAttribute(obj, name, &v) || v.type == jbvNull)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s: \"%s\" is required", EventPrefix(ctx), name),
+				 errhint("A CloudEvents 1.0 event has the string attributes specversion, id, source, type and subject.")));
+	if (v.type != jbvString)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s: \"%s\" must be a string, not %s",
+						EventPrefix(ctx), name, JsonbValueTypeName(&v))));
+	if (v.val.string.len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s: \"%s\" must not be empty", EventPrefix(ctx), name)));
+	return cstring_to_text_with_len(v.val.string.val, v.val.string.len);
+}
+
+/*
+ * Validates one event and fills the columns (id, source, subject, type,
+ * time, data).  Absent or null time and data take their defaults.
+ */
+static void
+ParseEvent(EventContext *ctx, JsonbValue *event, TimestampTz now,
+		   Datum empty_data, Datum *values, bool *nulls)
+{
+	JsonbContainer *obj;
+	JsonbValue	v;
+	text	   *spec;
+
+	if (event->type != jbvBinary || !JsonContainerIsObject(event->val.binary.data))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a JSON object, not %s",
+						EventPrefix(ctx), JsonbValueTypeName(event))));
+	obj = event->val.binary.data;
+
+	spec = RequiredString(ctx, obj, "specversion");
+	if (VARSIZE_ANY_EXHDR(spec) != 3 || memcmp(VARDATA_ANY(spec), "1.0", 3) != 0)
+	{
+		GetAttribute(obj, "specversion", &v);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s: \"specversion\" must be \"1.0\", not %s",
+						EventPrefix(ctx), Quote(&v))));
+	}
+
+	values[0] = PointerGetDatum(RequiredString(ctx, obj, "id"));
+	values[1] = PointerGetDatum(RequiredString(ctx, obj, "source"));
+	values[2] = PointerGetDatum(RequiredString(ctx, obj, "subject"));
+	values[3] = PointerGetDatum(RequiredString(ctx, obj, "type"));
+
+	if (!GetAttribute(obj, "time", &v) || v.type == jbvNull)
+		values[4] = TimestampTzGetDatum(now);
+	else
+	{
+		TimestampTz t;
+
+		if (v.type != jbvString)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s: \"time\" must be an RFC 3339 string, not %s",
+							EventPrefix(ctx), JsonbValueTypeName(&v))));
+		if (!ParseRfc3339(v.val.string.val, v.val.string.len, &t))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s: \"time\" is not an RFC 3339 date-time: %s",
+							EventPrefix(ctx), Quote(&v)),
+					 errhint("Write it as 2024-01-01T00:00:00Z or with an offset, 2024-01-01T01:00:00+01:00.")));
+		values[4] = TimestampTzGetDatum(t);
+	}
+
+	if (!GetAttribute(obj, "data", &v) || v.type == jbvNull)
+		values[5] = empty_data;
+	else if (v.type == jbvBinary && JsonContainerIsObject(v.val.binary.data))
+		values[5] = JsonbPGetDatum(JsonbValueToJsonb(&v));
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s: \"data\" must be a JSON object, not %s",
+						EventPrefix(ctx), JsonbValueTypeName(&v))));
+
+	memset(nulls, 0, sizeof(bool) * 6);
+}
+
+/*
+ * metering._parse_events(events jsonb, batch boolean): the validated rows
+ * (ord, id, source, subject, type, time, data) of one event or of an array.
+ */
+PG_FUNCTION_INFO_V1(metering_parse_events);
+Datum
+metering_parse_events(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Jsonb	   *events = PG_GETARG_JSONB_P(0);
+	bool		batch = PG_GETARG_BOOL(1);
+	TimestampTz now = MeteringNow();
+	EventContext ctx;
+	Datum		values[7];
+	bool		nulls[7];
+	Datum		empty_data = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	MemoryContext per_event;
+	MemoryContext old;
+
+	InitMaterializedSRF(fcinfo, 0);
+	per_event = AllocSetContextCreate(CurrentMemoryContext, "metering event",
+									  ALLOCSET_SMALL_SIZES);
+
+	if (!batch)
+	{
+		JsonbValue	whole;
+
+		whole.type = jbvBinary;
+		whole.val.binary.data = &events->root;
+		whole.val.binary.len = VARSIZE(events) - VARHDRSZ;
+		if (JB_ROOT_IS_SCALAR(events))
+			JsonbExtractScalar(&events->root, &whole);
+		ctx.index = -1;
+		values[0] = Int32GetDatum(0);
+		ParseEvent(&ctx, &whole, now, empty_data, values + 1, nulls + 1);
+		nulls[0] = false;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		PG_RETURN_NULL();
+	}
+
+	if (!JB_ROOT_IS_ARRAY(events) || JB_ROOT_IS_SCALAR(events))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("events must be a JSON array of CloudEvents objects")));
+	{
+		JsonbIterator *it = JsonbIteratorInit(&events->root);
+		JsonbValue	v;
+		JsonbIteratorToken tok;
+
+		ctx.index = 0;
+		while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+		{
+			if (tok != WJB_ELEM)
+				continue;
+			values[0] = Int32GetDatum(ctx.index);
+			nulls[0] = false;
+			/* the tuplestore copies the row, so the parts can go at once */
+			old = MemoryContextSwitchTo(per_event);
+			ParseEvent(&ctx, &v, now, empty_data, values + 1, nulls + 1);
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(per_event);
+			ctx.index++;
+		}
+	}
+	PG_RETURN_NULL();
+}

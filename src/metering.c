@@ -1,0 +1,214 @@
+/*
+ * metering.c: module initialisation, settings and the clock.
+ *
+ * metering.now() is the only clock of the extension: every rule that speaks
+ * of "now" reads it, so tests, replays and backfills can pin the present by
+ * setting metering.now.  Because moving the clock changes what the rules
+ * accept, only a superuser or the extension owner may set it.
+ */
+#include "postgres.h"
+
+#include <limits.h>
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/parallel.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_extension.h"
+#include "commands/extension.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+
+#include "metering.h"
+
+PG_MODULE_MAGIC;
+
+int			metering_meter_usage_max_age = 6 * 3600;
+int			metering_batch_meter_usage_max_age = 24 * 3600;
+
+static char *metering_now_string = NULL;
+static bool metering_now_is_set = false;
+static TimestampTz metering_now_value = 0;
+
+void		_PG_init(void);
+
+/*
+ * Parses a metering.now value without raising an error (a GUC check hook
+ * must not throw).  Only a concrete date and time is a clock; "infinity",
+ * "epoch" and the like are refused.
+ */
+static bool
+ParseClockValue(const char *str, TimestampTz *result)
+{
+	char		workbuf[MAXDATELEN + MAXDATEFIELDS];
+	char	   *field[MAXDATEFIELDS];
+	int			ftype[MAXDATEFIELDS];
+	int			nf;
+	int			dtype;
+	int			tz;
+	struct pg_tm tt;
+	fsec_t		fsec;
+
+	if (strlen(str) >= MAXDATELEN)
+		return false;
+	if (ParseDateTime(str, workbuf, sizeof(workbuf), field, ftype,
+					  MAXDATEFIELDS, &nf) != 0)
+		return false;
+	if (DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) != 0)
+		return false;
+	if (dtype != DTK_DATE)
+		return false;
+	if (tm2timestamp(&tt, fsec, &tz, result) != 0)
+		return false;
+	return IS_VALID_TIMESTAMP(*result);
+}
+
+Oid
+MeteringExtensionOwner(void)
+{
+	Oid			extoid = get_extension_oid("metering", true);
+	Oid			owner = InvalidOid;
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	if (!OidIsValid(extoid))
+		return InvalidOid;
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(extoid));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return owner;
+}
+
+/*
+ * Who may move the clock: superusers and members of the extension owner.
+ * Values from the server's own configuration (file, command line, per-role
+ * and per-database settings, which were vetted when they were stored) and
+ * values a parallel worker inherits from its leader pass unchecked.
+ */
+static bool
+check_metering_now(char **newval, void **extra, GucSource source)
+{
+	TimestampTz value;
+	TimestampTz *stored;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (!ParseClockValue(*newval, &value))
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errmsg("invalid value for metering.now: \"%s\"", *newval);
+		GUC_check_errdetail("metering.now takes a timestamp with time zone, such as 2024-01-01 00:00:00+00.");
+		return false;
+	}
+	if (source >= PGC_S_CLIENT && !InitializingParallelWorker &&
+		IsTransactionState() && !superuser())
+	{
+		Oid			owner = MeteringExtensionOwner();
+
+		if (!OidIsValid(owner) || !has_privs_of_role(GetUserId(), owner))
+		{
+			GUC_check_errcode(ERRCODE_INSUFFICIENT_PRIVILEGE);
+			GUC_check_errmsg("permission denied to set metering.now");
+			GUC_check_errdetail("Only a superuser or the owner of the extension metering may move its clock.");
+			return false;
+		}
+	}
+	stored = (TimestampTz *) malloc(sizeof(TimestampTz));
+	if (stored == NULL)
+		return false;
+	*stored = value;
+	*extra = stored;
+	return true;
+}
+
+static void
+assign_metering_now(const char *newval, void *extra)
+{
+	if (extra != NULL)
+	{
+		metering_now_is_set = true;
+		metering_now_value = *(TimestampTz *) extra;
+	}
+	else
+		metering_now_is_set = false;
+}
+
+TimestampTz
+MeteringNow(void)
+{
+	if (metering_now_is_set)
+		return metering_now_value;
+	return GetCurrentTransactionStartTimestamp();
+}
+
+void
+_PG_init(void)
+{
+	DefineCustomStringVariable("metering.now",
+							   "Pins the present of the metering extension (metering.now()).",
+							   "Empty means the start of the current transaction. Only a superuser or the extension owner may set it.",
+							   &metering_now_string,
+							   "",
+							   PGC_USERSET,
+							   GUC_NOT_IN_SAMPLE,
+							   check_metering_now,
+							   assign_metering_now,
+							   NULL);
+
+	DefineCustomIntVariable("metering.meter_usage_max_age",
+							"How far in the past a MeterUsage timestamp may be.",
+							"AWS accepts six hours; the window is a setting because AWS has changed it before.",
+							&metering_meter_usage_max_age,
+							6 * 3600, 0, INT_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("metering.batch_meter_usage_max_age",
+							"How far in the past a BatchMeterUsage timestamp may be.",
+							"AWS accepts 24 hours; the window is a setting because AWS has changed it before.",
+							&metering_batch_meter_usage_max_age,
+							24 * 3600, 0, INT_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("metering");
+}
+
+/* metering.now(): the extension's present. */
+PG_FUNCTION_INFO_V1(metering_now);
+Datum
+metering_now(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TIMESTAMPTZ(MeteringNow());
+}
+
+/* metering._usage_max_age(batch): the MeterUsage or BatchMeterUsage window. */
+PG_FUNCTION_INFO_V1(metering_max_age);
+Datum
+metering_max_age(PG_FUNCTION_ARGS)
+{
+	bool		batch = PG_GETARG_BOOL(0);
+	int			secs = batch ? metering_batch_meter_usage_max_age : metering_meter_usage_max_age;
+	Interval   *result = (Interval *) palloc0(sizeof(Interval));
+
+	result->time = (int64) secs * USECS_PER_SEC;
+	PG_RETURN_INTERVAL_P(result);
+}

@@ -1,0 +1,29 @@
+/*
+ * metering.h: what the C files of the extension share.
+ *
+ * The engines meet only through the clock, the settings and the time
+ * parsing declared here; everything else stays inside its own file.
+ */
+#ifndef METERING_H
+#define METERING_H
+
+#include "datatype/timestamp.h"
+
+/* Settings (metering.c). */
+extern int	metering_meter_usage_max_age;	/* seconds */
+extern int	metering_batch_meter_usage_max_age; /* seconds */
+
+/* The extension's present: metering.now when set, else the transaction start. */
+extern TimestampTz MeteringNow(void);
+
+/* A fresh time-ordered v7 uuid, monotonic within this backend (uuid.c). */
+struct pg_uuid_t;
+extern void MeteringUuidV7(struct pg_uuid_t *out);
+
+/* The extension owner, or InvalidOid when the extension is not installed. */
+extern Oid	MeteringExtensionOwner(void);
+
+/* Random bytes from the server's strong source; errors when it fails. */
+extern void MeteringRandomBytes(void *buf, size_t len);
+
+#endif

@@ -1,0 +1,144 @@
+-- Meters (OpenMeter): how events of one type turn into a number.
+
+CREATE TYPE metering.aggregation AS ENUM
+  ('SUM', 'COUNT', 'AVG', 'MIN', 'MAX', 'UNIQUE_COUNT', 'LATEST');
+COMMENT ON TYPE metering.aggregation IS
+  'how a meter combines the values of its events in a window';
+
+CREATE TYPE metering.window_size AS ENUM ('MINUTE', 'HOUR', 'DAY');
+COMMENT ON TYPE metering.window_size IS 'the window sizes of meter queries';
+
+CREATE TABLE metering.meters (
+  slug           text PRIMARY KEY,
+  description    text,
+  event_type     text NOT NULL,
+  aggregation    metering.aggregation NOT NULL,
+  value_property jsonpath,
+  group_by       jsonb NOT NULL DEFAULT '{}',
+  window_size    metering.window_size NOT NULL DEFAULT 'MINUTE',
+  created_at     timestamptz NOT NULL DEFAULT metering.now(),
+  deleted_at     timestamptz
+);
+COMMENT ON TABLE metering.meters IS
+  'meter definitions: inserting a row defines a meter over every stored and future event of its type; DELETE is a soft delete; only description may change';
+COMMENT ON COLUMN metering.meters.slug IS 'the meter''s name: lowercase letters, digits, _ and -';
+COMMENT ON COLUMN metering.meters.description IS 'free text, the one column that may change';
+COMMENT ON COLUMN metering.meters.event_type IS 'the CloudEvents type this meter counts';
+COMMENT ON COLUMN metering.meters.aggregation IS 'SUM, COUNT, AVG, MIN, MAX, UNIQUE_COUNT or LATEST';
+COMMENT ON COLUMN metering.meters.value_property IS 'JSONPath into the event data selecting the value; required except for COUNT';
+COMMENT ON COLUMN metering.meters.group_by IS 'group name -> JSONPath into the event data';
+COMMENT ON COLUMN metering.meters.window_size IS 'the smallest window the meter is reported in (informational: any window can be queried)';
+COMMENT ON COLUMN metering.meters.created_at IS 'when the meter was defined (metering.now())';
+COMMENT ON COLUMN metering.meters.deleted_at IS 'when the meter was deleted; a deleted meter cannot be queried';
+
+CREATE FUNCTION metering._meters_before_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  g record;
+BEGIN
+  IF NEW.slug IS NULL OR NEW.slug !~ '^[a-z0-9_-]{1,63}$' THEN
+    RAISE EXCEPTION 'meter slug must be 1 to 63 lowercase letters, digits, _ or -, got %',
+      coalesce(quote_literal(NEW.slug), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NEW.event_type IS NULL OR NEW.event_type = '' THEN
+    RAISE EXCEPTION 'meter "%": event_type is required', NEW.slug
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NEW.aggregation IS NULL THEN
+    RAISE EXCEPTION 'meter "%": aggregation is required', NEW.slug
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'One of SUM, COUNT, AVG, MIN, MAX, UNIQUE_COUNT, LATEST.';
+  END IF;
+  IF NEW.value_property IS NULL AND NEW.aggregation <> 'COUNT' THEN
+    RAISE EXCEPTION 'meter "%": value_property is required for aggregation %', NEW.slug, NEW.aggregation
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NEW.group_by IS NULL OR jsonb_typeof(NEW.group_by) <> 'object' THEN
+    RAISE EXCEPTION 'meter "%": group_by must be a JSON object of name to JSONPath', NEW.slug
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  FOR g IN SELECT key, value FROM jsonb_each(NEW.group_by) LOOP
+    IF g.key = '' OR jsonb_typeof(g.value) <> 'string' THEN
+      RAISE EXCEPTION 'meter "%": group_by "%" must map a non-empty name to a JSONPath string', NEW.slug, g.key
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    BEGIN
+      PERFORM (g.value #>> '{}')::jsonpath;
+    EXCEPTION WHEN syntax_error OR invalid_text_representation THEN
+      RAISE EXCEPTION 'meter "%": group_by "%" is not a valid JSONPath: %', NEW.slug, g.key, g.value #>> '{}'
+        USING ERRCODE = 'invalid_parameter_value';
+    END;
+  END LOOP;
+  RETURN NEW;
+END $$;
+COMMENT ON FUNCTION metering._meters_before_insert() IS
+  'internal: validates a meter definition';
+
+-- A new meter counts every stored event of its type.  The SHARE lock waits
+-- for ingests in flight and holds new ones until this transaction ends, so
+-- every event is rolled up either here or by the ingest trigger.
+CREATE FUNCTION metering._meters_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.deleted_at IS NULL THEN
+    LOCK TABLE metering.events IN SHARE MODE;
+    PERFORM metering._rollup_backfill(NEW.slug);
+  END IF;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._meters_after_insert() IS
+  'internal: rolls up the stored events of a new meter';
+
+CREATE FUNCTION metering._meters_before_update() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF (NEW.slug, NEW.event_type, NEW.aggregation, NEW.value_property::text, NEW.group_by,
+      NEW.window_size, NEW.created_at)
+     IS DISTINCT FROM
+     (OLD.slug, OLD.event_type, OLD.aggregation, OLD.value_property::text, OLD.group_by,
+      OLD.window_size, OLD.created_at) THEN
+    RAISE EXCEPTION 'meter "%" is immutable: only description may change', OLD.slug
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Define a new meter with another slug, and delete this one.';
+  END IF;
+  IF OLD.deleted_at IS NOT NULL AND NEW.deleted_at IS DISTINCT FROM OLD.deleted_at THEN
+    RAISE EXCEPTION 'meter "%" is deleted', OLD.slug
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  RETURN NEW;
+END $$;
+COMMENT ON FUNCTION metering._meters_before_update() IS
+  'internal: meters are immutable but for description and the soft delete';
+
+CREATE FUNCTION metering._meters_after_delete_mark() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  LOCK TABLE metering.events IN SHARE MODE;
+  DELETE FROM metering.meter_rollups WHERE meter = NEW.slug;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._meters_after_delete_mark() IS
+  'internal: drops the rollups of a deleted meter';
+
+CREATE FUNCTION metering._soft_delete_meter() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE metering.meters SET deleted_at = metering.now()
+   WHERE slug = OLD.slug AND deleted_at IS NULL;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._soft_delete_meter() IS
+  'internal: DELETE on metering.meters marks deleted_at and keeps the row';
+
+CREATE TRIGGER meters_before_insert BEFORE INSERT ON metering.meters
+  FOR EACH ROW EXECUTE FUNCTION metering._meters_before_insert();
+CREATE TRIGGER meters_after_insert AFTER INSERT ON metering.meters
+  FOR EACH ROW EXECUTE FUNCTION metering._meters_after_insert();
+CREATE TRIGGER meters_before_update BEFORE UPDATE ON metering.meters
+  FOR EACH ROW EXECUTE FUNCTION metering._meters_before_update();
+CREATE TRIGGER meters_after_delete_mark AFTER UPDATE OF deleted_at ON metering.meters
+  FOR EACH ROW WHEN (OLD.deleted_at IS NULL AND NEW.deleted_at IS NOT NULL)
+  EXECUTE FUNCTION metering._meters_after_delete_mark();
+CREATE TRIGGER meters_soft_delete BEFORE DELETE ON metering.meters
+  FOR EACH ROW EXECUTE FUNCTION metering._soft_delete_meter();

@@ -1,0 +1,243 @@
+-- Querying meters: values per window, subject and group.
+
+CREATE TYPE metering.meter_value AS (
+  window_start timestamptz,
+  window_end   timestamptz,
+  subject      text,
+  group_by     jsonb,
+  value        numeric
+);
+COMMENT ON TYPE metering.meter_value IS
+  'one row of metering.query_meter: the meter''s value in [window_start, window_end) for a subject and group';
+
+-- The start of the window containing instant `expr` (SQL text), for a
+-- window size and a time zone placeholder; NULL window: the whole range.
+CREATE FUNCTION metering._window_start_sql(window_size text, expr text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN window_size IS NULL THEN 'NULL::timestamptz'
+              ELSE format('date_trunc(%L, %s, $6)', lower(window_size), expr) END
+$$;
+COMMENT ON FUNCTION metering._window_start_sql(text, text) IS
+  'internal: SQL text of the window start of an instant';
+
+-- The end of a window is the start of the next one, found by truncating an
+-- instant safely inside it: this gives 23- and 25-hour days on DST changes.
+CREATE FUNCTION metering._window_end_sql(window_size text, expr text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT format('date_trunc(%L, %s + interval %L, $6)', lower(window_size), expr,
+                CASE window_size WHEN 'MINUTE' THEN '90 seconds'
+                                 WHEN 'HOUR' THEN '90 minutes'
+                                 ELSE '36 hours' END)
+$$;
+COMMENT ON FUNCTION metering._window_end_sql(text, text) IS
+  'internal: SQL text of the end of the window starting at an instant';
+
+CREATE FUNCTION metering.query_meter(
+  meter text,
+  from_time timestamptz DEFAULT NULL,
+  to_time timestamptz DEFAULT NULL,
+  window_size text DEFAULT NULL,
+  window_time_zone text DEFAULT 'UTC',
+  subjects text[] DEFAULT NULL,
+  group_by text[] DEFAULT NULL,
+  filter_group_by jsonb DEFAULT NULL)
+RETURNS SETOF metering.meter_value
+LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+  m metering.meters;
+  w text := upper(window_size);
+  names text[];
+  drop_names text[];
+  name text;
+  filter_sql text := '';
+  f record;
+  vals text[];
+  lo_h timestamptz;             -- rollups cover [lo_h, hi_h)
+  hi_h timestamptz;
+  use_rollups boolean;
+  raw_subjects text[];
+  raw_where text;
+  parts text[] := '{}';
+  value_sql text;
+  raw_value text;
+  raw_valued text;
+  raw_text text := 'NULL::text';
+  groups_sql text;
+  sql text;
+BEGIN
+  SELECT * INTO m FROM metering.meters mm WHERE mm.slug = meter AND mm.deleted_at IS NULL;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'meter "%" does not exist', meter USING ERRCODE = 'no_data_found';
+  END IF;
+  IF w IS NOT NULL AND w NOT IN ('MINUTE', 'HOUR', 'DAY') THEN
+    RAISE EXCEPTION 'window_size must be MINUTE, HOUR or DAY, not "%"', window_size
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF window_time_zone IS NULL OR NOT metering._valid_time_zone(window_time_zone) THEN
+    RAISE EXCEPTION 'window_time_zone "%" is not a known time zone', window_time_zone
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use a name of pg_timezone_names, such as America/New_York.';
+  END IF;
+  IF from_time > to_time THEN
+    RAISE EXCEPTION 'from_time (%) is after to_time (%)', from_time, to_time
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  names := ARRAY(SELECT jsonb_object_keys(m.group_by));
+  FOREACH name IN ARRAY coalesce(group_by, '{}') LOOP
+    IF name IS NULL OR NOT name = ANY (names) THEN
+      RAISE EXCEPTION 'group_by "%" is not a group of meter "%"', name, m.slug
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = format('The meter groups by: %s.', coalesce(nullif(array_to_string(names, ', '), ''), 'nothing'));
+    END IF;
+  END LOOP;
+  drop_names := ARRAY(SELECT unnest(names) EXCEPT SELECT unnest(group_by));
+
+  IF filter_group_by IS NOT NULL THEN
+    IF jsonb_typeof(filter_group_by) <> 'object' THEN
+      RAISE EXCEPTION 'filter_group_by must be a JSON object such as {"name": "value"} or {"name": ["v1", "v2"]}'
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR f IN SELECT key, value FROM jsonb_each(filter_group_by) LOOP
+      IF NOT f.key = ANY (names) THEN
+        RAISE EXCEPTION 'filter_group_by "%" is not a group of meter "%"', f.key, m.slug
+          USING ERRCODE = 'invalid_parameter_value';
+      END IF;
+      IF jsonb_typeof(f.value) = 'array' THEN
+        IF EXISTS (SELECT 1 FROM jsonb_array_elements(f.value) v
+                    WHERE jsonb_typeof(v) IN ('array', 'object', 'null')) THEN
+          RAISE EXCEPTION 'filter_group_by "%" must be a value or an array of values', f.key
+            USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        vals := ARRAY(SELECT v #>> '{}' FROM jsonb_array_elements(f.value) v);
+      ELSIF jsonb_typeof(f.value) IN ('string', 'number', 'boolean') THEN
+        vals := ARRAY[f.value #>> '{}'];
+      ELSE
+        RAISE EXCEPTION 'filter_group_by "%" must be a value or an array of values', f.key
+          USING ERRCODE = 'invalid_parameter_value';
+      END IF;
+      filter_sql := filter_sql || format(' AND (p.groups ->> %L) = ANY (%L::text[])', f.key, vals);
+    END LOOP;
+  END IF;
+
+  -- Whole UTC hours inside the range come from the rollups, unless an hour
+  -- can straddle two windows (MINUTE windows, or a time zone whose offset
+  -- is not a whole hour); the rest is read from the events themselves.
+  lo_h := CASE WHEN from_time IS NULL THEN '-infinity'
+               ELSE date_trunc('hour', from_time, 'UTC')
+                    + CASE WHEN date_trunc('hour', from_time, 'UTC') < from_time
+                           THEN interval '1 hour' ELSE interval '0' END END;
+  hi_h := CASE WHEN to_time IS NULL THEN 'infinity' ELSE date_trunc('hour', to_time, 'UTC') END;
+  use_rollups := m.aggregation <> 'UNIQUE_COUNT' AND coalesce(w, '') <> 'MINUTE' AND lo_h < hi_h;
+  IF use_rollups AND w IS NOT NULL AND window_time_zone <> 'UTC' THEN
+    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM metering.meter_rollups r
+                     WHERE r.meter = $1 AND r.bucket >= $2 AND r.bucket < $3
+                       AND date_trunc(%1$L, r.bucket, $4)
+                           <> date_trunc(%1$L, r.bucket + interval ''59 minutes 59.999999 seconds'', $4))',
+                   lower(w))
+      INTO use_rollups USING m.slug, lo_h, hi_h, window_time_zone;
+  END IF;
+
+  IF m.aggregation = 'COUNT' THEN
+    raw_value := 'NULL::numeric';
+    raw_valued := '1::bigint';
+  ELSIF m.aggregation = 'UNIQUE_COUNT' THEN
+    raw_value := 'NULL::numeric';
+    raw_text := 'metering._meter_text(e.data, $3)';
+    raw_valued := format('(%s IS NOT NULL)::int::bigint', raw_text);
+  ELSE
+    raw_value := 'metering._meter_number(e.data, $3)';
+    raw_valued := '(x.v IS NOT NULL)::int::bigint';
+  END IF;
+  groups_sql := CASE WHEN m.group_by = '{}' THEN '''{}''::jsonb'
+                     ELSE 'metering._meter_groups(e.data, $4)' END;
+
+  -- the subjects whose events a raw scan reads: the rollups list every
+  -- subject with events of this meter's type in an hour, which lets the
+  -- scan use the (subject, type, time) index
+  IF subjects IS NOT NULL THEN
+    raw_subjects := subjects;
+  ELSIF use_rollups THEN
+    raw_subjects := ARRAY(SELECT DISTINCT r.subject FROM metering.meter_rollups r
+                           WHERE r.meter = m.slug
+                             AND (r.bucket = date_trunc('hour', from_time, 'UTC')
+                                  OR r.bucket = hi_h));
+  ELSE
+    raw_subjects := ARRAY(SELECT DISTINCT r.subject FROM metering.meter_rollups r
+                           WHERE r.meter = m.slug
+                             AND r.bucket >= coalesce(date_trunc('hour', from_time, 'UTC'), '-infinity')
+                             AND r.bucket < coalesce(to_time, 'infinity'));
+  END IF;
+
+  IF use_rollups THEN
+    parts := parts || format(
+      'SELECT r.subject, %s AS ws, r.groups, r.events, r.valued, r.sum, r.min, r.max,
+              r.first_time, r.last_time, r.latest_time, r.latest_value, NULL::text AS utext
+         FROM metering.meter_rollups r
+        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 %s',
+      metering._window_start_sql(w, 'r.bucket'),
+      CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END);
+    -- the partial hours at either end
+    raw_where := array_to_string(ARRAY[
+      CASE WHEN from_time < lo_h THEN '(e.time >= $7 AND e.time < $9)' END,
+      CASE WHEN hi_h < to_time THEN '(e.time >= $10 AND e.time < $8)' END], ' OR ');
+  ELSE
+    raw_where := array_to_string(ARRAY[
+      'true',
+      CASE WHEN from_time IS NOT NULL THEN 'e.time >= $7' END,
+      CASE WHEN to_time IS NOT NULL THEN 'e.time < $8' END], ' AND ');
+  END IF;
+  IF raw_where <> '' THEN
+    parts := parts || 'SELECT subject, ws, groups, events, valued, sum, min, max,
+                              first_time, last_time, latest_time, latest_value, utext FROM raw'::text;
+  ELSE
+    raw_where := 'false';
+  END IF;
+
+  value_sql := CASE m.aggregation
+    WHEN 'SUM' THEN 'coalesce(sum(p.sum), 0)'
+    WHEN 'COUNT' THEN 'sum(p.events)::numeric'
+    WHEN 'AVG' THEN 'sum(p.sum) / nullif(sum(p.valued), 0)'
+    WHEN 'MIN' THEN 'min(p.min)'
+    WHEN 'MAX' THEN 'max(p.max)'
+    WHEN 'LATEST' THEN '(array_agg(p.latest_value ORDER BY p.latest_time DESC, p.latest_value DESC)
+                         FILTER (WHERE p.latest_time IS NOT NULL))[1]'
+    WHEN 'UNIQUE_COUNT' THEN 'count(DISTINCT p.utext)::numeric'
+  END;
+
+  sql := format($q$
+    WITH raw AS MATERIALIZED (
+      SELECT e.subject, e.time, %1$s AS ws, %2$s AS groups, 1::bigint AS events, %3$s AS valued,
+             x.v AS sum, x.v AS min, x.v AS max, e.time AS first_time, e.time AS last_time,
+             CASE WHEN x.v IS NOT NULL THEN e.time END AS latest_time, x.v AS latest_value,
+             %4$s AS utext
+        FROM metering.events e
+             CROSS JOIN LATERAL (SELECT %5$s AS v) x
+       WHERE e.subject = ANY ($11) AND e.type = $2 AND (%6$s)
+    ),
+    p AS (%7$s),
+    a AS (
+      SELECT p.ws, p.subject, p.groups - $12 AS g, %8$s AS value,
+             min(p.first_time) AS ft, max(p.last_time) AS lt
+        FROM p
+       WHERE true %9$s
+       GROUP BY 1, 2, 3
+    )
+    SELECT %10$s, %11$s, a.subject, a.g, a.value
+      FROM a
+     ORDER BY 1, 3, 4$q$,
+    metering._window_start_sql(w, 'e.time'),
+    groups_sql, raw_valued, raw_text, raw_value, raw_where,
+    array_to_string(parts, ' UNION ALL '),
+    value_sql,
+    filter_sql,
+    CASE WHEN w IS NULL THEN 'coalesce($7, min(a.ft) OVER ())' ELSE 'a.ws' END,
+    CASE WHEN w IS NULL THEN 'coalesce($8, max(a.lt) OVER ())'
+         ELSE metering._window_end_sql(w, 'a.ws') END);
+
+  RETURN QUERY EXECUTE sql
+    USING m.slug, m.event_type, m.value_property, m.group_by, subjects,
+          window_time_zone, from_time, to_time, lo_h, hi_h, raw_subjects, drop_names;
+END $fn$;
+COMMENT ON FUNCTION metering.query_meter(text, timestamptz, timestamptz, text, text, text[], text[], jsonb) IS
+  'the meter''s value per window, subject and group in [from_time, to_time); windows MINUTE, HOUR or DAY aligned in window_time_zone, or one window for the whole range';
