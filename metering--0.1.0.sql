@@ -68,6 +68,7 @@ CREATE FUNCTION metering._meters_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
   g record;
+  path jsonpath;
 BEGIN
   IF NEW.slug IS NULL OR NEW.slug !~ '^[a-z0-9_-]{1,63}$' THEN
     RAISE EXCEPTION 'meter slug must be 1 to 63 lowercase letters, digits, _ or -, got %',
@@ -87,6 +88,11 @@ BEGIN
     RAISE EXCEPTION 'meter "%": value_property is required for aggregation %', NEW.slug, NEW.aggregation
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
+  IF metering._meter_path_problem(NEW.value_property) IS NOT NULL THEN
+    RAISE EXCEPTION 'meter "%": value_property % cannot be used: %', NEW.slug, NEW.value_property,
+      metering._meter_path_problem(NEW.value_property)
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
   IF NEW.group_by IS NULL OR jsonb_typeof(NEW.group_by) <> 'object' THEN
     RAISE EXCEPTION 'meter "%": group_by must be a JSON object of name to JSONPath', NEW.slug
       USING ERRCODE = 'invalid_parameter_value';
@@ -97,11 +103,15 @@ BEGIN
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
     BEGIN
-      PERFORM (g.value #>> '{}')::jsonpath;
-    EXCEPTION WHEN syntax_error OR invalid_text_representation THEN
+      path := (g.value #>> '{}')::jsonpath;
+    EXCEPTION WHEN syntax_error OR invalid_text_representation OR invalid_regular_expression THEN
       RAISE EXCEPTION 'meter "%": group_by "%" is not a valid JSONPath: %', NEW.slug, g.key, g.value #>> '{}'
         USING ERRCODE = 'invalid_parameter_value';
     END;
+    IF metering._meter_path_problem(path) IS NOT NULL THEN
+      RAISE EXCEPTION 'meter "%": group_by "%" cannot be used: %', NEW.slug, g.key, metering._meter_path_problem(path)
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
   END LOOP;
   RETURN NEW;
 END $$;
@@ -294,6 +304,12 @@ CREATE FUNCTION metering._meter_groups(data jsonb, group_by jsonb) RETURNS jsonb
   LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION metering._meter_groups(jsonb, jsonb) IS
   'internal: the group values of one event for a meter''s group_by';
+
+CREATE FUNCTION metering._meter_path_problem(path jsonpath) RETURNS text
+  AS 'MODULE_PATHNAME', 'metering_meter_path_problem'
+  LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION metering._meter_path_problem(jsonpath) IS
+  'internal: why a JSONPath cannot serve a meter (it uses variables or datetime()), or NULL';
 -- Ingestion: CloudEvents in, exactly once per (source, id).
 
 CREATE FUNCTION metering._parse_events(events jsonb, batch boolean,

@@ -85,6 +85,15 @@ SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation,
 SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation, group_by) VALUES ('m', 't', 'COUNT', '{"a": "$.["}')$$);
 SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation, group_by) VALUES ('m', 't', 'COUNT', '{"": "$.a"}')$$);
 SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation) VALUES ('tokens', 't', 'COUNT')$$);
+-- paths that could fail at ingest time, or depend on the session, are refused up front
+SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation, value_property) VALUES ('m', 't', 'SUM', '$.a ? (@ > $min)')$$);
+SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation, value_property) VALUES ('m', 't', 'MAX', '$.t.datetime()')$$);
+SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation, group_by) VALUES ('m', 't', 'COUNT', '{"a": "$.x ? (@ == $y)"}')$$);
+SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation, group_by) VALUES ('m', 't', 'COUNT', '{"a": "$.x ? (@ like_regex \"(\")"}')$$);
+-- but a string that merely looks like one is fine
+INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by)
+VALUES ('lookalike', 't', 'SUM', '$.a ? (@.name == "$\"x .datetime(")', '{"k": "$.\"$y\""}');
+DELETE FROM metering.meters WHERE slug = 'lookalike';
 
 -- meters are immutable but for their description; DELETE is a soft delete
 UPDATE metering.meters SET description = 'tokens billed' WHERE slug = 'tokens';

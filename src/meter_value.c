@@ -274,3 +274,38 @@ metering_meter_groups(PG_FUNCTION_ARGS)
 	text = MeterGroupsText(cache->groups, data);
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
 }
+
+/*
+ * metering._meter_path_problem(path): why a JSONPath cannot serve a meter,
+ * or NULL.  Silent evaluation suppresses most JSONPath errors, but not an
+ * unknown $variable (meters pass no variables) nor the time-zone casts of
+ * .datetime() comparisons, whose result would also depend on the session;
+ * both are refused when the meter is defined, so that no event can ever
+ * fail to ingest because of a meter.  The scan skips string literals.
+ */
+PG_FUNCTION_INFO_V1(metering_meter_path_problem);
+Datum
+metering_meter_path_problem(PG_FUNCTION_ARGS)
+{
+	char	   *s = DatumGetCString(DirectFunctionCall1(jsonpath_out, PG_GETARG_DATUM(0)));
+	bool		in_string = false;
+
+	for (char *p = s; *p; p++)
+	{
+		if (in_string)
+		{
+			if (*p == '\\' && p[1] != '\0')
+				p++;
+			else if (*p == '"')
+				in_string = false;
+			continue;
+		}
+		if (*p == '$' && p[1] == '"')
+			PG_RETURN_TEXT_P(cstring_to_text("it uses a variable, and meters pass none"));
+		if (*p == '"')
+			in_string = true;
+		else if (strncmp(p, ".datetime(", 10) == 0)
+			PG_RETURN_TEXT_P(cstring_to_text("datetime() results depend on the session time zone"));
+	}
+	PG_RETURN_NULL();
+}

@@ -117,3 +117,9 @@ CREATE FUNCTION metering._meter_groups(data jsonb, group_by jsonb) RETURNS jsonb
   LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION metering._meter_groups(jsonb, jsonb) IS
   'internal: the group values of one event for a meter''s group_by';
+
+CREATE FUNCTION metering._meter_path_problem(path jsonpath) RETURNS text
+  AS 'MODULE_PATHNAME', 'metering_meter_path_problem'
+  LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION metering._meter_path_problem(jsonpath) IS
+  'internal: why a JSONPath cannot serve a meter (it uses variables or datetime()), or NULL';
