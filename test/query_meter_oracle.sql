@@ -121,8 +121,8 @@ SELECT is((SELECT count(*) FROM results
           0::bigint, 'each window is exactly one MINUTE, HOUR or DAY of its time zone');
 SELECT is((SELECT count(*) FROM results r
             WHERE r.w IS NULL AND r.filter_group_by IS NULL
-              AND (r.window_start, r.window_end) IS DISTINCT FROM (
-                    SELECT coalesce(r.from_time, min(e.time)), coalesce(r.to_time, max(e.time))
+              AND ROW(r.window_start, r.window_end) IS DISTINCT FROM (
+                    SELECT ROW(coalesce(r.from_time, min(e.time)), coalesce(r.to_time, max(e.time)))
                       FROM metering.events e
                      WHERE (r.from_time IS NULL OR e.time >= r.from_time)
                        AND (r.to_time IS NULL OR e.time < r.to_time)
