@@ -36,7 +36,7 @@
 
 #include "meter_value.h"
 
-/* entries buffered before a backfill writes them out */
+/* entries buffered before they are written out */
 #define FLUSH_EVERY 65536
 
 typedef struct RollupMeter
@@ -493,70 +493,44 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 
 /*
  * DELETE: rebuilds every (meter, subject, hour) the deleted rows touched from
- * the events that remain.
+ * the events that remain.  The touched hours are found in SQL over the
+ * transition table, so a large DELETE is deduplicated by the executor (which
+ * can spill to disk) rather than held in memory here.
  */
 static void
-RebuildDeleted(RollupBuffer *buf, Tuplestorestate *old, TupleDesc desc)
+RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 {
-	TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
-	EventColumns c = FindEventColumns(desc);
-	Datum	   *meters,
-			   *subjects,
-			   *types,
-			   *buckets;
-	int			nkeys = 0;
-	Datum		args[3];
-	Oid			argtypes[3] = {TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
+	Datum	   *slugs = palloc(sizeof(Datum) * buf->nmeters);
+	Datum	   *types = palloc(sizeof(Datum) * buf->nmeters);
+	Datum		args[2];
+	Oid			argtypes[2] = {TEXTARRAYOID, TEXTARRAYOID};
 	int			ret;
 
-	tuplestore_rescan(old);
-	while (tuplestore_gettupleslot(old, true, false, slot))
-		AddTuple(buf, -1, slot, &c);
-	ExecDropSingleTupleTableSlot(slot);
-	if (buf->nentries == 0)
-		return;
-
-	qsort(buf->entries, buf->nentries, sizeof(RollupEntry), CompareEntries);
-	meters = palloc(sizeof(Datum) * buf->nentries);
-	subjects = palloc(sizeof(Datum) * buf->nentries);
-	types = palloc(sizeof(Datum) * buf->nentries);
-	buckets = palloc(sizeof(Datum) * buf->nentries);
-	for (int i = 0; i < buf->nentries; i++)
+	for (int i = 0; i < buf->nmeters; i++)
 	{
-		RollupEntry *e = &buf->entries[i];
-
-		if (i > 0 && e->meter == e[-1].meter && e->bucket == e[-1].bucket &&
-			e->subject_len == e[-1].subject_len &&
-			memcmp(e->subject, e[-1].subject, e->subject_len) == 0)
-			continue;
-		meters[nkeys] = CStringGetTextDatum(buf->meters[e->meter].slug);
-		subjects[nkeys] = PointerGetDatum(cstring_to_text_with_len(e->subject, e->subject_len));
-		types[nkeys] = CStringGetTextDatum(buf->meters[e->meter].event_type);
-		buckets[nkeys] = TimestampTzGetDatum(e->bucket);
-		nkeys++;
+		slugs[i] = CStringGetTextDatum(buf->meters[i].slug);
+		types[i] = CStringGetTextDatum(buf->meters[i].event_type);
 	}
-	args[0] = PointerGetDatum(construct_array(meters, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
-	args[1] = PointerGetDatum(construct_array(subjects, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
-	args[2] = PointerGetDatum(construct_array(buckets, nkeys, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[0] = PointerGetDatum(construct_array(slugs, buf->nmeters, TEXTOID, -1, false, TYPALIGN_INT));
+	args[1] = PointerGetDatum(construct_array(types, buf->nmeters, TEXTOID, -1, false, TYPALIGN_INT));
+
+	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
+		elog(ERROR, "could not register the transition table of metering.events");
 	ret = SPI_execute_with_args("DELETE FROM metering.meter_rollups r "
-								"USING unnest($1, $2, $3) AS k(meter, subject, bucket) "
-								"WHERE r.meter = k.meter AND r.subject = k.subject AND r.bucket = k.bucket",
-								3, argtypes, args, NULL, false, 0);
+								"USING (SELECT DISTINCT m.slug, o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
+								"         FROM old_events o JOIN unnest($1, $2) AS m(slug, type) ON m.type = o.type) k "
+								"WHERE r.meter = k.slug AND r.subject = k.subject AND r.bucket = k.bucket",
+								2, argtypes, args, NULL, false, 0);
 	if (ret != SPI_OK_DELETE)
 		elog(ERROR, "could not clear metering.meter_rollups: %s", SPI_result_code_string(ret));
 
-	/* the buckets by event type instead of by meter, for the events query */
-	args[0] = PointerGetDatum(construct_array(types, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
-	MemoryContextReset(buf->cxt);
-	buf->entries = NULL;
-	buf->nentries = 0;
-	buf->capacity = 0;
 	AddQueryEvents(buf, -1,
 				   "SELECT e.subject, e.type, e.time, e.data "
-				   "FROM (SELECT DISTINCT * FROM unnest($1, $2, $3) AS k(type, subject, bucket)) k "
+				   "FROM (SELECT DISTINCT o.subject, o.type, date_trunc('hour', o.time, 'UTC') AS bucket "
+				   "        FROM old_events o WHERE o.type = ANY ($2)) k "
 				   "JOIN metering.events e ON e.subject = k.subject AND e.type = k.type "
 				   " AND e.time >= k.bucket AND e.time < k.bucket + interval '1 hour'",
-				   3, argtypes, args);
+				   2, argtypes, args);
 	RollupFlush(buf);
 }
 
@@ -586,12 +560,17 @@ metering_events_rollup(PG_FUNCTION_ARGS)
 
 			tuplestore_rescan(trig->tg_newtable);
 			while (tuplestore_gettupleslot(trig->tg_newtable, true, false, slot))
+			{
 				AddTuple(buf, -1, slot, &c);
+				/* a bulk load (COPY, INSERT ... SELECT) is rolled up in slices */
+				if (buf->nentries >= FLUSH_EVERY)
+					RollupFlush(buf);
+			}
 			ExecDropSingleTupleTableSlot(slot);
 			RollupFlush(buf);
 		}
 		else if (TRIGGER_FIRED_BY_DELETE(trig->tg_event) && trig->tg_oldtable)
-			RebuildDeleted(buf, trig->tg_oldtable, desc);
+			RebuildDeleted(buf, trig);
 	}
 	SPI_finish();
 	return PointerGetDatum(NULL);
