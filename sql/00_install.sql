@@ -41,7 +41,7 @@ END $$;
 CREATE FUNCTION regress.reset() RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-  TRUNCATE metering.events, metering.meter_rollups, metering.meters,
+  TRUNCATE metering.events, metering.meter_rollups, metering.meter_rollup_state, metering.meters,
            metering.usage_records, metering.registrations, metering.customers,
            metering.product_dimensions, metering.products, metering.signing_keys;
 END $$;

@@ -83,3 +83,14 @@ SELECT regress.err($$SELECT * FROM metering.query_meter('calls', filter_group_by
 SELECT regress.err($$SELECT * FROM metering.query_meter('calls', filter_group_by => '{"region": [["us"]]}')$$);
 SELECT regress.err($$SELECT * FROM metering.query_meter('calls', filter_group_by => '{"region": null}')$$);
 SELECT regress.err($$SELECT * FROM metering.query_meter(NULL)$$);
+
+-- after a refresh the answers come mostly from rollups, and are the same
+SELECT metering.refresh_rollups() AS rolled_up;
+SELECT window_start, window_end, window_end - window_start AS length, subject, value
+  FROM metering.query_meter('calls', '2024-03-01T00:00:00Z', '2024-04-01T00:00:00Z', 'DAY', 'America/New_York');
+SELECT window_start, window_end, subject, value
+  FROM metering.query_meter('calls', '2024-03-09T00:00:00Z', '2024-03-12T00:00:00Z', 'DAY', 'Asia/Kolkata', '{acme}');
+SELECT window_start, window_end, subject, value
+  FROM metering.query_meter('calls', '2024-03-10T04:59:59Z', '2024-03-10T12:45:31Z', 'HOUR');
+SELECT subject, group_by, value FROM metering.query_meter('calls', group_by => '{plan}',
+                                                          filter_group_by => '{"region": ["us", "ap"]}') ORDER BY 1, 2;

@@ -1,36 +1,45 @@
 /*
- * rollup.c: hourly meter rollups, kept by triggers on metering.events.
+ * rollup.c: hourly meter rollups, kept behind a watermark.
  *
  * For every live meter, metering.meter_rollups holds one row per
  * (meter, subject, UTC hour, group values) with the partial aggregates every
  * aggregation but UNIQUE_COUNT can be finished from: event count, valued
- * count, sum, min, max, first and last instant, and the latest value.  The
- * same code fills it from three sources, so they cannot disagree:
- *   - the rows of an INSERT on metering.events (statement trigger),
- *   - the events around the rows of a DELETE (buckets are rebuilt, since a
- *     min, max or latest value cannot be subtracted),
- *   - all stored events of a type, when a meter is defined (backfill).
- * Upserts go in key order, so concurrent ingests wait for each other instead
- * of deadlocking.
+ * count, sum, min, max, first and last instant, and the latest value.
  *
- * Meters are read with the latest snapshot: together with the SHARE lock a
- * meter definition takes on metering.events, that makes sure every event is
- * counted by either the backfill or the trigger, whatever the isolation
- * level of the ingesting transaction.
+ * Ingestion does no rollup work.  Every event gets a sequence number (seq)
+ * when it is stored, and a meter's rollups hold exactly its events with
+ * seq <= the meter's watermark (metering.meter_rollup_state).  Readers add
+ * the events above the watermark themselves, so an answer is exact whether
+ * or not the rollups are current; refresh_rollups() only moves work from
+ * query time to a maintenance call.
+ *
+ * refresh_rollups() reads the sequence, then waits for every transaction
+ * that holds a write lock on metering.events (those are the only ones that
+ * can own a number at or below the one read) without blocking new writers,
+ * as CREATE INDEX CONCURRENTLY does; after that, every event with a number at
+ * or below it is committed or gone, and a new snapshot sees all of them.
+ *
+ * DELETE on metering.events rebuilds the touched hours below the watermark
+ * (a min, max or latest value cannot be subtracted).  The same accumulator
+ * serves both, so they cannot disagree.  Upserts go in key order.
  */
 #include "postgres.h"
 
 #include "access/htup_details.h"
 #include "catalog/pg_type.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
+#include "storage/lmgr.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -47,6 +56,7 @@ typedef struct RollupMeter
 	MeterAggregation agg;
 	JsonPath   *value_path;		/* NULL for COUNT */
 	MeterGroups *groups;
+	int64		watermark;		/* rollups hold this meter's events with seq <= it */
 } RollupMeter;
 
 typedef struct RollupEntry
@@ -69,9 +79,12 @@ typedef struct RollupBuffer
 	int			nentries;
 	int			capacity;
 	MemoryContext cxt;			/* entries and their strings; reset by flush */
+	MemoryContext scratch;		/* one event's temporary work */
+	int64		added;			/* entries added since the caller reset it */
 } RollupBuffer;
 
-static SPIPlanPtr meters_plan = NULL;
+static SPIPlanPtr meters_update_plan = NULL;
+static SPIPlanPtr meters_share_plan = NULL;
 static SPIPlanPtr upsert_plan = NULL;
 
 static TimestampTz
@@ -101,29 +114,30 @@ SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
- * Loads the live meters (or just one) in slug order, under the latest
- * snapshot.  Must be called inside an SPI connection.
+ * Loads the live meters (or just one) in slug order with their watermarks,
+ * locking the watermark rows: FOR UPDATE to move them (refresh), FOR SHARE
+ * to rely on them (DELETE).  Must be called inside an SPI connection.
  */
 static void
-LoadMeters(RollupBuffer *buf, const char *only_slug)
+LoadMeters(RollupBuffer *buf, const char *only_slug, bool for_update)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
 	char		argnulls[1];
-	SPIPlanPtr	plan = SavedPlan(&meters_plan,
-								 "SELECT slug, event_type, aggregation::text, value_property, group_by "
-								 "FROM metering.meters "
-								 "WHERE deleted_at IS NULL AND ($1 IS NULL OR slug = $1) "
-								 "ORDER BY slug COLLATE \"C\"",
-								 1, argtypes);
+	const char *sql_head =
+		"SELECT m.slug, m.event_type, m.aggregation::text, m.value_property, m.group_by, s.rolled_up_to "
+		"FROM metering.meters m JOIN metering.meter_rollup_state s ON s.meter = m.slug "
+		"WHERE m.deleted_at IS NULL AND ($1 IS NULL OR m.slug = $1) "
+		"ORDER BY m.slug COLLATE \"C\" ";
+	SPIPlanPtr	plan = for_update
+		? SavedPlan(&meters_update_plan, psprintf("%s FOR UPDATE OF s", sql_head), 1, argtypes)
+		: SavedPlan(&meters_share_plan, psprintf("%s FOR SHARE OF s", sql_head), 1, argtypes);
 	MemoryContext old;
 	int			ret;
 
 	args[0] = only_slug ? CStringGetTextDatum(only_slug) : (Datum) 0;
 	argnulls[0] = only_slug ? ' ' : 'n';
-	PushActiveSnapshot(GetLatestSnapshot());
-	ret = SPI_execute_plan(plan, args, argnulls, true, 0);
-	PopActiveSnapshot();
+	ret = SPI_execute_plan(plan, args, argnulls, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read metering.meters: %s", SPI_result_code_string(ret));
 
@@ -146,6 +160,7 @@ LoadMeters(RollupBuffer *buf, const char *only_slug)
 		m->value_path = isnull ? NULL : DatumGetJsonPathPCopy(d);
 		d = SPI_getbinval(tup, desc, 5, &isnull);
 		m->groups = MeterGroupsCompile(DatumGetJsonbPCopy(d), CurrentMemoryContext);
+		m->watermark = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 	}
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
@@ -158,10 +173,16 @@ RollupBufferCreate(void)
 
 	buf->cxt = AllocSetContextCreate(CurrentMemoryContext, "metering rollup",
 									 ALLOCSET_DEFAULT_SIZES);
+	buf->scratch = AllocSetContextCreate(CurrentMemoryContext, "metering rollup event",
+										 ALLOCSET_SMALL_SIZES);
 	return buf;
 }
 
-/* Adds one event for every meter of its type (or for meter `only` alone). */
+/*
+ * Adds one event for every meter of its type (or for meter `only` alone).
+ * JSONPath evaluation leaves garbage behind, so it runs in a scratch context
+ * reset after every event; only the results are kept.
+ */
 static void
 RollupAddEvent(RollupBuffer *buf, int only, text *subject, text *type,
 			   TimestampTz time, Jsonb *data)
@@ -176,15 +197,34 @@ RollupAddEvent(RollupBuffer *buf, int only, text *subject, text *type,
 		RollupEntry *e;
 		MemoryContext old;
 		JsonbValue	v;
+		char	   *groups;
+		bool		valued;
+		Numeric		value = NULL;
 
 		if ((only >= 0 && i != only) || m->event_type_len != tlen ||
 			memcmp(m->event_type, tp, tlen) != 0)
 			continue;
 
-		old = MemoryContextSwitchTo(buf->cxt);
+		old = MemoryContextSwitchTo(buf->scratch);
+		groups = MeterGroupsText(m->groups, data);
+		switch (m->agg)
+		{
+			case METER_COUNT:
+				valued = true;
+				break;
+			case METER_UNIQUE_COUNT:
+				valued = MeterPathValue(data, m->value_path, &v);
+				break;
+			default:
+				valued = MeterPathValue(data, m->value_path, &v) &&
+					(value = MeterValueNumber(&v)) != NULL;
+				break;
+		}
+
+		MemoryContextSwitchTo(buf->cxt);
 		if (buf->nentries == buf->capacity)
 		{
-			buf->capacity = buf->capacity ? buf->capacity * 2 : 256;
+			buf->capacity = buf->capacity ? buf->capacity * 2 : 1024;
 			buf->entries = buf->entries
 				? repalloc_huge(buf->entries, sizeof(RollupEntry) * buf->capacity)
 				: palloc(sizeof(RollupEntry) * buf->capacity);
@@ -192,29 +232,17 @@ RollupAddEvent(RollupBuffer *buf, int only, text *subject, text *type,
 		if (subject_copy == NULL)
 			subject_copy = pnstrdup(VARDATA_ANY(subject), VARSIZE_ANY_EXHDR(subject));
 		e = &buf->entries[buf->nentries++];
+		buf->added++;
 		e->meter = i;
 		e->subject = subject_copy;
 		e->subject_len = VARSIZE_ANY_EXHDR(subject);
 		e->bucket = HourOf(time);
 		e->time = time;
-		e->groups = MeterGroupsText(m->groups, data);
-		e->value = NULL;
-		switch (m->agg)
-		{
-			case METER_COUNT:
-				e->valued = true;
-				break;
-			case METER_UNIQUE_COUNT:
-				e->valued = MeterPathValue(data, m->value_path, &v);
-				break;
-			default:
-				e->valued = MeterPathValue(data, m->value_path, &v) &&
-					(e->value = MeterValueNumber(&v)) != NULL;
-				if (e->valued)
-					e->value = DatumGetNumericCopy(NumericGetDatum(e->value));
-				break;
-		}
+		e->groups = pstrdup(groups);
+		e->valued = valued;
+		e->value = value ? DatumGetNumericCopy(NumericGetDatum(value)) : NULL;
 		MemoryContextSwitchTo(old);
+		MemoryContextReset(buf->scratch);
 	}
 }
 
@@ -408,47 +436,6 @@ RollupFlush(RollupBuffer *buf)
 	buf->capacity = 0;
 }
 
-/* Attribute numbers of the event columns the rollups read. */
-typedef struct EventColumns
-{
-	int			subject,
-				type,
-				time,
-				data;
-} EventColumns;
-
-static EventColumns
-FindEventColumns(TupleDesc desc)
-{
-	EventColumns c;
-
-	c.subject = SPI_fnumber(desc, "subject");
-	c.type = SPI_fnumber(desc, "type");
-	c.time = SPI_fnumber(desc, "time");
-	c.data = SPI_fnumber(desc, "data");
-	if (c.subject <= 0 || c.type <= 0 || c.time <= 0 || c.data <= 0)
-		elog(ERROR, "metering.events lacks one of subject, type, time, data");
-	return c;
-}
-
-static void
-AddTuple(RollupBuffer *buf, int only, TupleTableSlot *slot, EventColumns *c)
-{
-	bool		n1,
-				n2,
-				n3,
-				n4;
-	Datum		subject = slot_getattr(slot, c->subject, &n1);
-	Datum		type = slot_getattr(slot, c->type, &n2);
-	Datum		time = slot_getattr(slot, c->time, &n3);
-	Datum		data = slot_getattr(slot, c->data, &n4);
-
-	if (n1 || n2 || n3 || n4)
-		return;					/* the table's NOT NULL constraints forbid it */
-	RollupAddEvent(buf, only, DatumGetTextPP(subject), DatumGetTextPP(type),
-				   DatumGetTimestampTz(time), DatumGetJsonbP(data));
-}
-
 /*
  * Feeds the events a query returns (subject, type, time, data) into the
  * buffer, under the latest snapshot, writing out every FLUSH_EVERY entries.
@@ -492,114 +479,146 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 }
 
 /*
- * DELETE: rebuilds every (meter, subject, hour) the deleted rows touched from
- * the events that remain.  The touched hours are found in SQL over the
+ * DELETE: rebuilds, for every meter, the touched hours below its watermark
+ * from the events that remain there.  The hours are found in SQL over the
  * transition table, so a large DELETE is deduplicated by the executor (which
  * can spill to disk) rather than held in memory here.
  */
 static void
 RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 {
-	Datum	   *slugs = palloc(sizeof(Datum) * buf->nmeters);
-	Datum	   *types = palloc(sizeof(Datum) * buf->nmeters);
-	Datum		args[2];
-	Oid			argtypes[2] = {TEXTARRAYOID, TEXTARRAYOID};
-	int			ret;
-
-	for (int i = 0; i < buf->nmeters; i++)
-	{
-		slugs[i] = CStringGetTextDatum(buf->meters[i].slug);
-		types[i] = CStringGetTextDatum(buf->meters[i].event_type);
-	}
-	args[0] = PointerGetDatum(construct_array(slugs, buf->nmeters, TEXTOID, -1, false, TYPALIGN_INT));
-	args[1] = PointerGetDatum(construct_array(types, buf->nmeters, TEXTOID, -1, false, TYPALIGN_INT));
+	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT8OID};
 
 	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
 		elog(ERROR, "could not register the transition table of metering.events");
-	ret = SPI_execute_with_args("DELETE FROM metering.meter_rollups r "
-								"USING (SELECT DISTINCT m.slug, o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
-								"         FROM old_events o JOIN unnest($1, $2) AS m(slug, type) ON m.type = o.type) k "
-								"WHERE r.meter = k.slug AND r.subject = k.subject AND r.bucket = k.bucket",
-								2, argtypes, args, NULL, false, 0);
-	if (ret != SPI_OK_DELETE)
-		elog(ERROR, "could not clear metering.meter_rollups: %s", SPI_result_code_string(ret));
+	for (int i = 0; i < buf->nmeters; i++)
+	{
+		RollupMeter *m = &buf->meters[i];
+		Datum		args[3];
+		int			ret;
 
-	AddQueryEvents(buf, -1,
-				   "SELECT e.subject, e.type, e.time, e.data "
-				   "FROM (SELECT DISTINCT o.subject, o.type, date_trunc('hour', o.time, 'UTC') AS bucket "
-				   "        FROM old_events o WHERE o.type = ANY ($2)) k "
-				   "JOIN metering.events e ON e.subject = k.subject AND e.type = k.type "
-				   " AND e.time >= k.bucket AND e.time < k.bucket + interval '1 hour'",
-				   2, argtypes, args);
-	RollupFlush(buf);
+		args[0] = CStringGetTextDatum(m->slug);
+		args[1] = CStringGetTextDatum(m->event_type);
+		args[2] = Int64GetDatum(m->watermark);
+		ret = SPI_execute_with_args("DELETE FROM metering.meter_rollups r "
+									"USING (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
+									"         FROM old_events o WHERE o.type = $2 AND o.seq <= $3) k "
+									"WHERE r.meter = $1 AND r.subject = k.subject AND r.bucket = k.bucket",
+									3, argtypes, args, NULL, false, 0);
+		if (ret != SPI_OK_DELETE)
+			elog(ERROR, "could not clear metering.meter_rollups: %s", SPI_result_code_string(ret));
+		if (SPI_processed == 0)
+			continue;
+		AddQueryEvents(buf, i,
+					   "SELECT e.subject, e.type, e.time, e.data "
+					   "FROM (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
+					   "        FROM old_events o WHERE o.type = $2 AND o.seq <= $3) k "
+					   "JOIN metering.events e ON e.subject = k.subject AND e.type = $2 "
+					   " AND e.time >= k.bucket AND e.time < k.bucket + interval '1 hour' "
+					   "WHERE e.seq <= $3",
+					   3, argtypes, args);
+		RollupFlush(buf);
+	}
 }
 
-/* metering._events_rollup(): statement trigger for INSERT and DELETE on events. */
-PG_FUNCTION_INFO_V1(metering_events_rollup);
+/* metering._events_deleted(): statement trigger for DELETE on events. */
+PG_FUNCTION_INFO_V1(metering_events_deleted);
 Datum
-metering_events_rollup(PG_FUNCTION_ARGS)
+metering_events_deleted(PG_FUNCTION_ARGS)
 {
 	TriggerData *trig = (TriggerData *) fcinfo->context;
 	RollupBuffer *buf;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_STATEMENT(trig->tg_event) ||
-		!TRIGGER_FIRED_AFTER(trig->tg_event))
-		elog(ERROR, "metering._events_rollup must be an AFTER ... FOR EACH STATEMENT trigger");
+		!TRIGGER_FIRED_AFTER(trig->tg_event) || !TRIGGER_FIRED_BY_DELETE(trig->tg_event) ||
+		trig->tg_oldtable == NULL)
+		elog(ERROR, "metering._events_deleted must be an AFTER DELETE ... REFERENCING OLD TABLE AS old_events FOR EACH STATEMENT trigger");
 
 	SPI_connect();
 	buf = RollupBufferCreate();
-	LoadMeters(buf, NULL);
+	LoadMeters(buf, NULL, false);
 	if (buf->nmeters > 0)
-	{
-		TupleDesc	desc = RelationGetDescr(trig->tg_relation);
-
-		if (TRIGGER_FIRED_BY_INSERT(trig->tg_event) && trig->tg_newtable)
-		{
-			TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
-			EventColumns c = FindEventColumns(desc);
-
-			tuplestore_rescan(trig->tg_newtable);
-			while (tuplestore_gettupleslot(trig->tg_newtable, true, false, slot))
-			{
-				AddTuple(buf, -1, slot, &c);
-				/* a bulk load (COPY, INSERT ... SELECT) is rolled up in slices */
-				if (buf->nentries >= FLUSH_EVERY)
-					RollupFlush(buf);
-			}
-			ExecDropSingleTupleTableSlot(slot);
-			RollupFlush(buf);
-		}
-		else if (TRIGGER_FIRED_BY_DELETE(trig->tg_event) && trig->tg_oldtable)
-			RebuildDeleted(buf, trig);
-	}
+		RebuildDeleted(buf, trig);
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }
 
 /*
- * metering._rollup_backfill(meter text): rolls up every stored event of a
- * newly defined meter's type.
+ * metering.refresh_rollups(meter text DEFAULT NULL): rolls up, for every live
+ * meter (or one), the events stored since its watermark; returns how many
+ * (meter, event) pairs it added.
  */
-PG_FUNCTION_INFO_V1(metering_rollup_backfill);
+PG_FUNCTION_INFO_V1(metering_refresh_rollups);
 Datum
-metering_rollup_backfill(PG_FUNCTION_ARGS)
+metering_refresh_rollups(PG_FUNCTION_ARGS)
 {
-	char	   *slug = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *slug = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Oid			events_oid;
+	LOCKTAG		tag;
+	int64		upto;
+	int64		added = 0;
 	RollupBuffer *buf;
-	Oid			argtypes[1] = {TEXTOID};
-	Datum		args[1];
+	int			ret;
+
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("metering.refresh_rollups must run at READ COMMITTED"),
+				 errdetail("It waits for concurrent writers and then needs a snapshot that sees their events."),
+				 errhint("Call it in its own READ COMMITTED transaction.")));
 
 	SPI_connect();
-	buf = RollupBufferCreate();
-	LoadMeters(buf, slug);
-	if (buf->nmeters == 1)
+
+	/* 1. the last number handed out */
+	ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM metering.events_seq",
+					  true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read metering.events_seq");
 	{
-		args[0] = CStringGetTextDatum(buf->meters[0].event_type);
-		AddQueryEvents(buf, 0,
-					   "SELECT subject, type, time, data FROM metering.events WHERE type = $1",
-					   1, argtypes, args);
+		bool		isnull;
+
+		upto = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+
+	/*
+	 * 2. wait for every transaction that holds a write lock on the events: a
+	 * number at or below `upto` can only belong to one of them (a writer
+	 * takes its lock before it draws numbers), and new writers draw larger
+	 * ones.  Our own transaction's locks do not count.
+	 */
+	events_oid = get_relname_relid("events", get_namespace_oid("metering", false));
+	SET_LOCKTAG_RELATION(tag, MyDatabaseId, events_oid);
+	WaitForLockers(tag, ShareLock, false);
+
+	/* 3. serialize with other refreshes, then roll up each meter's new events */
+	buf = RollupBufferCreate();
+	LoadMeters(buf, slug, true);
+	for (int i = 0; i < buf->nmeters; i++)
+	{
+		RollupMeter *m = &buf->meters[i];
+		Oid			argtypes[3] = {TEXTOID, INT8OID, INT8OID};
+		Datum		args[3];
+
+		if (m->watermark >= upto)
+			continue;
+		args[0] = CStringGetTextDatum(m->event_type);
+		args[1] = Int64GetDatum(m->watermark);
+		args[2] = Int64GetDatum(upto);
+		buf->added = 0;
+		AddQueryEvents(buf, i,
+					   "SELECT subject, type, time, data FROM metering.events "
+					   "WHERE type = $1 AND seq > $2 AND seq <= $3",
+					   3, argtypes, args);
+		added += buf->added;
 		RollupFlush(buf);
+		args[0] = CStringGetTextDatum(m->slug);
+		args[1] = Int64GetDatum(upto);
+		ret = SPI_execute_with_args("UPDATE metering.meter_rollup_state SET rolled_up_to = $2, refreshed_at = metering.now() "
+									"WHERE meter = $1",
+									2, argtypes, args, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
 	}
 	SPI_finish();
-	PG_RETURN_VOID();
+	PG_RETURN_INT64(added);
 }

@@ -128,6 +128,7 @@ SELECT is((SELECT array_agg(DISTINCT message) FROM outcomes WHERE kind = 'batch'
           ARRAY['index ok'], 'a rejected batch stores nothing and names the bad event''s index');
 
 -- 3. the rollups of all those meters equal a recomputation from the events
+DO $$ BEGIN PERFORM metering.refresh_rollups(); END $$;
 SELECT is((SELECT count(*) FROM (
              SELECT m.slug, e.subject, date_trunc('hour', e.time, 'UTC'), metering._meter_groups(e.data, m.group_by), count(*)
                FROM metering.events e JOIN metering.meters m ON m.event_type = e.type

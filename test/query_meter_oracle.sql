@@ -3,7 +3,7 @@
 -- every aggregation.  query_meter reads hourly rollups for whole hours and
 -- raw events for the rest; the oracle reads only events, so any seam shows.
 BEGIN;
-SELECT plan(9);
+SELECT plan(13);
 SELECT setseed(0.7);
 SET LOCAL metering.now = '2024-12-01 00:00:00+00';
 
@@ -93,25 +93,55 @@ UPDATE queries SET to_time = CASE WHEN to_offset < 0.1 THEN NULL
                                   WHEN to_offset < 0.2 THEN coalesce(from_time, '2024-03-07') + floor(to_offset * 100) * interval '1 hour'
                                   ELSE coalesce(from_time, '2024-03-07') + to_offset * interval '6 days' END;
 
+-- the questions are asked three times: before any refresh (events only),
+-- after refreshing some meters and then adding late and new events (all
+-- three regions), and after refreshing everything (rollups mostly)
 CREATE TEMP TABLE results AS
-SELECT q.*, r.window_start, r.window_end, r.subject, r.group_by AS g, r.value
-  FROM queries q, metering.query_meter(q.meter, q.from_time, q.to_time, q.w, q.tz, q.subjects, q.group_by, q.filter_group_by) r;
-CREATE TEMP TABLE expected AS
-SELECT q.q, o.window_start, o.subject, o.g, o.value
-  FROM queries q, pg_temp.oracle(q.meter, q.from_time, q.to_time, q.w, q.tz, q.subjects, q.group_by, q.filter_group_by) o;
+SELECT 0 AS round, q.*, NULL::timestamptz AS window_start, NULL::timestamptz AS window_end,
+       NULL::text AS subject, NULL::jsonb AS g, NULL::numeric AS value
+  FROM queries q WHERE false;
+CREATE TEMP TABLE expected (round integer, q integer, window_start timestamptz, subject text, g jsonb, value numeric);
+CREATE FUNCTION pg_temp.ask(round integer) RETURNS void LANGUAGE sql AS $$
+  INSERT INTO results
+  SELECT round, q.*, r.window_start, r.window_end, r.subject, r.group_by, r.value
+    FROM queries q, metering.query_meter(q.meter, q.from_time, q.to_time, q.w, q.tz, q.subjects, q.group_by, q.filter_group_by) r
+$$;
+CREATE FUNCTION pg_temp.expect(round integer) RETURNS void LANGUAGE sql AS $$
+  INSERT INTO expected
+  SELECT round, q.q, o.window_start, o.subject, o.g, o.value
+    FROM queries q, pg_temp.oracle(q.meter, q.from_time, q.to_time, q.w, q.tz, q.subjects, q.group_by, q.filter_group_by) o
+$$;
+DO $$ BEGIN PERFORM pg_temp.ask(1); PERFORM pg_temp.expect(1); END $$;
+SELECT ok(metering.refresh_rollups('sum') + metering.refresh_rollups('max') + metering.refresh_rollups('latest') > 0,
+          'some meters rolled up');
+SELECT is((SELECT sum(i.accepted)
+             FROM (SELECT jsonb_agg(event) AS events FROM (
+                     SELECT jsonb_set(jsonb_set(event, '{id}', to_jsonb('late' || n)), '{time}',
+                                      to_jsonb(to_char((event ->> 'time')::timestamptz - interval '7 minutes', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))) AS event, n
+                       FROM generated WHERE n % 9 = 0) l GROUP BY n % 4) b,
+                  metering.ingest_batch(b.events) i),
+          444::numeric, 'late events stored after the refresh');
+DO $$ BEGIN PERFORM pg_temp.ask(2); PERFORM pg_temp.expect(2); END $$;
+SELECT ok(metering.refresh_rollups() > 0, 'every meter rolled up');
+DO $$ BEGIN PERFORM pg_temp.ask(3); PERFORM pg_temp.expect(3); END $$;
 
-SELECT ok((SELECT count(*) FROM results) > 2000, 'the random queries return plenty of rows');
-SELECT is((SELECT count(*) FROM (SELECT q, window_start, subject, g FROM expected
-                                 EXCEPT SELECT q, CASE WHEN w IS NULL THEN NULL ELSE window_start END, subject, g FROM results) d),
+SELECT ok((SELECT count(*) FROM results WHERE round = 3) > 2000, 'the random queries return plenty of rows');
+SELECT ok((SELECT count(*) FROM (SELECT q, window_start, subject, g, value FROM results WHERE round = 1
+                                 EXCEPT SELECT q, window_start, subject, g, value FROM results WHERE round = 2) d) > 50,
+          'the late events changed answers');
+SELECT is((SELECT count(*) FROM (SELECT round, q, window_start, subject, g FROM expected
+                                 EXCEPT SELECT round, q, CASE WHEN w IS NULL THEN NULL ELSE window_start END, subject, g
+                                          FROM results) d),
           0::bigint, 'no window, subject or group is missing');
-SELECT is((SELECT count(*) FROM (SELECT q, CASE WHEN w IS NULL THEN NULL ELSE window_start END, subject, g FROM results
-                                 EXCEPT SELECT q, window_start, subject, g FROM expected) d),
+SELECT is((SELECT count(*) FROM (SELECT round, q, CASE WHEN w IS NULL THEN NULL ELSE window_start END, subject, g
+                                   FROM results
+                                 EXCEPT SELECT round, q, window_start, subject, g FROM expected) d),
           0::bigint, 'no window, subject or group is made up');
 SELECT is((SELECT count(*) FROM results r JOIN expected e
-             ON e.q = r.q AND e.subject = r.subject AND e.g = r.g
+             ON e.round = r.round AND e.q = r.q AND e.subject = r.subject AND e.g = r.g
             AND e.window_start IS NOT DISTINCT FROM CASE WHEN r.w IS NULL THEN NULL ELSE r.window_start END
           WHERE r.value IS DISTINCT FROM e.value),
-          0::bigint, 'every value equals the oracle''s, exactly');
+          0::bigint, 'every value equals the oracle''s, exactly, before and after refreshes');
 SELECT is((SELECT count(*) FROM results
             WHERE w IS NOT NULL
               AND NOT (window_end > window_start
@@ -133,7 +163,7 @@ SET LOCAL timezone = 'Pacific/Chatham';
 SELECT is((SELECT count(*) FROM (
              SELECT q.q, r.window_start, r.subject, r.group_by, r.value
                FROM queries q, metering.query_meter(q.meter, q.from_time, q.to_time, q.w, q.tz, q.subjects, q.group_by, q.filter_group_by) r
-             EXCEPT SELECT q, window_start, subject, g, value FROM results) d),
+             EXCEPT SELECT q, window_start, subject, g, value FROM results WHERE round = 3) d),
           0::bigint, 'the session time zone changes nothing');
 -- query_meter reads the rollups for whole hours: it must agree with them alone
 SELECT is((SELECT sum(value) FROM metering.query_meter('sum', '2024-03-08 00:00:00+00', '2024-03-10 00:00:00+00')),

@@ -85,20 +85,18 @@ END $$;
 COMMENT ON FUNCTION metering._meters_before_insert() IS
   'internal: validates a meter definition';
 
--- A new meter counts every stored event of its type.  The SHARE lock waits
--- for ingests in flight and holds new ones until this transaction ends, so
--- every event is rolled up either here or by the ingest trigger.
+-- A new meter starts with an empty rollup (watermark 0): it reads every
+-- stored event of its type until refresh_rollups() rolls them up.
 CREATE FUNCTION metering._meters_after_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
   IF NEW.deleted_at IS NULL THEN
-    LOCK TABLE metering.events IN SHARE MODE;
-    PERFORM metering._rollup_backfill(NEW.slug);
+    INSERT INTO metering.meter_rollup_state (meter) VALUES (NEW.slug);
   END IF;
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._meters_after_insert() IS
-  'internal: rolls up the stored events of a new meter';
+  'internal: gives a new meter its (empty) rollup';
 
 CREATE FUNCTION metering._meters_before_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -124,7 +122,7 @@ COMMENT ON FUNCTION metering._meters_before_update() IS
 CREATE FUNCTION metering._meters_after_delete_mark() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  LOCK TABLE metering.events IN SHARE MODE;
+  DELETE FROM metering.meter_rollup_state WHERE meter = NEW.slug;
   DELETE FROM metering.meter_rollups WHERE meter = NEW.slug;
   RETURN NULL;
 END $$;

@@ -8,6 +8,7 @@ CREATE TABLE metering.events (
   time        timestamptz NOT NULL DEFAULT metering.now(),
   data        jsonb NOT NULL DEFAULT '{}',
   ingested_at timestamptz NOT NULL DEFAULT metering.now(),
+  seq         bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME metering.events_seq),
   PRIMARY KEY (source, id),
   CONSTRAINT events_id_not_empty CHECK (id <> ''),
   CONSTRAINT events_source_not_empty CHECK (source <> ''),
@@ -16,6 +17,10 @@ CREATE TABLE metering.events (
   CONSTRAINT events_data_is_object CHECK (jsonb_typeof(data) = 'object')
 );
 CREATE INDEX events_subject_type_time_idx ON metering.events (subject, type, time);
+-- events arrive roughly in time and exactly in seq order: a BRIN index finds
+-- the events of a time range across subjects, and those not yet rolled up,
+-- for almost nothing per insert
+CREATE INDEX events_seq_time_brin ON metering.events USING brin (seq, time);
 COMMENT ON TABLE metering.events IS
   'usage events (CloudEvents 1.0); (source, id) is unique and a repeat is a duplicate; rows are immutable; a plain INSERT is as good as metering.ingest';
 COMMENT ON COLUMN metering.events.id IS 'the CloudEvents id, unique per source';
@@ -25,6 +30,8 @@ COMMENT ON COLUMN metering.events.type IS 'the CloudEvents type; meters select e
 COMMENT ON COLUMN metering.events.time IS 'when the usage happened';
 COMMENT ON COLUMN metering.events.data IS 'the event payload, a JSON object';
 COMMENT ON COLUMN metering.events.ingested_at IS 'when the event was stored (metering.now())';
+COMMENT ON SEQUENCE metering.events_seq IS 'numbers events in the order they are stored';
+COMMENT ON COLUMN metering.events.seq IS 'storage order, from metering.events_seq; rollups cover events up to a watermark on it';
 
 CREATE TABLE metering.meter_rollups (
   meter        text NOT NULL,
@@ -43,7 +50,7 @@ CREATE TABLE metering.meter_rollups (
   PRIMARY KEY (meter, subject, bucket, groups)
 );
 COMMENT ON TABLE metering.meter_rollups IS
-  'derived: per meter, subject, UTC hour and group values, the partial aggregates of its events; kept by triggers on metering.events and metering.meters, never written by hand';
+  'derived: per meter, subject, UTC hour and group values, the partial aggregates of its events up to the meter''s watermark; written by metering.refresh_rollups() and DELETE triggers, never by hand';
 COMMENT ON COLUMN metering.meter_rollups.meter IS 'the meter slug';
 COMMENT ON COLUMN metering.meter_rollups.subject IS 'the event subject';
 COMMENT ON COLUMN metering.meter_rollups.bucket IS 'start of the UTC hour';
@@ -58,17 +65,28 @@ COMMENT ON COLUMN metering.meter_rollups.last_time IS 'last event instant in the
 COMMENT ON COLUMN metering.meter_rollups.latest_time IS 'instant of the latest value (LATEST meters)';
 COMMENT ON COLUMN metering.meter_rollups.latest_value IS 'the latest value; at equal instants the largest (LATEST meters)';
 
-CREATE FUNCTION metering._events_rollup() RETURNS trigger
-  AS 'MODULE_PATHNAME', 'metering_events_rollup'
-  LANGUAGE C;
-COMMENT ON FUNCTION metering._events_rollup() IS
-  'internal: keeps metering.meter_rollups in step with INSERT and DELETE on metering.events';
+CREATE TABLE metering.meter_rollup_state (
+  meter        text PRIMARY KEY,
+  rolled_up_to bigint NOT NULL DEFAULT 0,
+  refreshed_at timestamptz
+);
+COMMENT ON TABLE metering.meter_rollup_state IS
+  'derived: per live meter, the watermark of its rollups: they hold exactly its events with seq <= rolled_up_to; readers add the rest from metering.events';
+COMMENT ON COLUMN metering.meter_rollup_state.meter IS 'the meter slug';
+COMMENT ON COLUMN metering.meter_rollup_state.rolled_up_to IS 'the highest events.seq the rollups include';
+COMMENT ON COLUMN metering.meter_rollup_state.refreshed_at IS 'when metering.refresh_rollups() last moved the watermark (metering.now())';
 
-CREATE FUNCTION metering._rollup_backfill(meter text) RETURNS void
-  AS 'MODULE_PATHNAME', 'metering_rollup_backfill'
-  LANGUAGE C STRICT;
-COMMENT ON FUNCTION metering._rollup_backfill(text) IS
-  'internal: rolls up every stored event of a new meter''s type';
+CREATE FUNCTION metering.refresh_rollups(meter text DEFAULT NULL) RETURNS bigint
+  AS 'MODULE_PATHNAME', 'metering_refresh_rollups'
+  LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION metering.refresh_rollups(text) IS
+  'rolls up the events stored since the last refresh, for every live meter or one; never blocks ingestion; run it every few minutes (answers are exact without it, only slower); returns the (meter, event) pairs added';
+
+CREATE FUNCTION metering._events_deleted() RETURNS trigger
+  AS 'MODULE_PATHNAME', 'metering_events_deleted'
+  LANGUAGE C;
+COMMENT ON FUNCTION metering._events_deleted() IS
+  'internal: rebuilds the rolled-up hours of deleted events';
 
 CREATE FUNCTION metering._events_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -84,16 +102,14 @@ LANGUAGE plpgsql AS $$
 BEGIN
   -- DELETE, not TRUNCATE: the same statement may be truncating the rollups too
   DELETE FROM metering.meter_rollups;
+  UPDATE metering.meter_rollup_state SET rolled_up_to = 0;
   RETURN NULL;
 END $$;
-COMMENT ON FUNCTION metering._events_truncate() IS 'internal: TRUNCATE of events empties the rollups';
+COMMENT ON FUNCTION metering._events_truncate() IS 'internal: TRUNCATE of events empties the rollups and resets their watermarks';
 
-CREATE TRIGGER events_rollup_insert AFTER INSERT ON metering.events
-  REFERENCING NEW TABLE AS new_events
-  FOR EACH STATEMENT EXECUTE FUNCTION metering._events_rollup();
-CREATE TRIGGER events_rollup_delete AFTER DELETE ON metering.events
+CREATE TRIGGER events_deleted AFTER DELETE ON metering.events
   REFERENCING OLD TABLE AS old_events
-  FOR EACH STATEMENT EXECUTE FUNCTION metering._events_rollup();
+  FOR EACH STATEMENT EXECUTE FUNCTION metering._events_deleted();
 CREATE TRIGGER events_immutable BEFORE UPDATE ON metering.events
   FOR EACH ROW EXECUTE FUNCTION metering._events_immutable();
 CREATE TRIGGER events_truncate AFTER TRUNCATE ON metering.events

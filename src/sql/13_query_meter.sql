@@ -55,14 +55,15 @@ DECLARE
   lo_h timestamptz;             -- rollups cover [lo_h, hi_h)
   hi_h timestamptz;
   use_rollups boolean;
-  raw_subjects text[];
   raw_where text;
+  raw_cols text;
+  subject_sql text;
+  straddles text;
   parts text[] := '{}';
   value_sql text;
   raw_value text;
   raw_valued text;
   raw_text text := 'NULL::text';
-  groups_sql text;
   sql text;
 BEGIN
   SELECT * INTO m FROM metering.meters mm WHERE mm.slug = meter AND mm.deleted_at IS NULL;
@@ -120,9 +121,14 @@ BEGIN
     END LOOP;
   END IF;
 
-  -- Whole UTC hours inside the range come from the rollups, unless an hour
-  -- can straddle two windows (MINUTE windows, or a time zone whose offset
-  -- is not a whole hour); the rest is read from the events themselves.
+  -- Three regions, read in one statement so they share one snapshot:
+  --   whole UTC hours of the range, from the rollups (events up to the
+  --     meter's watermark), but for hours that straddle two windows (a time
+  --     zone whose offset is not a whole hour at that moment);
+  --   the same hours from the events: those above the watermark, and all
+  --     of a straddling hour;
+  --   the partial hours at either end, from the events.
+  -- MINUTE windows and UNIQUE_COUNT read the events only.
   lo_h := CASE WHEN from_time IS NULL THEN '-infinity'
                ELSE date_trunc('hour', from_time, 'UTC')
                     + CASE WHEN date_trunc('hour', from_time, 'UTC') < from_time
@@ -130,12 +136,8 @@ BEGIN
   hi_h := CASE WHEN to_time IS NULL THEN 'infinity' ELSE date_trunc('hour', to_time, 'UTC') END;
   use_rollups := m.aggregation <> 'UNIQUE_COUNT' AND coalesce(w, '') <> 'MINUTE' AND lo_h < hi_h;
   IF use_rollups AND w IS NOT NULL AND window_time_zone <> 'UTC' THEN
-    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM metering.meter_rollups r
-                     WHERE r.meter = $1 AND r.bucket >= $2 AND r.bucket < $3
-                       AND date_trunc(%1$L, r.bucket, $4)
-                           <> date_trunc(%1$L, r.bucket + interval ''59 minutes 59.999999 seconds'', $4))',
-                   lower(w))
-      INTO use_rollups USING m.slug, lo_h, hi_h, window_time_zone;
+    straddles := format('date_trunc(%1$L, %%1$s, $6) <> date_trunc(%1$L, %%1$s + interval %2$L, $6)',
+                        lower(w), '59 minutes 59.999999 seconds');
   END IF;
 
   IF m.aggregation = 'COUNT' THEN
@@ -149,49 +151,52 @@ BEGIN
     raw_value := 'metering._meter_number(e.data, $3)';
     raw_valued := '(x.v IS NOT NULL)::int::bigint';
   END IF;
-  groups_sql := CASE WHEN m.group_by = '{}' THEN '''{}''::jsonb'
-                     ELSE 'metering._meter_groups(e.data, $4)' END;
-
-  -- the subjects whose events a raw scan reads: the rollups list every
-  -- subject with events of this meter's type in an hour, which lets the
-  -- scan use the (subject, type, time) index
-  IF subjects IS NOT NULL THEN
-    raw_subjects := subjects;
-  ELSIF use_rollups THEN
-    raw_subjects := ARRAY(SELECT DISTINCT r.subject FROM metering.meter_rollups r
-                           WHERE r.meter = m.slug
-                             AND (r.bucket = date_trunc('hour', from_time, 'UTC')
-                                  OR r.bucket = hi_h));
-  ELSE
-    raw_subjects := ARRAY(SELECT DISTINCT r.subject FROM metering.meter_rollups r
-                           WHERE r.meter = m.slug
-                             AND r.bucket >= coalesce(date_trunc('hour', from_time, 'UTC'), '-infinity')
-                             AND r.bucket < coalesce(to_time, 'infinity'));
-  END IF;
+  -- the columns of a rollup row, for one event
+  raw_cols := format(
+    'e.subject, %s AS ws, %s AS groups, 1::bigint AS events, %s AS valued,
+     x.v AS sum, x.v AS min, x.v AS max, e.time AS first_time, e.time AS last_time,
+     CASE WHEN x.v IS NOT NULL THEN e.time END AS latest_time, x.v AS latest_value, %s AS utext',
+    metering._window_start_sql(w, 'e.time'),
+    CASE WHEN m.group_by = '{}' THEN '''{}''::jsonb' ELSE 'metering._meter_groups(e.data, $4)' END,
+    raw_valued, raw_text);
+  subject_sql := CASE WHEN subjects IS NOT NULL THEN 'AND e.subject = ANY ($5)' ELSE '' END;
 
   IF use_rollups THEN
     parts := parts || format(
       'SELECT r.subject, %s AS ws, r.groups, r.events, r.valued, r.sum, r.min, r.max,
               r.first_time, r.last_time, r.latest_time, r.latest_value, NULL::text AS utext
          FROM metering.meter_rollups r
-        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 %s',
+        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 %s %s',
       metering._window_start_sql(w, 'r.bucket'),
-      CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END);
-    -- the partial hours at either end
+      CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END,
+      CASE WHEN straddles IS NOT NULL THEN 'AND NOT (' || format(straddles, 'r.bucket') || ')' ELSE '' END);
     raw_where := array_to_string(ARRAY[
       CASE WHEN from_time < lo_h THEN '(e.time >= $7 AND e.time < $9)' END,
-      CASE WHEN hi_h < to_time THEN '(e.time >= $10 AND e.time < $8)' END], ' OR ');
+      CASE WHEN hi_h < to_time THEN '(e.time >= $10 AND e.time < $8)' END,
+      '(e.time >= $9 AND e.time < $10 AND e.seq > (SELECT v FROM wm))'], ' OR ');
+    parts := parts || format(
+      'SELECT %s FROM metering.events e CROSS JOIN LATERAL (SELECT %s AS v) x
+        WHERE e.type = $2 %s AND (%s)',
+      raw_cols, raw_value, subject_sql, raw_where);
+    IF straddles IS NOT NULL THEN
+      parts := parts || format(
+        'SELECT %s
+           FROM (SELECT DISTINCT r.subject, r.bucket FROM metering.meter_rollups r
+                  WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 AND %s %s) sb
+           JOIN metering.events e ON e.subject = sb.subject AND e.type = $2
+                                 AND e.time >= sb.bucket AND e.time < sb.bucket + interval ''1 hour''
+           CROSS JOIN LATERAL (SELECT %s AS v) x
+          WHERE e.seq <= (SELECT v FROM wm)',
+        raw_cols, format(straddles, 'r.bucket'),
+        CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END, raw_value);
+    END IF;
   ELSE
-    raw_where := array_to_string(ARRAY[
-      'true',
-      CASE WHEN from_time IS NOT NULL THEN 'e.time >= $7' END,
-      CASE WHEN to_time IS NOT NULL THEN 'e.time < $8' END], ' AND ');
-  END IF;
-  IF raw_where <> '' THEN
-    parts := parts || 'SELECT subject, ws, groups, events, valued, sum, min, max,
-                              first_time, last_time, latest_time, latest_value, utext FROM raw'::text;
-  ELSE
-    raw_where := 'false';
+    parts := parts || format(
+      'SELECT %s FROM metering.events e CROSS JOIN LATERAL (SELECT %s AS v) x
+        WHERE e.type = $2 %s %s %s',
+      raw_cols, raw_value, subject_sql,
+      CASE WHEN from_time IS NOT NULL THEN 'AND e.time >= $7' ELSE '' END,
+      CASE WHEN to_time IS NOT NULL THEN 'AND e.time < $8' ELSE '' END);
   END IF;
 
   value_sql := CASE m.aggregation
@@ -206,28 +211,20 @@ BEGIN
   END;
 
   sql := format($q$
-    WITH raw AS MATERIALIZED (
-      SELECT e.subject, e.time, %1$s AS ws, %2$s AS groups, 1::bigint AS events, %3$s AS valued,
-             x.v AS sum, x.v AS min, x.v AS max, e.time AS first_time, e.time AS last_time,
-             CASE WHEN x.v IS NOT NULL THEN e.time END AS latest_time, x.v AS latest_value,
-             %4$s AS utext
-        FROM metering.events e
-             CROSS JOIN LATERAL (SELECT %5$s AS v) x
-       WHERE e.subject = ANY ($11) AND e.type = $2 AND (%6$s)
+    WITH wm AS MATERIALIZED (
+      SELECT coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s WHERE s.meter = $1), 0) AS v
     ),
-    p AS (%7$s),
+    p AS (%1$s),
     a AS (
-      SELECT p.ws, p.subject, p.groups - $12 AS g, %8$s AS value,
+      SELECT p.ws, p.subject, p.groups - $11 AS g, %2$s AS value,
              min(p.first_time) AS ft, max(p.last_time) AS lt
         FROM p
-       WHERE true %9$s
+       WHERE true %3$s
        GROUP BY 1, 2, 3
     )
-    SELECT %10$s, %11$s, a.subject, a.g, a.value
+    SELECT %4$s, %5$s, a.subject, a.g, a.value
       FROM a
      ORDER BY 1, 3, 4$q$,
-    metering._window_start_sql(w, 'e.time'),
-    groups_sql, raw_valued, raw_text, raw_value, raw_where,
     array_to_string(parts, ' UNION ALL '),
     value_sql,
     filter_sql,
@@ -237,7 +234,7 @@ BEGIN
 
   RETURN QUERY EXECUTE sql
     USING m.slug, m.event_type, m.value_property, m.group_by, subjects,
-          window_time_zone, from_time, to_time, lo_h, hi_h, raw_subjects, drop_names;
+          window_time_zone, from_time, to_time, lo_h, hi_h, drop_names;
 END $fn$;
 COMMENT ON FUNCTION metering.query_meter(text, timestamptz, timestamptz, text, text, text[], text[], jsonb) IS
   'the meter''s value per window, subject and group in [from_time, to_time); windows MINUTE, HOUR or DAY aligned in window_time_zone, or one window for the whole range';

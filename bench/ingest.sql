@@ -1,0 +1,66 @@
+-- Ingest speed: metering.ingest_batch against a plain INSERT ... ON CONFLICT
+-- DO NOTHING of the same JSON into a table with the events' columns and only
+-- the (source, id) unique index.  Both run in this session, alternating batch
+-- by batch, so the machine's noise falls on both alike.
+--   psql -X -f bench/ingest.sql          (make bench runs it)
+\set ON_ERROR_STOP 1
+\pset footer off
+SET client_min_messages = warning;
+SELECT setseed(0.5);
+
+DROP TABLE IF EXISTS bench_plain, bench_batches;
+CREATE TABLE bench_plain (
+  id text NOT NULL, source text NOT NULL, subject text NOT NULL, type text NOT NULL,
+  time timestamptz NOT NULL, data jsonb NOT NULL, ingested_at timestamptz NOT NULL,
+  UNIQUE (source, id));
+TRUNCATE metering.events, metering.meters, metering.meter_rollups;
+-- what a deployment has: meters on the event type, so rollups are kept too
+INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by) VALUES
+  ('bench-tokens', 'llm.tokens', 'SUM', '$.tokens', '{"model": "$.model"}'),
+  ('bench-requests', 'llm.tokens', 'COUNT', NULL, '{}');
+
+-- 2 x 40 batches of 1,000 events: 1,000 subjects, two hours, a few models
+CREATE TABLE bench_batches AS
+SELECT b, jsonb_agg(jsonb_build_object(
+         'specversion', '1.0', 'id', 'evt-' || b || '-' || n, 'source', 'bench',
+         'type', 'llm.tokens', 'subject', 'customer-' || floor(random() * 1000)::int,
+         'time', to_char(timestamptz '2024-06-01 10:00:00+00' + random() * interval '2 hours',
+                         'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+         'data', jsonb_build_object('tokens', floor(random() * 5000)::int,
+                                    'model', (ARRAY['small', 'medium', 'large'])[1 + floor(random() * 3)::int],
+                                    'request_id', md5(random()::text)))) AS events
+  FROM generate_series(1, 80) b, generate_series(1, 1000) n
+ GROUP BY b;
+
+CREATE TEMP TABLE timings (kind text, seconds float8);
+DO $$
+DECLARE
+  batch jsonb;
+  t0 timestamptz;
+BEGIN
+  FOR i IN 1 .. 80 LOOP
+    SELECT events INTO batch FROM bench_batches WHERE b = i;
+    IF i % 2 = 0 THEN
+      t0 := clock_timestamp();
+      INSERT INTO bench_plain
+      SELECT e ->> 'id', e ->> 'source', e ->> 'subject', e ->> 'type', (e ->> 'time')::timestamptz,
+             coalesce(e -> 'data', '{}'), now()
+        FROM jsonb_array_elements(batch) e
+      ON CONFLICT (source, id) DO NOTHING;
+      INSERT INTO timings VALUES ('plain INSERT ... ON CONFLICT', extract(epoch FROM clock_timestamp() - t0));
+    ELSE
+      t0 := clock_timestamp();
+      PERFORM metering.ingest_batch(batch);
+      INSERT INTO timings VALUES ('metering.ingest_batch', extract(epoch FROM clock_timestamp() - t0));
+    END IF;
+  END LOOP;
+END $$;
+
+SELECT kind, count(*) AS batches, round((count(*) * 1000 / sum(seconds))::numeric) AS events_per_second
+  FROM timings GROUP BY kind ORDER BY kind;
+SELECT round(((SELECT count(*) / sum(seconds) FROM timings WHERE kind = 'metering.ingest_batch')
+            / (SELECT count(*) / sum(seconds) FROM timings WHERE kind <> 'metering.ingest_batch'))::numeric, 2)
+       AS ingest_ratio_vs_plain_insert;
+SELECT (SELECT count(*) FROM metering.events) AS events_stored, (SELECT count(*) FROM bench_plain) AS plain_rows,
+       (SELECT count(*) FROM metering.meter_rollups WHERE meter LIKE 'bench-%') AS rollup_rows;
+DROP TABLE bench_plain, bench_batches;
