@@ -9,11 +9,10 @@ SET client_min_messages = warning;
 SELECT setseed(0.5);
 
 DROP TABLE IF EXISTS bench_plain, bench_batches;
-CREATE TABLE bench_plain (
-  id text NOT NULL, source text NOT NULL, subject text NOT NULL, type text NOT NULL,
-  time timestamptz NOT NULL, data jsonb NOT NULL, ingested_at timestamptz NOT NULL,
-  UNIQUE (source, id));
-TRUNCATE metering.events, metering.meters, metering.meter_rollups;
+-- the events' columns (same types and collations), only the (source, id) unique index
+CREATE TABLE bench_plain (LIKE metering.events);
+ALTER TABLE bench_plain DROP COLUMN seq, ADD UNIQUE (source, id);
+TRUNCATE metering.events, metering.meters, metering.meter_rollups, metering.meter_rollup_state;
 -- what a deployment has: meters on the event type, so rollups are kept too
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by) VALUES
   ('bench-tokens', 'llm.tokens', 'SUM', '$.tokens', '{"model": "$.model"}'),

@@ -13,7 +13,6 @@
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
-#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "metering.h"
@@ -161,9 +160,43 @@ ParseEvent(EventContext *ctx, JsonbValue *event, TimestampTz now,
 	memset(nulls, 0, sizeof(bool) * 6);
 }
 
+typedef struct ParsedEvent
+{
+	int			ord;
+	Datum		values[6];		/* id, source, subject, type, time, data */
+} ParsedEvent;
+
+static int
+CompareText(Datum a, Datum b)
+{
+	text	   *ta = DatumGetTextPP(a);
+	text	   *tb = DatumGetTextPP(b);
+	int			la = VARSIZE_ANY_EXHDR(ta);
+	int			lb = VARSIZE_ANY_EXHDR(tb);
+	int			c = memcmp(VARDATA_ANY(ta), VARDATA_ANY(tb), Min(la, lb));
+
+	return c != 0 ? c : (la > lb) - (la < lb);
+}
+
+/* (source, id) in byte order, then position: the order rows are inserted in */
+static int
+CompareParsed(const void *x, const void *y)
+{
+	const ParsedEvent *a = (const ParsedEvent *) x;
+	const ParsedEvent *b = (const ParsedEvent *) y;
+	int			c = CompareText(a->values[1], b->values[1]);
+
+	if (c == 0)
+		c = CompareText(a->values[0], b->values[0]);
+	return c != 0 ? c : (a->ord > b->ord) - (a->ord < b->ord);
+}
+
 /*
  * metering._parse_events(events jsonb, batch boolean): the validated rows
  * (ord, id, source, subject, type, time, data) of one event or of an array.
+ * A batch comes back in (source, id) byte order, so that concurrent batches
+ * meet their common keys in the same order and wait for each other rather
+ * than deadlock; within one key, array order, so the first one wins.
  */
 PG_FUNCTION_INFO_V1(metering_parse_events);
 Datum
@@ -177,12 +210,9 @@ metering_parse_events(PG_FUNCTION_ARGS)
 	Datum		values[7];
 	bool		nulls[7];
 	Datum		empty_data = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
-	MemoryContext per_event;
-	MemoryContext old;
 
 	InitMaterializedSRF(fcinfo, 0);
-	per_event = AllocSetContextCreate(CurrentMemoryContext, "metering event",
-									  ALLOCSET_SMALL_SIZES);
+	memset(nulls, 0, sizeof(nulls));
 
 	if (!batch)
 	{
@@ -196,7 +226,6 @@ metering_parse_events(PG_FUNCTION_ARGS)
 		ctx.index = -1;
 		values[0] = Int32GetDatum(0);
 		ParseEvent(&ctx, &whole, now, empty_data, values + 1, nulls + 1);
-		nulls[0] = false;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 		PG_RETURN_NULL();
 	}
@@ -206,6 +235,8 @@ metering_parse_events(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("events must be a JSON array of CloudEvents objects")));
 	{
+		int			n = JB_ROOT_COUNT(events);
+		ParsedEvent *rows = palloc_extended(sizeof(ParsedEvent) * Max(n, 1), MCXT_ALLOC_HUGE);
 		JsonbIterator *it = JsonbIteratorInit(&events->root);
 		JsonbValue	v;
 		JsonbIteratorToken tok;
@@ -215,15 +246,16 @@ metering_parse_events(PG_FUNCTION_ARGS)
 		{
 			if (tok != WJB_ELEM)
 				continue;
-			values[0] = Int32GetDatum(ctx.index);
-			nulls[0] = false;
-			/* the tuplestore copies the row, so the parts can go at once */
-			old = MemoryContextSwitchTo(per_event);
-			ParseEvent(&ctx, &v, now, empty_data, values + 1, nulls + 1);
-			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-			MemoryContextSwitchTo(old);
-			MemoryContextReset(per_event);
+			rows[ctx.index].ord = ctx.index;
+			ParseEvent(&ctx, &v, now, empty_data, rows[ctx.index].values, nulls + 1);
 			ctx.index++;
+		}
+		qsort(rows, ctx.index, sizeof(ParsedEvent), CompareParsed);
+		for (int i = 0; i < ctx.index; i++)
+		{
+			values[0] = Int32GetDatum(rows[i].ord);
+			memcpy(values + 1, rows[i].values, sizeof(rows[i].values));
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 		}
 	}
 	PG_RETURN_NULL();

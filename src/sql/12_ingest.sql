@@ -9,9 +9,7 @@ CREATE FUNCTION metering._parse_events(events jsonb, batch boolean,
 COMMENT ON FUNCTION metering._parse_events(jsonb, boolean) IS
   'internal: validates one CloudEvents object (batch false) or an array of them, and returns the rows to store';
 
--- Rows go in (source, id) order so that concurrent batches meet their
--- common keys in the same order and wait rather than deadlock; within one
--- key the first in the array wins.
+-- _parse_events returns a batch in (source, id) order (see ingest.c).
 CREATE FUNCTION metering.ingest(event jsonb) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -42,7 +40,6 @@ BEGIN
   INSERT INTO metering.events AS e (id, source, subject, type, time, data)
   SELECT p.id, p.source, p.subject, p.type, p.time, p.data
     FROM metering._parse_events(events, true) p
-   ORDER BY p.source COLLATE "C", p.id COLLATE "C", p.ord
   ON CONFLICT (source, id) DO NOTHING;
   GET DIAGNOSTICS n = ROW_COUNT;
   accepted := n;
