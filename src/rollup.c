@@ -509,13 +509,15 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 			elog(ERROR, "could not clear metering.meter_rollups: %s", SPI_result_code_string(ret));
 		if (SPI_processed == 0)
 			continue;
+		/* the time span bounds the scan (BRIN); the hours are a hashed semi-join */
 		AddQueryEvents(buf, i,
-					   "SELECT e.subject, e.type, e.time, e.data "
-					   "FROM (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
-					   "        FROM old_events o WHERE o.type = $2 AND o.seq <= $3) k "
-					   "JOIN metering.events e ON e.subject = k.subject AND e.type = $2 "
-					   " AND e.time >= k.bucket AND e.time < k.bucket + interval '1 hour' "
-					   "WHERE e.seq <= $3",
+					   "WITH k AS MATERIALIZED (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
+					   "                          FROM old_events o WHERE o.type = $2 AND o.seq <= $3) "
+					   "SELECT e.subject, e.type, e.time, e.data FROM metering.events e "
+					   "WHERE e.type = $2 AND e.seq <= $3 "
+					   "  AND e.time >= (SELECT min(bucket) FROM k) "
+					   "  AND e.time < (SELECT max(bucket) FROM k) + interval '1 hour' "
+					   "  AND (e.subject, date_trunc('hour', e.time, 'UTC')) IN (SELECT subject, bucket FROM k)",
 					   3, argtypes, args);
 		RollupFlush(buf);
 	}

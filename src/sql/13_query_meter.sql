@@ -32,6 +32,14 @@ $$;
 COMMENT ON FUNCTION metering._window_end_sql(text, text) IS
   'internal: SQL text of the end of the window starting at an instant';
 
+CREATE FUNCTION metering._watermark_moved() RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE AS $$
+BEGIN
+  RAISE EXCEPTION 'metering watermark moved during the query' USING ERRCODE = 'serialization_failure';
+END $$;
+COMMENT ON FUNCTION metering._watermark_moved() IS
+  'internal: tells a reader that the rollups changed since it planned its query';
+
 CREATE FUNCTION metering.query_meter(
   meter text,
   from_time timestamptz DEFAULT NULL,
@@ -56,6 +64,7 @@ DECLARE
   hi_h timestamptz;
   use_rollups boolean;
   raw_where text;
+  watermark bigint;
   raw_cols text;
   subject_sql text;
   straddles text;
@@ -157,7 +166,9 @@ BEGIN
      x.v AS sum, x.v AS min, x.v AS max, e.time AS first_time, e.time AS last_time,
      CASE WHEN x.v IS NOT NULL THEN e.time END AS latest_time, x.v AS latest_value, %s AS utext',
     metering._window_start_sql(w, 'e.time'),
-    CASE WHEN m.group_by = '{}' THEN '''{}''::jsonb' ELSE 'metering._meter_groups(e.data, $4)' END,
+    -- group values only when the question groups or filters by them
+    CASE WHEN m.group_by = '{}' OR (group_by IS NULL AND filter_group_by IS NULL) THEN '''{}''::jsonb'
+         ELSE 'metering._meter_groups(e.data, $4)' END,
     raw_valued, raw_text);
   subject_sql := CASE WHEN subjects IS NOT NULL THEN 'AND e.subject = ANY ($5)' ELSE '' END;
 
@@ -166,17 +177,17 @@ BEGIN
       'SELECT r.subject, %s AS ws, r.groups, r.events, r.valued, r.sum, r.min, r.max,
               r.first_time, r.last_time, r.latest_time, r.latest_value, NULL::text AS utext
          FROM metering.meter_rollups r
-        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 %s %s',
+        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 AND (SELECT fresh FROM wm) %s %s',
       metering._window_start_sql(w, 'r.bucket'),
       CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END,
       CASE WHEN straddles IS NOT NULL THEN 'AND NOT (' || format(straddles, 'r.bucket') || ')' ELSE '' END);
     raw_where := array_to_string(ARRAY[
       CASE WHEN from_time < lo_h THEN '(e.time >= $7 AND e.time < $9)' END,
       CASE WHEN hi_h < to_time THEN '(e.time >= $10 AND e.time < $8)' END,
-      '(e.time >= $9 AND e.time < $10 AND e.seq > (SELECT v FROM wm))'], ' OR ');
+      '(e.time >= $9 AND e.time < $10 AND e.seq > $12)'], ' OR ');
     parts := parts || format(
       'SELECT %s FROM metering.events e CROSS JOIN LATERAL (SELECT %s AS v) x
-        WHERE e.type = $2 %s AND (%s)',
+        WHERE e.type = $2 %s AND (%s) AND (SELECT fresh FROM wm)',
       raw_cols, raw_value, subject_sql, raw_where);
     IF straddles IS NOT NULL THEN
       parts := parts || format(
@@ -186,7 +197,7 @@ BEGIN
            JOIN metering.events e ON e.subject = sb.subject AND e.type = $2
                                  AND e.time >= sb.bucket AND e.time < sb.bucket + interval ''1 hour''
            CROSS JOIN LATERAL (SELECT %s AS v) x
-          WHERE e.seq <= (SELECT v FROM wm)',
+          WHERE e.seq <= $12 AND (SELECT fresh FROM wm)',
         raw_cols, format(straddles, 'r.bucket'),
         CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END, raw_value);
     END IF;
@@ -212,7 +223,9 @@ BEGIN
 
   sql := format($q$
     WITH wm AS MATERIALIZED (
-      SELECT coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s WHERE s.meter = $1), 0) AS v
+      SELECT CASE WHEN coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s
+                                  WHERE s.meter = $1), 0) = $12
+                  THEN true ELSE metering._watermark_moved() END AS fresh
     ),
     p AS (%1$s),
     a AS (
@@ -232,9 +245,25 @@ BEGIN
     CASE WHEN w IS NULL THEN 'coalesce($8, max(a.lt) OVER ())'
          ELSE metering._window_end_sql(w, 'a.ws') END);
 
-  RETURN QUERY EXECUTE sql
-    USING m.slug, m.event_type, m.value_property, m.group_by, subjects,
-          window_time_zone, from_time, to_time, lo_h, hi_h, drop_names;
+  -- The watermark is passed in as a value, so that the planner knows how few
+  -- events lie above it; every part of the statement first checks that its
+  -- own snapshot has the same one (a refresh may commit in between, at READ
+  -- COMMITTED), and the statement is run again if not.
+  FOR attempt IN 1 .. 5 LOOP
+    watermark := coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s WHERE s.meter = m.slug), 0);
+    BEGIN
+      RETURN QUERY EXECUTE sql
+        USING m.slug, m.event_type, m.value_property, m.group_by, subjects,
+              window_time_zone, from_time, to_time, lo_h, hi_h, drop_names, watermark;
+      RETURN;
+    EXCEPTION WHEN serialization_failure THEN
+      IF SQLERRM NOT LIKE 'metering watermark moved%' THEN
+        RAISE;
+      END IF;
+    END;
+  END LOOP;
+  RAISE EXCEPTION 'the rollups of meter "%" kept changing during the query', m.slug
+    USING ERRCODE = 'serialization_failure', HINT = 'Run the query again.';
 END $fn$;
 COMMENT ON FUNCTION metering.query_meter(text, timestamptz, timestamptz, text, text, text[], text[], jsonb) IS
   'the meter''s value per window, subject and group in [from_time, to_time); windows MINUTE, HOUR or DAY aligned in window_time_zone, or one window for the whole range';
