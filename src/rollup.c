@@ -592,7 +592,16 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 	SET_LOCKTAG_RELATION(tag, MyDatabaseId, events_oid);
 	WaitForLockers(tag, ShareLock, false);
 
-	/* 3. serialize with other refreshes, then roll up each meter's new events */
+	/*
+	 * 3. a meter restored without its triggers has no watermark row yet: it
+	 * gets one at 0.  Then serialize with other refreshes and roll up each
+	 * meter's new events.
+	 */
+	ret = SPI_execute("INSERT INTO metering.meter_rollup_state (meter) "
+					  "SELECT slug FROM metering.meters WHERE deleted_at IS NULL "
+					  "ON CONFLICT (meter) DO NOTHING", false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "could not add missing watermarks: %s", SPI_result_code_string(ret));
 	buf = RollupBufferCreate();
 	LoadMeters(buf, slug, true);
 	for (int i = 0; i < buf->nmeters; i++)

@@ -3,7 +3,7 @@
 -- bodies.  Each input is either accepted or rejected with the expected
 -- SQLSTATE; a rejected batch leaves no row behind; nothing crashes.
 BEGIN;
-SELECT plan(12);
+SELECT plan(15);
 SELECT setseed(0.20261125);
 SET LOCAL metering.now = '2024-06-01 12:00:00+00';
 
@@ -216,6 +216,94 @@ SELECT is((SELECT array_agg(DISTINCT coalesce(sqlstate, 'ok') ORDER BY coalesce(
           ARRAY['22003', '22023', 'ok'], 'mutated BatchMeterUsage bodies succeed or fail with 22003 or 22023');
 SELECT is((SELECT count(*) FROM outcomes WHERE kind = 'aws' AND message = 'ROWS LEFT BEHIND'),
           0::bigint, 'a rejected BatchMeterUsage body stores nothing');
+
+-- 7. meter definitions: random slugs, paths and group_by bodies
+DO $$
+DECLARE
+  gb jsonb;
+BEGIN
+  FOR n IN 1 .. 800 LOOP
+    gb := CASE WHEN random() < 0.3 THEN pg_temp.rand_json(2)
+               ELSE jsonb_build_object(pg_temp.rand_text(), CASE WHEN random() < 0.5 THEN to_jsonb(pg_temp.mutate('$.a.b[0]'))
+                                                                 ELSE pg_temp.rand_json(1) END) END;
+    BEGIN
+      INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by)
+      VALUES (CASE WHEN random() < 0.5 THEN 'fm' || n ELSE pg_temp.rand_text() END,
+              CASE WHEN random() < 0.9 THEN 'fuzz' ELSE pg_temp.rand_text() END,
+              (enum_range(NULL::metering.aggregation))[1 + floor(random() * 7)::int],
+              CASE WHEN random() < 0.8 THEN pg_temp.mutate('$.v ? (@ > 1)') END::jsonpath, gb);
+      INSERT INTO outcomes VALUES ('meter', gb, NULL, NULL);
+    EXCEPTION WHEN OTHERS THEN
+      INSERT INTO outcomes VALUES ('meter', gb, SQLSTATE, SQLERRM);
+    END;
+  END LOOP;
+END $$;
+SELECT is((SELECT array_agg(DISTINCT coalesce(sqlstate, 'ok') ORDER BY coalesce(sqlstate, 'ok')) FROM outcomes WHERE kind = 'meter'),
+          ARRAY['22023', '42601', 'ok'], 'meter definitions are accepted, or refused with 22023 (42601 for JSONPath syntax)');
+
+-- 8. query_meter arguments: windows, zones, group names and filters
+DO $$
+DECLARE
+  f jsonb;
+BEGIN
+  FOR n IN 1 .. 800 LOOP
+    f := CASE WHEN random() < 0.5 THEN pg_temp.rand_json(2)
+              ELSE jsonb_build_object((ARRAY['k', 'deep', 'any', pg_temp.rand_text()])[1 + floor(random() * 4)::int],
+                                      pg_temp.rand_json(1)) END;
+    BEGIN
+      PERFORM count(*) FROM metering.query_meter(
+        (ARRAY['fz-sum', 'fz-max', 'fz-uniq', 'nope'])[1 + floor(random() * 4)::int],
+        CASE WHEN random() < 0.8 THEN timestamptz '2024-06-01 09:00:00+00' + random() * interval '3 hours' END,
+        CASE WHEN random() < 0.8 THEN timestamptz '2024-06-01 10:00:00+00' + random() * interval '3 hours' END,
+        (ARRAY['MINUTE', 'hour', 'DAY', NULL, pg_temp.rand_text()])[1 + floor(random() * 5)::int],
+        (ARRAY['UTC', 'Asia/Kolkata', 'America/New_York', '+05:30', 'EST5EDT', pg_temp.rand_text()])[1 + floor(random() * 6)::int],
+        CASE WHEN random() < 0.3 THEN ARRAY['acme', pg_temp.rand_text()] END,
+        CASE WHEN random() < 0.5 THEN ARRAY[(ARRAY['k', 'deep', pg_temp.rand_text()])[1 + floor(random() * 3)::int]] END,
+        CASE WHEN random() < 0.6 THEN f END);
+      INSERT INTO outcomes VALUES ('query', f, NULL, NULL);
+    EXCEPTION WHEN OTHERS THEN
+      INSERT INTO outcomes VALUES ('query', f, SQLSTATE, SQLERRM);
+    END;
+  END LOOP;
+END $$;
+SELECT is((SELECT array_agg(DISTINCT coalesce(sqlstate, 'ok') ORDER BY coalesce(sqlstate, 'ok')) FROM outcomes WHERE kind = 'query'),
+          ARRAY['22023', 'P0002', 'ok'], 'query_meter answers, or refuses its arguments with 22023 (P0002 for an unknown meter)');
+
+-- 9. MeterUsage allocations, tokens and nonces as text
+INSERT INTO metering.product_dimensions (product_code, dimension) VALUES ('fz', 'd2');
+DO $$
+DECLARE
+  a jsonb;
+BEGIN
+  FOR n IN 1 .. 600 LOOP
+    a := CASE WHEN random() < 0.4 THEN pg_temp.rand_json(3)
+              ELSE jsonb_build_array(jsonb_build_object('AllocatedUsageQuantity', 3,
+                     'Tags', jsonb_build_array(jsonb_build_object(
+                               'Key', CASE WHEN random() < 0.5 THEN 'team' ELSE pg_temp.rand_text() END,
+                               'Value', CASE WHEN random() < 0.5 THEN pg_temp.mutate('dev-1') ELSE pg_temp.rand_text() END)))) END;
+    BEGIN
+      PERFORM metering.meter_usage('fz', 'c', timestamptz '2024-06-01 11:00:00+00' - (n % 5) * interval '1 hour', 'd2', 3, a, true);
+      INSERT INTO outcomes VALUES ('allocation', a, NULL, NULL);
+    EXCEPTION WHEN OTHERS THEN
+      INSERT INTO outcomes VALUES ('allocation', a, SQLSTATE, SQLERRM);
+    END;
+    BEGIN
+      PERFORM metering.resolve_customer(pg_temp.rand_text());
+    EXCEPTION WHEN OTHERS THEN
+      INSERT INTO outcomes VALUES ('token', NULL, SQLSTATE, SQLERRM);
+    END;
+    BEGIN
+      PERFORM metering.register_usage('fz', 'c', 1, pg_temp.rand_text());
+      INSERT INTO outcomes VALUES ('nonce', NULL, NULL, NULL);
+    EXCEPTION WHEN OTHERS THEN
+      INSERT INTO outcomes VALUES ('nonce', NULL, SQLSTATE, SQLERRM);
+    END;
+  END LOOP;
+END $$;
+SELECT is((SELECT array_agg(DISTINCT kind || ':' || coalesce(sqlstate, 'ok') ORDER BY kind || ':' || coalesce(sqlstate, 'ok'))
+             FROM outcomes WHERE kind IN ('allocation', 'token', 'nonce')),
+          ARRAY['allocation:22023', 'allocation:ok', 'nonce:22023', 'nonce:ok', 'token:22023'],
+          'allocations, registration tokens and nonces are accepted or refused with 22023');
 
 SELECT * FROM finish();
 ROLLBACK;

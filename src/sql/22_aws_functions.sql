@@ -294,10 +294,10 @@ BEGIN
 
   SELECT * INTO STRICT k FROM metering.signing_keys sk WHERE sk.version = p_version;
   signature := metering._jwt_hs256(
-    json_build_object('alg', 'HS256', 'typ', 'JWT', 'kid', p_version::text)::text,
-    json_build_object('productCode', p_product, 'customerIdentifier', p_customer,
-                      'nonce', p_nonce, 'publicKeyVersion', p_version,
-                      'iat', floor(extract(epoch FROM now))::bigint)::text,
+    jsonb_build_object('alg', 'HS256', 'typ', 'JWT', 'kid', p_version::text)::text,
+    jsonb_build_object('productCode', p_product, 'customerIdentifier', p_customer,
+                       'nonce', p_nonce, 'publicKeyVersion', p_version,
+                       'iat', floor(extract(epoch FROM now))::bigint)::text,
     k.secret);
   public_key_rotation_timestamp := CASE WHEN p_version < cur.version THEN cur.created_at END;
   RETURN NEXT;

@@ -1,0 +1,87 @@
+-- A short tour of metering, run by `make demo` against a throwaway cluster.
+\set ON_ERROR_STOP 1
+\pset footer off
+SET client_min_messages = warning;
+SET datestyle = 'ISO, YMD';
+SET timezone = 'UTC';
+CREATE EXTENSION metering;
+-- the clock is pinned, so the tour reads the same every time
+SET metering.now = '2024-06-01 12:00:00+00';
+
+\echo
+\echo '== 1. Meters: an LLM product counts tokens per model'
+INSERT INTO metering.meters (slug, description, event_type, aggregation, value_property, group_by)
+VALUES ('tokens', 'LLM tokens', 'llm.completion', 'SUM', '$.tokens', '{"model": "$.model"}'),
+       ('users', 'distinct end users', 'llm.completion', 'UNIQUE_COUNT', '$.user', '{}');
+SELECT slug, event_type, aggregation, value_property, group_by FROM metering.meters;
+
+\echo
+\echo '== 2. Events go in as CloudEvents; a repeat of (source, id) is a duplicate, not an error'
+SELECT metering.ingest('{"specversion": "1.0", "id": "req-1", "source": "api-gw", "type": "llm.completion",
+                         "subject": "acme", "time": "2024-06-01T09:14:00Z",
+                         "data": {"tokens": 1200, "model": "large", "user": "ann"}}') AS stored;
+SELECT metering.ingest('{"specversion": "1.0", "id": "req-1", "source": "api-gw", "type": "llm.completion",
+                         "subject": "acme", "time": "2024-06-01T09:14:00Z",
+                         "data": {"tokens": 1200, "model": "large", "user": "ann"}}') AS stored_again;
+SELECT * FROM metering.ingest_batch(
+  (SELECT jsonb_agg(jsonb_build_object(
+            'specversion', '1.0', 'id', 'req-' || n, 'source', 'api-gw', 'type', 'llm.completion',
+            'subject', (ARRAY['acme', 'globex'])[1 + n % 2],
+            'time', to_char(timestamptz '2024-06-01 09:00:00+00' + n * interval '97 seconds', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+            'data', jsonb_build_object('tokens', 100 + n * 7 % 900, 'model', (ARRAY['small', 'large'])[1 + n % 3 / 2],
+                                       'user', 'user' || n % 5)))
+     FROM generate_series(1, 120) n));
+\echo 'a malformed event rejects its whole batch, naming the index and the field:'
+\set VERBOSITY terse
+\set ON_ERROR_STOP 0
+SELECT * FROM metering.ingest_batch('[{"specversion": "1.0", "id": "x1", "source": "s", "type": "t", "subject": "u"},
+                                      {"specversion": "1.0", "id": "x2", "source": "s", "type": "t", "subject": "u", "time": "tomorrow"}]');
+\set ON_ERROR_STOP 1
+\set VERBOSITY default
+
+\echo
+\echo '== 3. Usage per subject and model, in hourly windows'
+SELECT window_start, subject, group_by ->> 'model' AS model, value AS tokens
+  FROM metering.query_meter('tokens', '2024-06-01T09:00:00Z', '2024-06-01T12:00:00Z', 'HOUR',
+                            group_by => '{model}')
+ ORDER BY 1, 2, 3;
+SELECT subject, value AS distinct_users FROM metering.query_meter('users');
+
+\echo
+\echo '== 4. Rollups: refresh_rollups() moves the work from query time to a maintenance call; answers do not change'
+SELECT metering.refresh_rollups() AS events_rolled_up;
+SELECT window_start, subject, value AS tokens
+  FROM metering.query_meter('tokens', '2024-06-01T09:00:00Z', '2024-06-01T12:00:00Z', 'HOUR')
+ ORDER BY 1, 2;
+
+\echo
+\echo '== 5. AWS Marketplace: BatchMeterUsage in the AWS JSON shape'
+INSERT INTO metering.products (product_code, name) VALUES ('prod-7x2k', 'Acme AI');
+INSERT INTO metering.product_dimensions (product_code, dimension) VALUES ('prod-7x2k', 'ai-requests');
+INSERT INTO metering.meters (slug, event_type, aggregation, value_property)
+VALUES ('aws-requests', 'ai-requests', 'SUM', '$.quantity');
+INSERT INTO metering.customers (customer_identifier, product_code, customer_aws_account_id, subscribed_at,
+                                registration_token, registration_token_expires_at)
+VALUES ('cust-acme', 'prod-7x2k', '111122223333', '2024-01-01', 'tok-acme', '2024-06-02');
+SELECT * FROM metering.resolve_customer('tok-acme');
+SELECT jsonb_pretty(metering.batch_meter_usage('{
+  "ProductCode": "prod-7x2k",
+  "UsageRecords": [
+    {"CustomerIdentifier": "cust-acme", "Dimension": "ai-requests", "Quantity": 40, "Timestamp": "2024-06-01T10:05:00Z"},
+    {"CustomerIdentifier": "cust-unknown", "Dimension": "ai-requests", "Quantity": 5, "Timestamp": 1717236000},
+    {"CustomerIdentifier": "cust-acme", "Dimension": "ai-requests", "Quantity": 41, "Timestamp": "2024-06-01T10:30:00Z"}
+  ]}') #- '{Results,0,MeteringRecordId}') AS response;
+\echo 'an identical retry returns the same MeteringRecordId and stores nothing new:'
+SELECT r #>> '{Results,0,Status}' AS status,
+       (r #>> '{Results,0,MeteringRecordId}')::uuid = (SELECT metering_record_id FROM metering.usage_records) AS same_id,
+       (SELECT count(*) FROM metering.usage_records) AS records
+  FROM metering.batch_meter_usage('{"ProductCode": "prod-7x2k", "UsageRecords": [
+    {"CustomerIdentifier": "cust-acme", "Dimension": "ai-requests", "Quantity": 40, "Timestamp": "2024-06-01T10:05:00Z"}]}') r;
+\echo 'accepted records are events too, so meters see them:'
+SELECT source, subject, type, time, data FROM metering.events WHERE source LIKE 'aws-marketplace/%';
+SELECT window_start, subject, value FROM metering.query_meter('aws-requests', window_size => 'HOUR');
+\echo 'RegisterUsage signs an HS256 JWT with the database''s secret:'
+SELECT convert_from(decode(translate(c, '-_', '+/') || repeat('=', (4 - length(c) % 4) % 4), 'base64'), 'UTF8') AS jwt_claims,
+       public_key_rotation_timestamp
+  FROM metering.register_usage('prod-7x2k', 'cust-acme', 1, 'task-42') r,
+       split_part(r.signature, '.', 2) c;
