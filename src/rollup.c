@@ -81,6 +81,7 @@ typedef struct RollupBuffer
 	MemoryContext cxt;			/* entries and their strings; reset by flush */
 	MemoryContext scratch;		/* one event's temporary work */
 	int64		added;			/* entries added since the caller reset it */
+	int64		written;		/* rollup rows upserted */
 } RollupBuffer;
 
 static SPIPlanPtr meters_update_plan = NULL;
@@ -429,6 +430,7 @@ RollupFlush(RollupBuffer *buf)
 	ret = SPI_execute_plan(plan, args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write metering.meter_rollups: %s", SPI_result_code_string(ret));
+	buf->written += nrows;
 
 	MemoryContextReset(buf->cxt);
 	buf->entries = NULL;
@@ -629,6 +631,26 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 									2, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
+	}
+
+	/*
+	 * A refresh that grew the rollups by much (the first one of a meter, or
+	 * after a long pause) leaves the planner's statistics behind, and readers
+	 * choose bad plans until autovacuum catches up: analyze at once.
+	 */
+	if (buf->written > 0)
+	{
+		ret = SPI_execute("SELECT reltuples FROM pg_class WHERE oid = 'metering.meter_rollups'::regclass",
+						  true, 1);
+		if (ret == SPI_OK_SELECT && SPI_processed == 1)
+		{
+			bool		isnull;
+			float4		reltuples = DatumGetFloat4(SPI_getbinval(SPI_tuptable->vals[0],
+																 SPI_tuptable->tupdesc, 1, &isnull));
+
+			if (reltuples < 0 || buf->written > reltuples * 0.1 + 1000)
+				SPI_execute("ANALYZE metering.meter_rollups", false, 0);
+		}
 	}
 	SPI_finish();
 	PG_RETURN_INT64(added);

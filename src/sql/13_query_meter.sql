@@ -173,13 +173,19 @@ BEGIN
   subject_sql := CASE WHEN subjects IS NOT NULL THEN 'AND e.subject = ANY ($5)' ELSE '' END;
 
   IF use_rollups THEN
+    -- given subjects, one index range per subject whatever the statistics say
     parts := parts || format(
       'SELECT r.subject, %s AS ws, r.groups, r.events, r.valued, r.sum, r.min, r.max,
               r.first_time, r.last_time, r.latest_time, r.latest_value, NULL::text AS utext
-         FROM metering.meter_rollups r
-        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 AND (SELECT fresh FROM wm) %s %s',
+         FROM %s
+        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 AND (SELECT fresh FROM wm) %s',
       metering._window_start_sql(w, 'r.bucket'),
-      CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END,
+      CASE WHEN subjects IS NOT NULL
+           THEN '(SELECT DISTINCT unnest($5) AS subject) s
+                 CROSS JOIN LATERAL (SELECT * FROM metering.meter_rollups r0
+                                      WHERE r0.meter = $1 AND r0.subject = s.subject
+                                        AND r0.bucket >= $9 AND r0.bucket < $10) r'
+           ELSE 'metering.meter_rollups r' END,
       CASE WHEN straddles IS NOT NULL THEN 'AND NOT (' || format(straddles, 'r.bucket') || ')' ELSE '' END);
     raw_where := array_to_string(ARRAY[
       CASE WHEN from_time < lo_h THEN '(e.time >= $7 AND e.time < $9)' END,
