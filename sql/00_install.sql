@@ -20,6 +20,17 @@ SELECT c.relname, a.attname
    AND col_description(c.oid, a.attnum) IS NULL
  ORDER BY 1, 2;
 
+-- and every trigger, constraint and index
+SELECT 'trigger' AS kind, tgname AS name FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+ WHERE c.relnamespace = 'metering'::regnamespace AND NOT t.tgisinternal AND obj_description(t.oid, 'pg_trigger') IS NULL
+UNION ALL
+SELECT 'constraint', conname FROM pg_constraint
+ WHERE connamespace = 'metering'::regnamespace AND obj_description(oid, 'pg_constraint') IS NULL
+UNION ALL
+SELECT 'index', relname FROM pg_class
+ WHERE relnamespace = 'metering'::regnamespace AND relkind = 'i' AND obj_description(oid, 'pg_class') IS NULL;
+SELECT obj_description('metering.events_seq_time_brin'::regclass, 'pg_class') AS an_index_comment;
+
 -- pg_dump keeps the rows of every user table
 SELECT unnest(extconfig)::regclass AS dumped FROM pg_extension WHERE extname = 'metering' ORDER BY 1::text;
 

@@ -18,6 +18,15 @@ SELECT metering.now() = transaction_timestamp() AS empty_is_unset;
 SELECT regress.err($$SET metering.now = 'not a time'$$);
 SELECT regress.err($$SET metering.now = 'infinity'$$);
 SELECT regress.err($$SET metering.now = 'epoch'$$);
+SELECT regress.err($$SET metering.now = '2024-01-01 00:00 Foo/Bar'$$);
+SELECT metering.now() = transaction_timestamp() AS still_unset;
+-- set before the library is loaded, a bad value is dropped with a warning, never an error later
+\c -
+SET metering.now = '2024-01-01 00:00 Foo/Bar';
+SELECT metering.now() = transaction_timestamp() AS dropped;
+SELECT metering.now() = transaction_timestamp() AS still_fine;
+SET datestyle = 'ISO, YMD';
+SET timezone = 'UTC';
 
 -- only a superuser or the extension owner may move the clock
 CREATE ROLE regress_clock_user;

@@ -88,6 +88,10 @@ VALUES ('p1', 'sql', 'acme', 'request', '2024-01-01T09:00:00Z', '{"ms": 3}');
 SELECT regress.err($$INSERT INTO metering.events (id, source, subject, type, data) VALUES ('p2', 'sql', 'acme', 'request', '[1]')$$);
 SELECT regress.err($$INSERT INTO metering.events (id, source, subject, type) VALUES ('p2', 'sql', '', 'request')$$);
 SELECT regress.err($$INSERT INTO metering.events (id, source, subject, type) VALUES ('p1', 'sql', 'acme', 'request')$$);
+SELECT regress.err($$INSERT INTO metering.events (id, source, subject, type, time) VALUES ('p3', 'sql', 'acme', 'request', 'infinity')$$);
+-- long values are quoted whole characters at a time
+SELECT regress.err(format('SELECT metering.ingest(%L)', jsonb_build_object('specversion', 'v' || repeat('é', 40),
+                          'id', 'x', 'source', 's', 'type', 't', 'subject', 'u')));
 
 -- events are immutable
 SELECT regress.err($$UPDATE metering.events SET data = '{"ms": 0}' WHERE id = 'p1'$$);

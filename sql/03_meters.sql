@@ -72,6 +72,16 @@ SELECT * FROM metering.ingest_batch(jsonb_build_array(
   regress.ev('i7', 'acme', 'io', '2024-01-01T10:00:00Z', '{"io": {"bytes": [5]}}')));
 SELECT group_by, value FROM metering.query_meter('bytes', group_by => '{disk,kind}') ORDER BY 1;
 SELECT * FROM metering.meter_rejected_values WHERE meter = 'bytes';
+-- a number is a usage value below 10^100 with at most 100 decimals: no sum can overflow
+SELECT * FROM metering.ingest_batch(jsonb_build_array(
+  regress.ev('huge1', 'acme', 'io', '2024-01-01T11:00:00Z', '{"io": {"bytes": 9e131071}}'),
+  regress.ev('huge2', 'acme', 'io', '2024-01-01T11:00:00Z', '{"io": {"bytes": 9e131071}}'),
+  regress.ev('huge3', 'acme', 'io', '2024-01-01T11:00:00Z', jsonb_build_object('io', jsonb_build_object('bytes', ('0.' || repeat('0', 100) || '1')::numeric))),
+  regress.ev('big', 'acme', 'io', '2024-01-01T11:00:00Z', jsonb_build_object('io', jsonb_build_object('bytes', ('9' || repeat('9', 98))::numeric)))));
+SELECT value > 1e98 AS counted_the_big_one FROM metering.query_meter('bytes', '2024-01-01T11:00:00Z', '2024-01-01T12:00:00Z');
+SELECT metering.refresh_rollups('bytes') AS rolled_up;
+SELECT value > 1e98 AS still_counted FROM metering.query_meter('bytes', '2024-01-01T11:00:00Z', '2024-01-01T12:00:00Z');
+SELECT * FROM metering.meter_rejected_values WHERE meter = 'bytes';
 
 -- definitions are checked
 SELECT regress.err($$INSERT INTO metering.meters (slug, event_type, aggregation) VALUES ('Bad Slug', 't', 'COUNT')$$);

@@ -116,3 +116,11 @@ SELECT x ->> 'Status' AS status, count(*)
        FROM generate_series(0, 24) n))) r)) x
  GROUP BY 1 ORDER BY 1;
 RESET metering.batch_meter_usage_max_age;
+
+-- a null UsageAllocations is no allocation, as in AWS
+SELECT jsonb_path_query_array(r, '$.Results[*].Status') AS statuses
+  FROM metering.batch_meter_usage('{"ProductCode": "prod-1", "UsageRecords": [
+    {"CustomerIdentifier": "cust-a", "Dimension": "requests", "Quantity": 4, "Timestamp": "2024-06-01T21:00:00Z", "UsageAllocations": null}]}') r;
+SELECT metering.meter_usage('prod-1', 'cust-a', '2024-06-01 21:10:00+00', 'requests', 4, 'null') IS NOT NULL AS same_with_meter_usage;
+-- epoch seconds are exact to the microsecond
+SELECT metering._aws_batch_timestamp('1717236000.123456', '') AS epoch;

@@ -11,6 +11,7 @@
 
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
@@ -60,7 +61,12 @@ Quote(JsonbValue *v)
 	int			len = v->val.string.len;
 
 	if (len > QUOTE_LIMIT)
-		return psprintf("\"%.*s...\"", QUOTE_LIMIT, v->val.string.val);
+	{
+		/* cut on a character boundary */
+		int			cut = pg_mbcliplen(v->val.string.val, len, QUOTE_LIMIT);
+
+		return psprintf("\"%.*s...\"", cut, v->val.string.val);
+	}
 	return psprintf("\"%.*s\"", len, v->val.string.val);
 }
 

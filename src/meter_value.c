@@ -111,20 +111,47 @@ IsPlainNumber(const char *s, int len)
 	return i == len;
 }
 
+/*
+ * Usage values are below 10^100 in magnitude with at most 100 decimals:
+ * sums of any number of them stay far inside numeric's range, so neither a
+ * rollup nor a query can ever overflow because of one event.
+ */
+static bool
+WithinBounds(Numeric n)
+{
+	static Numeric limit = NULL;
+
+	if (limit == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		limit = DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum("1e100"),
+													ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+		MemoryContextSwitchTo(old);
+	}
+	if (DatumGetInt32(DirectFunctionCall1(numeric_scale, NumericGetDatum(n))) > 100)
+		return false;
+	return DatumGetInt32(DirectFunctionCall2(numeric_cmp,
+											 DirectFunctionCall1(numeric_abs, NumericGetDatum(n)),
+											 NumericGetDatum(limit))) < 0;
+}
+
 Numeric
 MeterValueNumber(JsonbValue *v)
 {
+	Numeric		n = NULL;
+
 	if (v->type == jbvNumeric)
-		return v->val.numeric;
-	if (v->type == jbvString && IsPlainNumber(v->val.string.val, v->val.string.len))
+		n = v->val.numeric;
+	else if (v->type == jbvString && IsPlainNumber(v->val.string.val, v->val.string.len))
 	{
 		char	   *s = pnstrdup(v->val.string.val, v->val.string.len);
 
-		return DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(s),
-												   ObjectIdGetDatum(InvalidOid),
-												   Int32GetDatum(-1)));
+		n = DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(s),
+												ObjectIdGetDatum(InvalidOid),
+												Int32GetDatum(-1)));
 	}
-	return NULL;
+	return n != NULL && WithinBounds(n) ? n : NULL;
 }
 
 char *

@@ -25,6 +25,7 @@
 #include "utils/datetime.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "metering.h"
@@ -57,18 +58,34 @@ ParseClockValue(const char *str, TimestampTz *result)
 	struct pg_tm tt;
 	fsec_t		fsec;
 
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = false;
+
 	if (strlen(str) >= MAXDATELEN)
 		return false;
 	if (ParseDateTime(str, workbuf, sizeof(workbuf), field, ftype,
 					  MAXDATEFIELDS, &nf) != 0)
 		return false;
-	if (DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) != 0)
-		return false;
-	if (dtype != DTK_DATE)
-		return false;
-	if (tm2timestamp(&tt, fsec, &tz, result) != 0)
-		return false;
-	return IS_VALID_TIMESTAMP(*result);
+
+	/*
+	 * DecodeDateTime raises an error for an unknown zone name.  It holds no
+	 * resources, so the error can be caught and turned into a refusal.
+	 */
+	PG_TRY();
+	{
+		ok = DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) == 0 &&
+			dtype == DTK_DATE &&
+			tm2timestamp(&tt, fsec, &tz, result) == 0 &&
+			IS_VALID_TIMESTAMP(*result);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
 }
 
 Oid

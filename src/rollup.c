@@ -84,8 +84,7 @@ typedef struct RollupBuffer
 	int64		written;		/* rollup rows upserted */
 } RollupBuffer;
 
-static SPIPlanPtr meters_update_plan = NULL;
-static SPIPlanPtr meters_share_plan = NULL;
+static SPIPlanPtr meters_plan = NULL;
 static SPIPlanPtr upsert_plan = NULL;
 
 static TimestampTz
@@ -116,23 +115,22 @@ SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
 
 /*
  * Loads the live meters (or just one) in slug order with their watermarks,
- * locking the watermark rows: FOR UPDATE to move them (refresh), FOR SHARE
- * to rely on them (DELETE).  Must be called inside an SPI connection.
+ * locking the watermark rows FOR UPDATE: refreshes and the rebuilds of
+ * DELETE take turns, meter by meter.  Must be called inside an SPI
+ * connection.
  */
 static void
-LoadMeters(RollupBuffer *buf, const char *only_slug, bool for_update)
+LoadMeters(RollupBuffer *buf, const char *only_slug)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
 	char		argnulls[1];
-	const char *sql_head =
-		"SELECT m.slug, m.event_type, m.aggregation::text, m.value_property, m.group_by, s.rolled_up_to "
-		"FROM metering.meters m JOIN metering.meter_rollup_state s ON s.meter = m.slug "
-		"WHERE m.deleted_at IS NULL AND ($1 IS NULL OR m.slug = $1) "
-		"ORDER BY m.slug COLLATE \"C\" ";
-	SPIPlanPtr	plan = for_update
-		? SavedPlan(&meters_update_plan, psprintf("%s FOR UPDATE OF s", sql_head), 1, argtypes)
-		: SavedPlan(&meters_share_plan, psprintf("%s FOR SHARE OF s", sql_head), 1, argtypes);
+	SPIPlanPtr	plan = SavedPlan(&meters_plan,
+								 "SELECT m.slug, m.event_type, m.aggregation::text, m.value_property, m.group_by, s.rolled_up_to "
+								 "FROM metering.meters m JOIN metering.meter_rollup_state s ON s.meter = m.slug "
+								 "WHERE m.deleted_at IS NULL AND ($1 IS NULL OR m.slug = $1) "
+								 "ORDER BY m.slug COLLATE \"C\" FOR UPDATE OF s",
+								 1, argtypes);
 	MemoryContext old;
 	int			ret;
 
@@ -447,6 +445,9 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 			   Oid *argtypes, Datum *args)
 {
 	Portal		portal;
+	MemoryContext batch = AllocSetContextCreate(CurrentMemoryContext, "metering rollup batch",
+												ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old;
 
 	PushActiveSnapshot(GetLatestSnapshot());
 	portal = SPI_cursor_open_with_args(NULL, sql, nargs, argtypes, args, NULL, true, 0);
@@ -455,6 +456,8 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 		SPI_cursor_fetch(portal, true, 10000);
 		if (SPI_processed == 0)
 			break;
+		/* detoasted payloads live only as long as their batch */
+		old = MemoryContextSwitchTo(batch);
 		for (uint64 i = 0; i < SPI_processed; i++)
 		{
 			HeapTuple	tup = SPI_tuptable->vals[i];
@@ -468,6 +471,8 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 			RollupAddEvent(buf, only, DatumGetTextPP(subject), DatumGetTextPP(type),
 						   DatumGetTimestampTz(time), DatumGetJsonbP(data));
 		}
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(batch);
 		SPI_freetuptable(SPI_tuptable);
 		if (buf->nentries >= FLUSH_EVERY)
 		{
@@ -478,6 +483,7 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 	}
 	SPI_cursor_close(portal);
 	PopActiveSnapshot();
+	MemoryContextDelete(batch);
 }
 
 /*
@@ -540,11 +546,36 @@ metering_events_deleted(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	buf = RollupBufferCreate();
-	LoadMeters(buf, NULL, false);
+	/* FOR UPDATE: deleters take turns, each rebuilding on the last one's rows */
+	LoadMeters(buf, NULL);
 	if (buf->nmeters > 0)
 		RebuildDeleted(buf, trig);
 	SPI_finish();
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * The last event number handed out.  A number at or below it can only be
+ * held by a writer that still runs if every backend draws numbers one at a
+ * time: a cached range would let a backend use numbers below it later.
+ */
+static int64
+LastEventNumber(void)
+{
+	bool		isnull;
+	int			ret = SPI_execute("SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END, q.seqcache "
+								  "FROM metering.events_seq s, pg_catalog.pg_sequence q "
+								  "WHERE q.seqrelid = 'metering.events_seq'::regclass",
+								  true, 1);
+
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read metering.events_seq");
+	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("metering.events_seq must not cache numbers"),
+				 errhint("ALTER SEQUENCE metering.events_seq CACHE 1;")));
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
 /*
@@ -574,15 +605,7 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 	SPI_connect();
 
 	/* 1. the last number handed out */
-	ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM metering.events_seq",
-					  true, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not read metering.events_seq");
-	{
-		bool		isnull;
-
-		upto = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	}
+	upto = LastEventNumber();
 
 	/*
 	 * 2. wait for every transaction that holds a write lock on the events: a
@@ -605,7 +628,13 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not add missing watermarks: %s", SPI_result_code_string(ret));
 	buf = RollupBufferCreate();
-	LoadMeters(buf, slug, true);
+	LoadMeters(buf, slug);
+	/* a TRUNCATE ... RESTART IDENTITY (or a setval) while we waited */
+	if (LastEventNumber() < upto)
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("metering.events_seq went backwards during the refresh"),
+				 errhint("Run metering.refresh_rollups() again.")));
 	for (int i = 0; i < buf->nmeters; i++)
 	{
 		RollupMeter *m = &buf->meters[i];

@@ -17,7 +17,8 @@ CREATE TABLE metering.events (
   CONSTRAINT events_source_not_empty CHECK (source <> ''),
   CONSTRAINT events_subject_not_empty CHECK (subject <> ''),
   CONSTRAINT events_type_not_empty CHECK (type <> ''),
-  CONSTRAINT events_data_is_object CHECK (jsonb_typeof(data) = 'object')
+  CONSTRAINT events_data_is_object CHECK (jsonb_typeof(data) = 'object'),
+  CONSTRAINT events_time_is_finite CHECK (isfinite(time))
 );
 -- Events arrive roughly in time and exactly in seq order: a BRIN index finds
 -- the events of a time range, and those not yet rolled up, for almost nothing

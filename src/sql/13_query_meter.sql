@@ -32,14 +32,6 @@ $$;
 COMMENT ON FUNCTION metering._window_end_sql(text, text) IS
   'internal: SQL text of the end of the window starting at an instant';
 
-CREATE FUNCTION metering._watermark_moved() RETURNS boolean
-LANGUAGE plpgsql VOLATILE PARALLEL SAFE AS $$
-BEGIN
-  RAISE EXCEPTION 'metering watermark moved during the query' USING ERRCODE = 'serialization_failure';
-END $$;
-COMMENT ON FUNCTION metering._watermark_moved() IS
-  'internal: tells a reader that the rollups changed since it planned its query';
-
 CREATE FUNCTION metering.query_meter(
   meter text,
   from_time timestamptz DEFAULT NULL,
@@ -178,7 +170,7 @@ BEGIN
       'SELECT r.subject, %s AS ws, r.groups, r.events, r.valued, r.sum, r.min, r.max,
               r.first_time, r.last_time, r.latest_time, r.latest_value, NULL::text AS utext
          FROM %s
-        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 AND (SELECT fresh FROM wm) %s',
+        WHERE r.meter = $1 AND r.bucket >= $9 AND r.bucket < $10 %s',
       metering._window_start_sql(w, 'r.bucket'),
       CASE WHEN subjects IS NOT NULL
            THEN '(SELECT DISTINCT unnest($5) AS subject) s
@@ -193,7 +185,7 @@ BEGIN
       '(e.time >= $9 AND e.time < $10 AND e.seq > $12)'], ' OR ');
     parts := parts || format(
       'SELECT %s FROM metering.events e CROSS JOIN LATERAL (SELECT %s AS v) x
-        WHERE e.type = $2 %s AND (%s) AND (SELECT fresh FROM wm)',
+        WHERE e.type = $2 %s AND (%s)',
       raw_cols, raw_value, subject_sql, raw_where);
     IF straddles IS NOT NULL THEN
       parts := parts || format(
@@ -203,7 +195,7 @@ BEGIN
            JOIN metering.events e ON e.subject = sb.subject AND e.type = $2
                                  AND e.time >= sb.bucket AND e.time < sb.bucket + interval ''1 hour''
            CROSS JOIN LATERAL (SELECT %s AS v) x
-          WHERE e.seq <= $12 AND (SELECT fresh FROM wm)',
+          WHERE e.seq <= $12',
         raw_cols, format(straddles, 'r.bucket'),
         CASE WHEN subjects IS NOT NULL THEN 'AND r.subject = ANY ($5)' ELSE '' END, raw_value);
     END IF;
@@ -228,12 +220,7 @@ BEGIN
   END;
 
   sql := format($q$
-    WITH wm AS MATERIALIZED (
-      SELECT CASE WHEN coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s
-                                  WHERE s.meter = $1), 0) = $12
-                  THEN true ELSE metering._watermark_moved() END AS fresh
-    ),
-    p AS (%1$s),
+    WITH p AS (%1$s),
     a AS (
       SELECT p.ws, p.subject, p.groups - $11 AS g, %2$s AS value,
              min(p.first_time) AS ft, max(p.last_time) AS lt
@@ -252,24 +239,12 @@ BEGIN
          ELSE metering._window_end_sql(w, 'a.ws') END);
 
   -- The watermark is passed in as a value, so that the planner knows how few
-  -- events lie above it; every part of the statement first checks that its
-  -- own snapshot has the same one (a refresh may commit in between, at READ
-  -- COMMITTED), and the statement is run again if not.
-  FOR attempt IN 1 .. 5 LOOP
-    watermark := coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s WHERE s.meter = m.slug), 0);
-    BEGIN
-      RETURN QUERY EXECUTE sql
-        USING m.slug, m.event_type, m.value_property, m.group_by, subjects,
-              window_time_zone, from_time, to_time, lo_h, hi_h, drop_names, watermark;
-      RETURN;
-    EXCEPTION WHEN serialization_failure THEN
-      IF SQLERRM NOT LIKE 'metering watermark moved%' THEN
-        RAISE;
-      END IF;
-    END;
-  END LOOP;
-  RAISE EXCEPTION 'the rollups of meter "%" kept changing during the query', m.slug
-    USING ERRCODE = 'serialization_failure', HINT = 'Run the query again.';
+  -- events lie above it.  A STABLE function reads with one snapshot, so the
+  -- rollups the statement reads are the ones this watermark describes.
+  watermark := coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s WHERE s.meter = m.slug), 0);
+  RETURN QUERY EXECUTE sql
+    USING m.slug, m.event_type, m.value_property, m.group_by, subjects,
+          window_time_zone, from_time, to_time, lo_h, hi_h, drop_names, watermark;
 END $fn$;
 COMMENT ON FUNCTION metering.query_meter(text, timestamptz, timestamptz, text, text, text[], text[], jsonb) IS
   'the meter''s value per window, subject and group in [from_time, to_time); windows MINUTE, HOUR or DAY aligned in window_time_zone, or one window for the whole range';

@@ -41,7 +41,7 @@ COMMENT ON FUNCTION metering._rfc3339(text) IS 'internal: an RFC 3339 date-time,
 -- that a restored dump brings back the same secret instead of clashing
 -- with a new one.
 CREATE FUNCTION metering._current_signing_key() RETURNS metering.signing_keys
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   k metering.signing_keys;
 BEGIN
@@ -55,9 +55,10 @@ BEGIN
   RETURN k;
 END $$;
 COMMENT ON FUNCTION metering._current_signing_key() IS 'internal: the current signing key, made on first use';
+REVOKE EXECUTE ON FUNCTION metering._current_signing_key() FROM PUBLIC;
 
 CREATE FUNCTION metering.rotate_signing_key() RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v integer;
 BEGIN

@@ -86,7 +86,7 @@ DECLARE
   keys text[];
   tag_pattern constant text := '^[a-zA-Z0-9+ -=._:\/@]+$';
 BEGIN
-  IF allocations IS NULL THEN
+  IF allocations IS NULL OR jsonb_typeof(allocations) = 'null' THEN
     RETURN;
   END IF;
   IF jsonb_typeof(allocations) <> 'array' OR jsonb_array_length(allocations) NOT BETWEEN 1 AND 2500 THEN
@@ -248,10 +248,12 @@ END $$;
 COMMENT ON FUNCTION metering.resolve_customer(text) IS
   'ResolveCustomer: exchanges a one-time registration token for the customer identifier, product code and AWS account id';
 
+-- SECURITY DEFINER: it signs with the database's secret, which the caller
+-- must not be able to read (or it could forge signatures).
 CREATE FUNCTION metering.register_usage(product_code text, customer_identifier text,
   public_key_version integer, nonce text DEFAULT NULL)
 RETURNS TABLE(signature text, public_key_rotation_timestamp timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
   p_product text := register_usage.product_code;
@@ -331,7 +333,7 @@ BEGIN
 
   res := metering._aws_record(meter_usage.product_code, meter_usage.customer_identifier,
                               usage_dimension, usage_timestamp, usage_quantity,
-                              usage_allocations, coalesce(dry_run, false));
+                              nullif(usage_allocations, 'null'), coalesce(dry_run, false));
   IF res.status = 'CustomerNotSubscribed' THEN
     PERFORM metering._aws_error('CustomerNotEntitled', '55000',
       format('customer %s is not subscribed to product %s at %s',

@@ -1,13 +1,17 @@
 -- BatchMeterUsage in the AWS JSON shape.
 
 CREATE FUNCTION metering._aws_batch_timestamp(ts jsonb, what text) RETURNS timestamptz
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
 DECLARE
   t timestamptz;
+  secs numeric;
 BEGIN
   -- the SDKs send epoch seconds; people and other tools send RFC 3339
   IF jsonb_typeof(ts) = 'number' AND (ts #>> '{}')::numeric BETWEEN -1e11 AND 1e11 THEN
-    RETURN timestamptz 'epoch' + (ts #>> '{}')::numeric * interval '1 second';
+    secs := (ts #>> '{}')::numeric;
+    -- exactly, to the microsecond: no detour through double precision
+    RETURN timestamptz 'epoch' + (trunc(secs)::text || ' seconds')::interval
+           + (round((secs - trunc(secs)) * 1000000)::text || ' microseconds')::interval;
   ELSIF jsonb_typeof(ts) = 'string' THEN
     t := metering._rfc3339(ts #>> '{}');
     IF t IS NOT NULL THEN
@@ -97,7 +101,7 @@ BEGIN
   FOR i IN 0 .. n - 1 LOOP
     rec := request -> 'UsageRecords' -> i;
     res := metering._aws_record(product, customers[i + 1], rec ->> 'Dimension', times[i + 1],
-                                quantities[i + 1], rec -> 'UsageAllocations', false);
+                                quantities[i + 1], nullif(rec -> 'UsageAllocations', 'null'), false);
     result := jsonb_build_object('UsageRecord', rec, 'Status', res.status);
     IF res.record_id IS NOT NULL THEN
       result := result || jsonb_build_object('MeteringRecordId', res.record_id::text);
