@@ -12,7 +12,7 @@ DROP TABLE IF EXISTS bench_plain, bench_batches;
 -- the events' columns (same types and collations), only the (source, id) unique index
 CREATE TABLE bench_plain (LIKE metering.events);
 ALTER TABLE bench_plain DROP COLUMN seq, ADD UNIQUE (source, id);
-TRUNCATE metering.events, metering.meters, metering.meter_rollups, metering.meter_rollup_state;
+TRUNCATE metering.events, metering.meters, metering.meter_rollups, metering.meter_rollup_state CASCADE;
 -- what a deployment has: meters on the event type, so rollups are kept too
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by) VALUES
   ('bench-tokens', 'llm.tokens', 'SUM', '$.tokens', '{"model": "$.model"}'),

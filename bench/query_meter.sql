@@ -8,7 +8,7 @@
 \pset footer off
 SET client_min_messages = warning;
 SELECT setseed(0.25);
-TRUNCATE metering.events, metering.meters, metering.meter_rollups, metering.meter_rollup_state;
+TRUNCATE metering.events, metering.meters, metering.meter_rollups, metering.meter_rollup_state CASCADE;
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by)
 VALUES ('bench-tokens', 'llm.tokens', 'SUM', '$.tokens', '{"model": "$.model"}');
 

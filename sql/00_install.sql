@@ -54,7 +54,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
   TRUNCATE metering.events, metering.meter_rollups, metering.meter_rollup_state, metering.meters,
            metering.usage_records, metering.registrations, metering.customers,
-           metering.product_dimensions, metering.products, metering.signing_keys;
+           metering.product_dimensions, metering.products, metering.signing_keys,
+           metering.features, metering.entitlements, metering.grants, metering.resets,
+           metering.entitlement_snapshots;
 END $$;
 -- a CloudEvents object
 CREATE FUNCTION regress.ev(id text, subject text, type text, "time" text, data jsonb DEFAULT '{}',

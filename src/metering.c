@@ -229,3 +229,16 @@ metering_max_age(PG_FUNCTION_ARGS)
 	result->time = (int64) secs * USECS_PER_SEC;
 	PG_RETURN_INTERVAL_P(result);
 }
+
+/*
+ * metering._made_by_us(xmin): whether a row with this xmin was written by
+ * the current transaction, subtransactions included (pg_current_xact_id()
+ * names only the top level, and PL/pgSQL exception blocks are
+ * subtransactions).
+ */
+PG_FUNCTION_INFO_V1(metering_made_by_us);
+Datum
+metering_made_by_us(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(TransactionIdIsCurrentTransactionId(DatumGetTransactionId(PG_GETARG_DATUM(0))));
+}

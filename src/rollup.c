@@ -508,6 +508,12 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 		args[0] = CStringGetTextDatum(m->slug);
 		args[1] = CStringGetTextDatum(m->event_type);
 		args[2] = Int64GetDatum(m->watermark);
+		/* the entitlements' snapshots after the deleted events */
+		ret = SPI_execute_with_args("SELECT metering._events_changed($1, array_agg(o.subject), array_agg(o.time)) "
+									"FROM old_events o WHERE o.type = $2 AND $3 IS NOT NULL",
+									3, argtypes, args, NULL, false, 0);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not update the snapshots: %s", SPI_result_code_string(ret));
 		ret = SPI_execute_with_args("DELETE FROM metering.meter_rollups r "
 									"USING (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
 									"         FROM old_events o WHERE o.type = $2 AND o.seq <= $3) k "
@@ -660,6 +666,16 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 									2, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
+		/* what depends on the meter's events: the entitlements' snapshots */
+		{
+			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
+			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
+
+			ret = SPI_execute_with_args("SELECT metering._snapshot_meter($1, $2, $3)",
+										3, hooktypes, hookargs, NULL, false, 0);
+			if (ret != SPI_OK_SELECT)
+				elog(ERROR, "could not refresh the snapshots of meter \"%s\"", m->slug);
+		}
 	}
 
 	/*

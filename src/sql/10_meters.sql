@@ -114,6 +114,13 @@ BEGIN
     RAISE EXCEPTION 'meter "%" is deleted', OLD.slug
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
+  IF NEW.deleted_at IS NOT NULL AND OLD.deleted_at IS NULL
+     AND EXISTS (SELECT 1 FROM metering.features f
+                  WHERE f.meter_slug = OLD.slug AND f.archived_at IS NULL AND f.deleted_at IS NULL) THEN
+    RAISE EXCEPTION 'meter "%" is the meter of features that are not archived', OLD.slug
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Archive those features first.';
+  END IF;
   RETURN NEW;
 END $$;
 COMMENT ON FUNCTION metering._meters_before_update() IS

@@ -1,0 +1,414 @@
+/*
+ * burndown.c: the grant burndown engine (see burndown.h).
+ *
+ * Rules, in the order they apply at a cut instant c:
+ *   at a period boundary (automatic, or a manual reset) R:
+ *     grants active before and at R keep rollover(balance, min, max);
+ *     recurring grants due at R are refilled, grants that start at R hold
+ *     their amount, grants that are not active hold 0;
+ *     then, if overage is preserved, the old overage burns from those
+ *     balances in burn order and the rest opens the new period, otherwise it
+ *     is forgiven; usage counts from zero again;
+ *   at any other cut:
+ *     grants that end at c are forfeited, grants that start at c hold their
+ *     amount, recurring grants due at c are refilled (set, not added), and
+ *     the carried overage burns first;
+ *   within a phase, usage burns through the active grants in burn order
+ *   (priority, then expiry with never-expiring last, then creation, then
+ *   id); a grant never goes below 0; the rest is overage.
+ * We burn a preserved overage after the refills of a reset, where OpenMeter
+ * burns it before them and lets a refill erase a debt that was paid.
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "utils/fmgrprotos.h"
+#include "utils/numeric.h"
+
+#include "burndown.h"
+#include "calendar.h"
+
+Numeric
+BdAdd(Numeric a, Numeric b)
+{
+	return DatumGetNumeric(DirectFunctionCall2(numeric_add, NumericGetDatum(a), NumericGetDatum(b)));
+}
+
+Numeric
+BdSub(Numeric a, Numeric b)
+{
+	return DatumGetNumeric(DirectFunctionCall2(numeric_sub, NumericGetDatum(a), NumericGetDatum(b)));
+}
+
+int
+BdCmp(Numeric a, Numeric b)
+{
+	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(a), NumericGetDatum(b)));
+}
+
+Numeric
+BdRollover(Numeric balance, Numeric min, Numeric max)
+{
+	Numeric		r = BdCmp(balance, min) > 0 ? balance : min;
+
+	return BdCmp(r, max) < 0 ? r : max;
+}
+
+static int
+CompareBurnOrder(const void *x, const void *y)
+{
+	const BdGrant *a = (const BdGrant *) x;
+	const BdGrant *b = (const BdGrant *) y;
+
+	if (a->priority != b->priority)
+		return a->priority < b->priority ? -1 : 1;
+	/* DT_NOEND sorts last by itself */
+	if (a->expires_at != b->expires_at)
+		return a->expires_at < b->expires_at ? -1 : 1;
+	if (a->created_at != b->created_at)
+		return a->created_at < b->created_at ? -1 : 1;
+	return memcmp(a->id.data, b->id.data, UUID_LEN);
+}
+
+/* Whether t is one of g's recurrence instants. */
+static bool
+RecursAt(const BdGrant *g, TimestampTz t)
+{
+	if (!g->recurring)
+		return false;
+	return CalendarStep(g->recurrence_anchor, &g->recurrence,
+						CalendarIndex(g->recurrence_anchor, &g->recurrence, t)) == t;
+}
+
+/* The next period boundary after the state's instant. */
+static TimestampTz
+NextBoundary(BdEngine *e)
+{
+	BdPlan	   *p = e->plan;
+	TimestampTz next;
+
+	if (!p->periods)
+		return DT_NOEND;
+	next = CalendarNextAfter(e->state.anchor, &p->period, e->state.at);
+
+	if (e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at <= next)
+		next = p->resets[e->state.next_reset].at;
+	return next;
+}
+
+/*
+ * Burns `amount` from the active grants in burn order; returns what could
+ * not be burnt.  `burns`, when given, receives each grant's part.
+ */
+static Numeric
+Burn(BdEngine *e, Numeric amount, TimestampTz at, Numeric *burns)
+{
+	for (int i = 0; i < e->ngrants && BdCmp(amount, e->zero) > 0; i++)
+	{
+		BdGrant    *g = &e->grants[i];
+		Numeric		take;
+
+		if (!BdActive(g, at) || BdCmp(g->balance, e->zero) <= 0)
+			continue;
+		take = BdCmp(g->balance, amount) < 0 ? g->balance : amount;
+		g->balance = BdSub(g->balance, take);
+		g->used = BdAdd(g->used, take);
+		if (burns)
+			burns[i] = take;
+		amount = BdSub(amount, take);
+	}
+	return amount;
+}
+
+/* Burns the carried overage; the part paid counts as grant usage. */
+static void
+PayOverage(BdEngine *e, TimestampTz at, Numeric *burns)
+{
+	Numeric		left;
+
+	if (BdCmp(e->state.overage, e->zero) <= 0)
+		return;
+	left = Burn(e, e->state.overage, at, burns);
+	e->state.grant_usage = BdAdd(e->state.grant_usage, BdSub(e->state.overage, left));
+	e->state.overage = left;
+}
+
+void
+BdInit(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants)
+{
+	TimestampTz m = plan->measure_from;
+
+	e->plan = plan;
+	e->grants = grants;
+	e->ngrants = ngrants;
+	e->zero = int64_to_numeric(0);
+	qsort(grants, ngrants, sizeof(BdGrant), CompareBurnOrder);
+
+	e->state.at = m;
+	e->state.period_start = m;
+	e->state.anchor = plan->anchor;
+	e->state.next_reset = 0;
+	/* a manual reset at the very start only moves the grid */
+	while (e->state.next_reset < plan->nresets && plan->resets[e->state.next_reset].at <= m)
+	{
+		if (!plan->resets[e->state.next_reset].retain_anchor)
+			e->state.anchor = plan->resets[e->state.next_reset].at;
+		e->state.next_reset++;
+	}
+	e->state.usage = e->zero;
+	e->state.grant_usage = e->zero;
+	e->state.overage = e->zero;
+	/* the first period starts with every grant active then at its amount */
+	for (int i = 0; i < ngrants; i++)
+	{
+		grants[i].balance = BdActive(&grants[i], m) ? grants[i].amount : e->zero;
+		grants[i].used = e->zero;
+	}
+	e->cut_applied = true;
+}
+
+void
+BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
+		  TimestampTz at, Numeric usage, Numeric grant_usage, Numeric overage)
+{
+	BdPlan	   *p = plan;
+
+	e->plan = plan;
+	e->grants = grants;
+	e->ngrants = ngrants;
+	e->zero = int64_to_numeric(0);
+	qsort(grants, ngrants, sizeof(BdGrant), CompareBurnOrder);
+
+	/* replay the period structure up to `at` (cheap: no usage involved) */
+	e->state.at = p->measure_from;
+	e->state.period_start = p->measure_from;
+	e->state.anchor = p->anchor;
+	e->state.next_reset = 0;
+	while (e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at <= p->measure_from)
+	{
+		if (!p->resets[e->state.next_reset].retain_anchor)
+			e->state.anchor = p->resets[e->state.next_reset].at;
+		e->state.next_reset++;
+	}
+	for (;;)
+	{
+		TimestampTz b = NextBoundary(e);
+		bool		manual;
+
+		if (b > at)
+			break;
+		manual = e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at == b;
+		e->state.at = b;
+		e->state.period_start = b;
+		if (manual)
+		{
+			if (!p->resets[e->state.next_reset].retain_anchor)
+				e->state.anchor = b;
+			e->state.next_reset++;
+		}
+	}
+	e->state.at = at;
+	e->state.usage = usage;
+	e->state.grant_usage = grant_usage;
+	e->state.overage = overage;
+	for (int i = 0; i < ngrants; i++)
+		grants[i].used = e->zero;
+	/* a snapshot is the state after the cut at its instant */
+	e->cut_applied = true;
+}
+
+TimestampTz
+BdNextCut(BdEngine *e)
+{
+	TimestampTz at = e->state.at;
+	TimestampTz next = NextBoundary(e);
+
+	for (int i = 0; i < e->ngrants; i++)
+	{
+		BdGrant    *g = &e->grants[i];
+
+		if (g->effective_at > at && g->effective_at < next && g->effective_at < g->end)
+			next = g->effective_at;
+		if (g->end > at && g->end < next && g->end > g->effective_at)
+			next = g->end;
+		if (g->recurring && g->end > at && g->effective_at < g->end)
+		{
+			TimestampTz r = CalendarNextAfter(g->recurrence_anchor, &g->recurrence,
+											  Max(at, g->effective_at));
+
+			if (r < g->end && r < next)
+				next = r;
+		}
+	}
+	return next;
+}
+
+void
+BdPhase(BdEngine *e, Numeric usage, TimestampTz to)
+{
+	TimestampTz from = e->state.at;
+
+	if (BdCmp(usage, e->zero) > 0)
+	{
+		Numeric		left = Burn(e, usage, from, NULL);
+
+		e->state.grant_usage = BdAdd(e->state.grant_usage, BdSub(usage, left));
+		e->state.overage = BdAdd(e->state.overage, left);
+	}
+	else if (BdCmp(usage, e->zero) < 0)
+	{
+		/* a negative usage (a correction) pays back overage, never a grant */
+		Numeric		back = BdSub(e->zero, usage);
+
+		e->state.overage = BdCmp(back, e->state.overage) >= 0 ? e->zero
+			: BdSub(e->state.overage, back);
+	}
+	e->state.usage = BdAdd(e->state.usage, usage);
+	if (to != from)
+		e->cut_applied = false;
+	e->state.at = to;
+}
+
+/* Whether the state's instant is a period boundary not yet applied. */
+static bool
+AtBoundary(BdEngine *e, bool *manual)
+{
+	BdPlan	   *p = e->plan;
+	TimestampTz at = e->state.at;
+
+	*manual = e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at == at;
+	if (*manual)
+		return true;
+	if (!p->periods || at <= e->state.period_start)
+		return false;
+	/* the automatic boundary that follows the current period's start */
+	return CalendarNextAfter(e->state.anchor, &p->period, e->state.period_start) == at;
+}
+
+void
+BdApplyCut(BdEngine *e, BdCut *cut)
+{
+	BdPlan	   *p = e->plan;
+	TimestampTz to = e->state.at;
+	int			reasons = 0;
+	bool		manual;
+
+	if (cut)
+	{
+		memset(cut, 0, sizeof(BdCut));
+		cut->overage_before = e->state.overage;
+	}
+	if (e->cut_applied)
+		return;
+	e->cut_applied = true;
+
+	if (AtBoundary(e, &manual))
+	{
+		bool		preserve = manual ? p->resets[e->state.next_reset].preserve_overage
+			: p->preserve_overage;
+		Numeric    *burns = NULL;
+
+		for (int i = 0; i < e->ngrants; i++)
+		{
+			BdGrant    *g = &e->grants[i];
+
+			if (g->effective_at < to && to < g->end)
+				g->balance = BdRollover(g->balance, g->min_rollover, g->max_rollover);
+			else if (BdActive(g, to))
+			{
+				g->balance = g->amount;
+				reasons |= BD_END_PRIORITY;
+			}
+			else
+			{
+				if (g->end == to)
+					reasons |= BD_END_PRIORITY;
+				g->balance = e->zero;
+			}
+			if (BdActive(g, to) && g->effective_at < to && RecursAt(g, to))
+			{
+				g->balance = g->amount;
+				reasons |= BD_END_RECURRENCE;
+			}
+		}
+		if (cut)
+		{
+			cut->reset = true;
+			cut->balances_after_rollover = palloc(sizeof(Numeric) * Max(e->ngrants, 1));
+			cut->reset_burns = palloc(sizeof(Numeric) * Max(e->ngrants, 1));
+			for (int i = 0; i < e->ngrants; i++)
+			{
+				cut->balances_after_rollover[i] = e->grants[i].balance;
+				cut->reset_burns[i] = e->zero;
+			}
+			burns = cut->reset_burns;
+		}
+		e->state.period_start = to;
+		e->state.usage = e->zero;
+		e->state.grant_usage = e->zero;
+		if (preserve)
+			PayOverage(e, to, burns);
+		else
+			e->state.overage = e->zero;
+		if (manual)
+		{
+			if (!p->resets[e->state.next_reset].retain_anchor)
+				e->state.anchor = to;
+			e->state.next_reset++;
+		}
+		reasons |= BD_END_RESET;
+	}
+	else
+	{
+		for (int i = 0; i < e->ngrants; i++)
+		{
+			BdGrant    *g = &e->grants[i];
+
+			if (g->end == to && g->effective_at < to)
+			{
+				g->balance = e->zero;
+				reasons |= BD_END_PRIORITY;
+			}
+			else if (g->effective_at == to && to < g->end)
+			{
+				g->balance = g->amount;
+				reasons |= BD_END_PRIORITY;
+			}
+			else if (BdActive(g, to) && RecursAt(g, to))
+			{
+				g->balance = g->amount;
+				reasons |= BD_END_RECURRENCE;
+			}
+		}
+		if (reasons != 0)
+			PayOverage(e, to, NULL);
+	}
+	if (cut)
+		cut->reasons = reasons;
+}
+
+void
+BdAdvance(BdEngine *e, Numeric usage, TimestampTz to, BdCut *cut)
+{
+	BdPhase(e, usage, to);
+	BdApplyCut(e, cut);
+}
+
+Numeric
+BdBalance(BdEngine *e)
+{
+	Numeric		sum = e->zero;
+
+	for (int i = 0; i < e->ngrants; i++)
+		if (BdActive(&e->grants[i], e->state.at))
+			sum = BdAdd(sum, e->grants[i].balance);
+	return sum;
+}
+
+/* metering.rollover(balance, min_rollover, max_rollover) */
+PG_FUNCTION_INFO_V1(metering_rollover);
+Datum
+metering_rollover(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_NUMERIC(BdRollover(PG_GETARG_NUMERIC(0), PG_GETARG_NUMERIC(1), PG_GETARG_NUMERIC(2)));
+}

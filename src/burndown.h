@@ -1,0 +1,132 @@
+/*
+ * burndown.h: the grant burndown engine.
+ *
+ * The engine knows nothing of tables: it is given an entitlement's period
+ * rules, its grants and the usage of each phase, and moves a state through
+ * time.  Time is cut into phases at every period boundary (automatic or a
+ * manual reset), grant activation, expiry, void, delete and recurrence
+ * instant; within a phase the set of active grants and their burn order do
+ * not change, so a phase's usage can be burnt at once.
+ */
+#ifndef METERING_BURNDOWN_H
+#define METERING_BURNDOWN_H
+
+#include "datatype/timestamp.h"
+#include "utils/numeric.h"
+#include "utils/uuid.h"
+
+typedef struct BdGrant
+{
+	pg_uuid_t	id;
+	Numeric		amount;
+	int			priority;
+	TimestampTz effective_at;
+	TimestampTz expires_at;		/* DT_NOEND when it never expires */
+	TimestampTz end;			/* min(expires_at, voided_at, deleted_at) */
+	bool		recurring;
+	Interval	recurrence;
+	TimestampTz recurrence_anchor;
+	Numeric		min_rollover;
+	Numeric		max_rollover;
+	TimestampTz created_at;
+	/* state */
+	Numeric		balance;
+	Numeric		used;			/* burnt in the current observation window */
+} BdGrant;
+
+typedef struct BdReset
+{
+	TimestampTz at;
+	bool		retain_anchor;
+	bool		preserve_overage;
+} BdReset;
+
+typedef struct BdPlan
+{
+	bool		periods;		/* false: one endless period (the aggregate) */
+	TimestampTz measure_from;	/* the first period starts here */
+	TimestampTz anchor;			/* the grid of automatic boundaries */
+	Interval	period;
+	bool		preserve_overage;	/* at automatic boundaries */
+	BdReset    *resets;			/* manual resets, in time order */
+	int			nresets;
+} BdPlan;
+
+/* Why a segment of the burndown history ended. */
+#define BD_END_PRIORITY		0x01	/* the set of active grants changed */
+#define BD_END_RECURRENCE	0x02
+#define BD_END_RESET		0x04	/* a period boundary or manual reset */
+
+typedef struct BdState
+{
+	TimestampTz at;				/* all cuts <= at are applied, usage < at counted */
+	TimestampTz period_start;
+	TimestampTz anchor;			/* the current grid (a reset may move it) */
+	int			next_reset;		/* first manual reset after `at` */
+	Numeric		usage;			/* usage in [period_start, at) */
+	Numeric		grant_usage;	/* burnt from grants in the period */
+	Numeric		overage;
+} BdState;
+
+/* What a cut did, for the history. */
+typedef struct BdCut
+{
+	int			reasons;		/* BD_END_* */
+	bool		reset;
+	Numeric		overage_before;	/* carried into a reset */
+	Numeric	   *balances_after_rollover;	/* per grant, before the overage burn */
+	Numeric	   *reset_burns;	/* per grant, preserved overage burnt at a reset */
+} BdCut;
+
+typedef struct BdEngine
+{
+	BdPlan	   *plan;
+	BdGrant    *grants;			/* in burn order */
+	int			ngrants;
+	BdState		state;
+	bool		cut_applied;	/* the cut at state.at, if any, is done */
+	Numeric		zero;
+} BdEngine;
+
+/* Sorts the grants into burn order and starts the engine at measure_from. */
+extern void BdInit(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants);
+
+/* Restores a saved state (a snapshot) instead. */
+extern void BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
+					  TimestampTz at, Numeric usage, Numeric grant_usage,
+					  Numeric overage);
+
+/* The first cut instant after the state's `at`, or DT_NOEND. */
+extern TimestampTz BdNextCut(BdEngine *e);
+
+/* Whether grant g is active at t. */
+static inline bool
+BdActive(const BdGrant *g, TimestampTz t)
+{
+	return g->effective_at <= t && t < g->end;
+}
+
+/* Burns `usage`, the usage of the phase [state.at, to), and moves to `to`. */
+extern void BdPhase(BdEngine *e, Numeric usage, TimestampTz to);
+
+/*
+ * Applies the cut at the state's instant, if it is one and was not applied
+ * yet; `cut` (may be NULL) receives what happened.
+ */
+extern void BdApplyCut(BdEngine *e, BdCut *cut);
+
+/* BdPhase, then BdApplyCut */
+extern void BdAdvance(BdEngine *e, Numeric usage, TimestampTz to, BdCut *cut);
+
+/* Sum of the balances of the grants active at the state's instant. */
+extern Numeric BdBalance(BdEngine *e);
+
+/* rollover(balance, min, max) = min(max, max(balance, min)) */
+extern Numeric BdRollover(Numeric balance, Numeric min, Numeric max);
+
+/* numeric helpers */
+extern Numeric BdAdd(Numeric a, Numeric b);
+extern Numeric BdSub(Numeric a, Numeric b);
+extern int	BdCmp(Numeric a, Numeric b);
+
+#endif

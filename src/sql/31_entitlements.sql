@@ -1,0 +1,225 @@
+-- Entitlements (OpenMeter): a subject's access to a feature.
+
+CREATE TYPE metering.entitlement_type AS ENUM ('metered', 'boolean', 'static');
+COMMENT ON TYPE metering.entitlement_type IS
+  'metered (usage against grants), boolean (access while active), static (access and a configuration)';
+
+CREATE TABLE metering.entitlements (
+  id                         uuid PRIMARY KEY DEFAULT metering.uuid_v7(),
+  subject                    text COLLATE "C" NOT NULL,
+  feature_id                 uuid NOT NULL REFERENCES metering.features (id),
+  feature_key                text COLLATE "C" NOT NULL,
+  type                       metering.entitlement_type NOT NULL DEFAULT 'metered',
+  config                     jsonb,
+  usage_period               interval,
+  usage_period_anchor        timestamptz,
+  measure_usage_from         timestamptz,
+  is_soft_limit              boolean NOT NULL DEFAULT false,
+  issue_after_reset          numeric,
+  issue_after_reset_priority integer NOT NULL DEFAULT 1,
+  preserve_overage_at_reset  boolean NOT NULL DEFAULT false,
+  metadata                   jsonb,
+  created_at                 timestamptz NOT NULL DEFAULT metering.now(),
+  deleted_at                 timestamptz
+);
+CREATE UNIQUE INDEX entitlements_live ON metering.entitlements (subject, feature_id) WHERE deleted_at IS NULL;
+CREATE INDEX entitlements_subject_key ON metering.entitlements (subject, feature_key);
+CREATE INDEX entitlements_feature ON metering.entitlements (feature_id);
+COMMENT ON TABLE metering.entitlements IS
+  'a subject''s entitlement to a feature; one that is not deleted per (subject, feature); never updated; DELETE sets deleted_at';
+COMMENT ON COLUMN metering.entitlements.id IS 'the entitlement id (uuid v7)';
+COMMENT ON COLUMN metering.entitlements.subject IS 'the entitled party (the events'' subject)';
+COMMENT ON COLUMN metering.entitlements.feature_id IS 'the feature';
+COMMENT ON COLUMN metering.entitlements.feature_key IS 'the feature''s key, copied at creation';
+COMMENT ON COLUMN metering.entitlements.type IS 'metered, boolean or static';
+COMMENT ON COLUMN metering.entitlements.config IS 'the configuration a static entitlement hands out (JSON)';
+COMMENT ON COLUMN metering.entitlements.usage_period IS 'metered: the length of a usage period (at least an hour)';
+COMMENT ON COLUMN metering.entitlements.usage_period_anchor IS 'metered: periods start at anchor + n * usage_period (UTC, day clamped to the month end)';
+COMMENT ON COLUMN metering.entitlements.measure_usage_from IS 'metered: usage counts from here; the first period starts here';
+COMMENT ON COLUMN metering.entitlements.is_soft_limit IS 'metered: access even when the balance is exhausted';
+COMMENT ON COLUMN metering.entitlements.issue_after_reset IS 'metered: every period starts with this much, from a grant made with the entitlement';
+COMMENT ON COLUMN metering.entitlements.issue_after_reset_priority IS 'the priority of that grant (0..255, default 1)';
+COMMENT ON COLUMN metering.entitlements.preserve_overage_at_reset IS 'metered: whether a period''s overage is carried into the next (resets may say otherwise)';
+COMMENT ON COLUMN metering.entitlements.metadata IS 'free-form JSON object';
+COMMENT ON COLUMN metering.entitlements.created_at IS 'when it was created (metering.now())';
+COMMENT ON COLUMN metering.entitlements.deleted_at IS 'when it was deleted; questions about earlier instants still see it';
+
+CREATE FUNCTION metering._entitlements_before_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  f metering.features;
+BEGIN
+  SELECT * INTO f FROM metering.features WHERE id = NEW.feature_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'feature % does not exist', NEW.feature_id USING ERRCODE = 'foreign_key_violation';
+  END IF;
+  IF f.archived_at IS NOT NULL OR f.deleted_at IS NOT NULL THEN
+    RAISE EXCEPTION 'feature "%" is %: it takes no new entitlements', f.key,
+      CASE WHEN f.deleted_at IS NOT NULL THEN 'deleted' ELSE 'archived' END
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  IF NEW.feature_key IS NOT NULL AND NEW.feature_key <> f.key THEN
+    RAISE EXCEPTION 'feature_key "%" is not the key of feature % ("%")', NEW.feature_key, f.id, f.key
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  NEW.feature_key := f.key;
+  IF NEW.subject IS NULL OR NEW.subject = '' THEN
+    RAISE EXCEPTION 'entitlement: subject is required' USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NEW.metadata IS NOT NULL AND jsonb_typeof(NEW.metadata) <> 'object' THEN
+    RAISE EXCEPTION 'entitlement: metadata must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  IF NEW.type = 'metered' THEN
+    IF f.meter_slug IS NULL THEN
+      RAISE EXCEPTION 'feature "%" has no meter: a metered entitlement needs one', f.key
+        USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a boolean or static entitlement.';
+    END IF;
+    IF NEW.usage_period IS NULL OR NOT metering._interval_at_least(NEW.usage_period, '1 hour') THEN
+      RAISE EXCEPTION 'entitlement: usage_period must be an interval of at least one hour, got %',
+        coalesce(NEW.usage_period::text, 'NULL')
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.config IS NOT NULL THEN
+      RAISE EXCEPTION 'entitlement: config belongs to static entitlements' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    NEW.usage_period_anchor := metering._minute(coalesce(NEW.usage_period_anchor, NEW.created_at), 'entitlement: usage_period_anchor');
+    NEW.measure_usage_from := metering._minute(coalesce(NEW.measure_usage_from, NEW.created_at), 'entitlement: measure_usage_from');
+    IF NEW.issue_after_reset IS NOT NULL AND (NEW.issue_after_reset <= 0 OR NEW.issue_after_reset >= 'Infinity') THEN
+      RAISE EXCEPTION 'entitlement: issue_after_reset must be a positive finite number, got %', NEW.issue_after_reset
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.issue_after_reset_priority NOT BETWEEN 0 AND 255 THEN
+      RAISE EXCEPTION 'entitlement: issue_after_reset_priority must be between 0 and 255, got %',
+        NEW.issue_after_reset_priority
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+  ELSE
+    IF NEW.usage_period IS NOT NULL OR NEW.usage_period_anchor IS NOT NULL OR NEW.measure_usage_from IS NOT NULL
+       OR NEW.issue_after_reset IS NOT NULL OR NEW.is_soft_limit OR NEW.preserve_overage_at_reset THEN
+      RAISE EXCEPTION 'entitlement: usage periods, grants and limits belong to metered entitlements, not %', NEW.type
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.type = 'static' AND (NEW.config IS NULL OR jsonb_typeof(NEW.config) = 'null') THEN
+      RAISE EXCEPTION 'entitlement: a static entitlement needs a config' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.type = 'boolean' AND NEW.config IS NOT NULL THEN
+      RAISE EXCEPTION 'entitlement: config belongs to static entitlements' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+  END IF;
+  RETURN NEW;
+END $$;
+COMMENT ON FUNCTION metering._entitlements_before_insert() IS 'internal: validates an entitlement and fills its defaults';
+
+-- issue_after_reset: a grant made with the entitlement, effective from the
+-- first period, never expiring, rolled over to exactly its amount
+CREATE FUNCTION metering._entitlements_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.issue_after_reset IS NOT NULL AND NEW.deleted_at IS NULL THEN
+    INSERT INTO metering.grants (entitlement_id, amount, priority, effective_at,
+                                 min_rollover_amount, max_rollover_amount, metadata, created_at)
+    VALUES (NEW.id, NEW.issue_after_reset, NEW.issue_after_reset_priority, NEW.measure_usage_from,
+            NEW.issue_after_reset, NEW.issue_after_reset, '{"issue_after_reset": true}', NEW.created_at);
+  END IF;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._entitlements_after_insert() IS 'internal: the grant of issue_after_reset';
+
+CREATE FUNCTION metering._entitlements_before_update() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF (NEW.id, NEW.subject, NEW.feature_id, NEW.feature_key, NEW.type, NEW.config, NEW.usage_period,
+      NEW.usage_period_anchor, NEW.measure_usage_from, NEW.is_soft_limit, NEW.issue_after_reset,
+      NEW.issue_after_reset_priority, NEW.preserve_overage_at_reset, NEW.metadata, NEW.created_at)
+     IS DISTINCT FROM
+     (OLD.id, OLD.subject, OLD.feature_id, OLD.feature_key, OLD.type, OLD.config, OLD.usage_period,
+      OLD.usage_period_anchor, OLD.measure_usage_from, OLD.is_soft_limit, OLD.issue_after_reset,
+      OLD.issue_after_reset_priority, OLD.preserve_overage_at_reset, OLD.metadata, OLD.created_at) THEN
+    RAISE EXCEPTION 'entitlements are immutable: they can only be deleted'
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            DETAIL = format('Entitlement %s of subject %s to feature %s.', OLD.id, OLD.subject, OLD.feature_key),
+            HINT = 'Delete it and create a new one.';
+  END IF;
+  IF OLD.deleted_at IS NOT NULL AND NEW.deleted_at IS DISTINCT FROM OLD.deleted_at THEN
+    RAISE EXCEPTION 'the entitlement is already deleted' USING ERRCODE = 'object_not_in_prerequisite_state',
+      DETAIL = format('Entitlement %s was deleted at %s.', OLD.id, OLD.deleted_at);
+  END IF;
+  IF OLD.deleted_at IS NULL AND NEW.deleted_at IS NOT NULL THEN
+    NEW.deleted_at := metering.now();
+    PERFORM metering._forget_snapshots(NEW.id, NEW.deleted_at);
+  END IF;
+  RETURN NEW;
+END $$;
+COMMENT ON FUNCTION metering._entitlements_before_update() IS
+  'internal: entitlements are immutable; deleting sets deleted_at to metering.now()';
+
+CREATE FUNCTION metering._soft_delete_entitlement() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE metering.entitlements SET deleted_at = metering.now() WHERE id = OLD.id AND deleted_at IS NULL;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._soft_delete_entitlement() IS 'internal: DELETE on metering.entitlements marks deleted_at';
+
+CREATE TRIGGER entitlements_before_insert BEFORE INSERT ON metering.entitlements
+  FOR EACH ROW EXECUTE FUNCTION metering._entitlements_before_insert();
+CREATE TRIGGER entitlements_after_insert AFTER INSERT ON metering.entitlements
+  FOR EACH ROW EXECUTE FUNCTION metering._entitlements_after_insert();
+CREATE TRIGGER entitlements_before_update BEFORE UPDATE ON metering.entitlements
+  FOR EACH ROW EXECUTE FUNCTION metering._entitlements_before_update();
+CREATE TRIGGER entitlements_soft_delete BEFORE DELETE ON metering.entitlements
+  FOR EACH ROW EXECUTE FUNCTION metering._soft_delete_entitlement();
+
+CREATE FUNCTION metering.create_entitlement(subject text, feature text,
+  type metering.entitlement_type DEFAULT 'metered', usage_period interval DEFAULT NULL,
+  usage_period_anchor timestamptz DEFAULT NULL, measure_usage_from timestamptz DEFAULT NULL,
+  is_soft_limit boolean DEFAULT false, issue_after_reset numeric DEFAULT NULL,
+  issue_after_reset_priority integer DEFAULT 1, preserve_overage_at_reset boolean DEFAULT false,
+  config jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+  f metering.features := metering._find_feature(feature);
+  id uuid;
+BEGIN
+  IF EXISTS (SELECT 1 FROM metering.entitlements e
+              WHERE e.subject = create_entitlement.subject AND e.feature_id = f.id AND e.deleted_at IS NULL) THEN
+    RAISE EXCEPTION 'subject "%" already has an entitlement to feature "%"', create_entitlement.subject, f.key
+      USING ERRCODE = 'unique_violation', HINT = 'Delete it first.';
+  END IF;
+  INSERT INTO metering.entitlements AS e (subject, feature_id, type, usage_period, usage_period_anchor,
+    measure_usage_from, is_soft_limit, issue_after_reset, issue_after_reset_priority,
+    preserve_overage_at_reset, config, metadata)
+  VALUES (create_entitlement.subject, f.id, create_entitlement.type, create_entitlement.usage_period,
+    create_entitlement.usage_period_anchor, create_entitlement.measure_usage_from,
+    coalesce(create_entitlement.is_soft_limit, false), create_entitlement.issue_after_reset,
+    coalesce(create_entitlement.issue_after_reset_priority, 1),
+    coalesce(create_entitlement.preserve_overage_at_reset, false),
+    create_entitlement.config, create_entitlement.metadata)
+  RETURNING e.id INTO id;
+  RETURN id;
+EXCEPTION WHEN unique_violation THEN
+  -- a concurrent creation committed first: the same answer as the check above
+  RAISE EXCEPTION 'subject "%" already has an entitlement to feature "%"', create_entitlement.subject, f.key
+    USING ERRCODE = 'unique_violation', HINT = 'Delete it first.';
+END $$;
+COMMENT ON FUNCTION metering.create_entitlement(text, text, metering.entitlement_type, interval, timestamptz, timestamptz, boolean, numeric, integer, boolean, jsonb, jsonb) IS
+  'gives a subject an entitlement to a feature (key or id) and returns its id';
+
+CREATE FUNCTION metering.delete_entitlement(entitlement uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  e metering.entitlements;
+BEGIN
+  SELECT * INTO e FROM metering.entitlements WHERE id = entitlement;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'entitlement % does not exist', entitlement USING ERRCODE = 'no_data_found';
+  END IF;
+  IF e.deleted_at IS NOT NULL THEN
+    RAISE EXCEPTION 'the entitlement is already deleted' USING ERRCODE = 'object_not_in_prerequisite_state',
+      DETAIL = format('Entitlement %s was deleted at %s.', e.id, e.deleted_at);
+  END IF;
+  UPDATE metering.entitlements SET deleted_at = metering.now() WHERE id = entitlement;
+END $$;
+COMMENT ON FUNCTION metering.delete_entitlement(uuid) IS
+  'deletes an entitlement: from metering.now() on it gives no access; earlier instants still see it';
