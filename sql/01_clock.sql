@@ -49,6 +49,24 @@ REVOKE postgres FROM regress_clock_user;
 REVOKE USAGE ON SCHEMA metering, regress FROM regress_clock_user;
 DROP ROLE regress_clock_user;
 
+-- the clock is kept in one spelling (UTC, numeric offset), whatever the
+-- input's, so parallel workers read their leader's value without the
+-- session's time zone or zone abbreviations (this once crashed them)
+SET force_parallel_mode = on;
+SET metering.now = '2024-06-20T12:30:00Z';
+SHOW metering.now;
+SELECT metering.now();
+SET metering.now = '2024-06-20 12:30 PST';
+SHOW metering.now;
+SELECT metering.now();
+SET metering.now = '2024-06-20 12:30:00.123456 Europe/Paris';
+SELECT metering.now();
+SELECT regress.err($$SET metering.now = '0044-03-15 12:00 BC'$$);
+SELECT regress.err($$SET metering.now = '10000-01-01 00:00+00'$$);
+SELECT metering.now();
+RESET force_parallel_mode;
+RESET metering.now;
+
 -- other settings of the extension
 SHOW metering.meter_usage_max_age;
 SHOW metering.batch_meter_usage_max_age;

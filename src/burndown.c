@@ -21,6 +21,8 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
+
 #include "fmgr.h"
 #include "utils/fmgrprotos.h"
 #include "utils/numeric.h"
@@ -81,6 +83,9 @@ RecursAt(const BdGrant *g, TimestampTz t)
 }
 
 /* The next period boundary after the state's instant. */
+static void TooManyCuts(void);
+static double ShortestLength(const Interval *iv);
+
 static TimestampTz
 NextBoundary(BdEngine *e)
 {
@@ -172,6 +177,7 @@ BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
 		  TimestampTz at, Numeric usage, Numeric grant_usage, Numeric overage)
 {
 	BdPlan	   *p = plan;
+	int64		cuts = 0;
 
 	e->plan = plan;
 	e->grants = grants;
@@ -190,6 +196,9 @@ BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
 			e->state.anchor = p->resets[e->state.next_reset].at;
 		e->state.next_reset++;
 	}
+	if (p->periods && at > e->state.at &&
+		((double) at - (double) e->state.at) / ShortestLength(&p->period) > BD_MAX_CUTS)
+		TooManyCuts();
 	for (;;)
 	{
 		TimestampTz b = NextBoundary(e);
@@ -197,6 +206,7 @@ BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
 
 		if (b > at)
 			break;
+		BdCountCut(&cuts);
 		manual = e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at == b;
 		e->state.at = b;
 		e->state.period_start = b;
@@ -215,6 +225,54 @@ BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
 		grants[i].used = e->zero;
 	/* a snapshot is the state after the cut at its instant */
 	e->cut_applied = true;
+}
+
+static void
+TooManyCuts(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+			 errmsg("the burndown would stop at more than %d instants", BD_MAX_CUTS),
+			 errdetail("Every period boundary, grant change and recurrence between the start and the asked instant is one."),
+			 errhint("Ask about an instant closer to the entitlement's usage, or use longer periods or recurrences.")));
+}
+
+/* The shortest an interval can be, in microseconds (a month is 28 days or more). */
+static double
+ShortestLength(const Interval *iv)
+{
+	return (double) iv->month * 28 * USECS_PER_DAY + (double) iv->day * USECS_PER_DAY + (double) iv->time;
+}
+
+void
+BdCheckCuts(BdEngine *e, TimestampTz to)
+{
+	TimestampTz from = e->state.at;
+	double		n = 0;
+
+	if (to <= from)
+		return;
+	if (e->plan->periods)
+		n += ((double) to - (double) from) / ShortestLength(&e->plan->period);
+	for (int i = 0; i < e->ngrants; i++)
+	{
+		BdGrant    *g = &e->grants[i];
+		TimestampTz a = Max(from, g->effective_at);
+		TimestampTz b = Min(to, g->end);
+
+		if (g->recurring && b > a)
+			n += ((double) b - (double) a) / ShortestLength(&g->recurrence);
+	}
+	if (n > BD_MAX_CUTS)
+		TooManyCuts();
+}
+
+void
+BdCountCut(int64 *count)
+{
+	CHECK_FOR_INTERRUPTS();
+	if (++*count > BD_MAX_CUTS)
+		TooManyCuts();
 }
 
 TimestampTz

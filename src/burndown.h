@@ -124,6 +124,17 @@ extern Numeric BdBalance(BdEngine *e);
 /* rollover(balance, min, max) = min(max, max(balance, min)) */
 extern Numeric BdRollover(Numeric balance, Numeric min, Numeric max);
 
+/*
+ * Counts one more instant the engine stops at, checking for interrupts: an
+ * evaluation that would stop at more than BD_MAX_CUTS instants (an hourly
+ * period asked about a century away) is an error, not a runaway.
+ */
+#define BD_MAX_CUTS 1000000
+extern void BdCountCut(int64 *count);
+
+/* Errors at once when the cuts up to `to` would clearly exceed BD_MAX_CUTS. */
+extern void BdCheckCuts(BdEngine *e, TimestampTz to);
+
 /* numeric helpers */
 extern Numeric BdAdd(Numeric a, Numeric b);
 extern Numeric BdSub(Numeric a, Numeric b);

@@ -10,6 +10,8 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
+
 #include "common/int.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
@@ -23,6 +25,7 @@
 
 #include "burndown.h"
 #include "calendar.h"
+#include "timeparse.h"
 
 typedef struct BurndownState
 {
@@ -34,6 +37,7 @@ typedef struct BurndownState
 	TimestampTz until;			/* rows at or after it are ignored */
 	TimestampTz last;			/* the latest row */
 	TimestampTz next_cut;
+	int64		cuts;			/* instants stopped at so far (BdCountCut) */
 	/* the usage of the current phase: an int64 part and a numeric part */
 	int64		int_acc;
 	Numeric		num_acc;		/* in the aggregate context, or NULL */
@@ -69,11 +73,69 @@ FieldText(JsonbContainer *obj, const char *name, JsonbValue *buf)
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
+/* An RFC 3339 time (with an offset, so the answer never depends on the session). */
 static TimestampTz
-ParseTime(const char *s)
+GrantTime(const char *s, int i, const char *name)
 {
-	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(s),
+	TimestampTz t;
+
+	if (!ParseRfc3339(s, strlen(s), &t))
+		BadGrants(psprintf("grant %d: \"%s\" must be an RFC 3339 time such as 2024-01-01T00:00:00Z", i, name));
+	return t;
+}
+
+/* A uuid in its canonical 8-4-4-4-12 spelling. */
+static pg_uuid_t
+GrantId(const char *s, int i)
+{
+	pg_uuid_t	id;
+	int			k = 0;
+
+	for (int j = 0; s[j] != '\0'; j++)
+	{
+		if (j == 8 || j == 13 || j == 18 || j == 23)
+		{
+			if (s[j] != '-')
+				BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
+			continue;
+		}
+		if (k == 2 * UUID_LEN || !isxdigit((unsigned char) s[j]))
+			BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
+		k++;
+	}
+	if (k != 2 * UUID_LEN)
+		BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
+	id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in, CStringGetDatum(s)));
+	return id;
+}
+
+/*
+ * An interval; interval_in's own error (it holds no resources, so it can be
+ * caught) becomes one that names the grant and the field.
+ */
+static Interval
+GrantInterval(const char *s, int i)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	Interval   *volatile iv = NULL;
+
+	PG_TRY();
+	{
+		iv = DatumGetIntervalP(DirectFunctionCall3(interval_in, CStringGetDatum(s),
 												   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		iv = NULL;
+	}
+	PG_END_TRY();
+	if (iv == NULL || !IntervalIsAtLeast(iv, USECS_PER_HOUR) ||
+		(double) iv->month * 31 * USECS_PER_DAY + (double) iv->day * USECS_PER_DAY + (double) iv->time >
+		1000.0 * 366 * USECS_PER_DAY)
+		BadGrants(psprintf("grant %d: \"recurrence\" must be an interval from an hour to 1000 years", i));
+	return *iv;
 }
 
 /* Reads the grant set, in the aggregate context. */
@@ -105,7 +167,7 @@ ParseGrants(BurndownState *st, Jsonb *grants)
 		obj = v.val.binary.data;
 		g = &st->grants[i];
 		if ((s = FieldText(obj, "id", &buf)) != NULL)
-			g->id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in, CStringGetDatum(s)));
+			g->id = GrantId(s, i);
 		else
 		{
 			/* no id: the grant's position, so that results can name it */
@@ -120,24 +182,32 @@ ParseGrants(BurndownState *st, Jsonb *grants)
 			BadGrants(psprintf("grant %d needs a positive \"amount\"", i));
 		g->amount = DatumGetNumericCopy(NumericGetDatum(f->val.numeric));
 		f = Field(obj, "priority", &buf);
-		g->priority = f ? DatumGetInt32(DirectFunctionCall1(numeric_int4, NumericGetDatum(f->val.numeric))) : 0;
+		g->priority = 0;
+		if (f != NULL)
+		{
+			bool		error = false;
+
+			if (f->type == jbvNumeric)
+				g->priority = numeric_int4_opt_error(f->val.numeric, &error);
+			if (f->type != jbvNumeric || error || g->priority < 0 || g->priority > 255 ||
+				DatumGetInt32(DirectFunctionCall1(numeric_scale, NumericGetDatum(f->val.numeric))) != 0)
+				BadGrants(psprintf("grant %d: \"priority\" must be an integer from 0 to 255", i));
+		}
 		if ((s = FieldText(obj, "effective_at", &buf)) == NULL)
 			BadGrants(psprintf("grant %d needs \"effective_at\"", i));
-		g->effective_at = ParseTime(s);
+		g->effective_at = GrantTime(s, i, "effective_at");
 		s = FieldText(obj, "expires_at", &buf);
-		g->expires_at = s ? ParseTime(s) : DT_NOEND;
+		g->expires_at = s ? GrantTime(s, i, "expires_at") : DT_NOEND;
 		g->end = g->expires_at;
 		if ((s = FieldText(obj, "recurrence", &buf)) != NULL)
 		{
 			g->recurring = true;
-			g->recurrence = *DatumGetIntervalP(DirectFunctionCall3(interval_in, CStringGetDatum(s),
-																   ObjectIdGetDatum(InvalidOid),
-																   Int32GetDatum(-1)));
-			if (!IntervalIsAtLeast(&g->recurrence, USECS_PER_HOUR))
-				BadGrants(psprintf("grant %d: a recurrence is at least an hour", i));
+			g->recurrence = GrantInterval(s, i);
 			s = FieldText(obj, "recurrence_anchor", &buf);
-			g->recurrence_anchor = s ? ParseTime(s) : g->effective_at;
+			g->recurrence_anchor = s ? GrantTime(s, i, "recurrence_anchor") : g->effective_at;
 		}
+		else if (Field(obj, "recurrence_anchor", &buf) != NULL)
+			BadGrants(psprintf("grant %d: \"recurrence_anchor\" needs a \"recurrence\"", i));
 		g->min_rollover = g->max_rollover = int64_to_numeric(0);
 		g->created_at = 0;
 		i++;
@@ -259,6 +329,7 @@ metering_burndown_trans(PG_FUNCTION_ARGS)
 	st->last = at;
 	while (st->next_cut <= at)
 	{
+		BdCountCut(&st->cuts);
 		CloseTo(st, st->next_cut, true);
 		st->next_cut = BdNextCut(&st->engine);
 	}
@@ -275,6 +346,7 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 	StringInfoData buf;
 	BdEngine	e;
 	BdGrant    *grants;
+	int64		cuts = st ? st->cuts : 0;
 
 	if (st == NULL || !st->started)
 		PG_RETURN_NULL();
@@ -296,6 +368,7 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 
 			if (c > st->until)
 				break;
+			BdCountCut(&cuts);
 			BdPhase(&e, e.zero, c);
 			BdApplyCut(&e, NULL);
 		}

@@ -126,10 +126,14 @@ metering_minute(PG_FUNCTION_ARGS)
 {
 	TimestampTz t = PG_GETARG_TIMESTAMPTZ(0);
 
-	if (TIMESTAMP_NOT_FINITE(t))
+	TimestampTz lo = (TimestampTz) (date2j(1, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
+	TimestampTz hi = (TimestampTz) (date2j(10000, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
+
+	/* years 1 to 9999, like metering.now: calendar steps from there stay in range */
+	if (TIMESTAMP_NOT_FINITE(t) || t < lo || t >= hi)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must be a finite time", text_to_cstring(PG_GETARG_TEXT_PP(1)))));
+				 errmsg("%s must be a finite time in the years 1 to 9999", text_to_cstring(PG_GETARG_TEXT_PP(1)))));
 	PG_RETURN_TIMESTAMPTZ(TruncMinute(t));
 }
 

@@ -31,6 +31,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/datetime.h"
 #include "utils/fmgrprotos.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -97,10 +98,23 @@ EntActive(Entitlement *ent, TimestampTz at)
 	return from <= at && at < ent->deleted_at;
 }
 
+/*
+ * The instant argument `arg`, or metering.now() when NULL.  The engine's
+ * calendar works in the years 1 to 9999 (as the clock does); outside them an
+ * answer could only be an overflow.
+ */
 static TimestampTz
-NowOr(FunctionCallInfo fcinfo, int arg)
+NowOr(FunctionCallInfo fcinfo, int arg, const char *name)
 {
-	return PG_ARGISNULL(arg) ? MeteringNow() : PG_GETARG_TIMESTAMPTZ(arg);
+	TimestampTz t = PG_ARGISNULL(arg) ? MeteringNow() : PG_GETARG_TIMESTAMPTZ(arg);
+	TimestampTz lo = (TimestampTz) (date2j(1, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
+	TimestampTz hi = (TimestampTz) (date2j(10000, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
+
+	if (TIMESTAMP_NOT_FINITE(t) || t < lo || t >= hi)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a finite time in the years 1 to 9999", name)));
+	return t;
 }
 
 /* ---- loading ---- */
@@ -138,12 +152,12 @@ CopyCol(int row, int col, bool *isnull)
 }
 
 /*
- * Loads an entitlement, its feature's meter, its resets and its grants into
- * the current memory context.  False when it does not exist.  Must be
- * called inside an SPI connection.
+ * Loads an entitlement, its feature's meter, its resets and (with_grants)
+ * its grants into the current memory context.  False when it does not
+ * exist.  Must be called inside an SPI connection.
  */
 static bool
-LoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt)
+LoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with_grants)
 {
 	static SPIPlanPtr ent_plan = NULL;
 	static SPIPlanPtr reset_plan = NULL;
@@ -216,6 +230,8 @@ LoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt)
 		ent->plan.resets[i].preserve_overage = DatumGetBool(GetCol(i, 3, &isnull));
 	}
 	MemoryContextSwitchTo(old);
+	if (!with_grants)
+		return true;
 
 	ret = SPI_execute_plan(Prepare(&grant_plan,
 								   "SELECT id, amount, priority, effective_at, coalesce(expires_at, 'infinity'), "
@@ -637,6 +653,7 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 				cap;
 	TimestampTz begin;
 	int			next = 0;
+	int64		cuts = 0;
 
 	/* the tail: events not rolled up yet */
 	ReadPoints(OpenUsage(ent, 0, ent->plan.measure_from, to, NULL), &tail,
@@ -651,6 +668,7 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 	begin = e->state.at;
 
 	/* where the engine stops: the cuts (a dry run), the observations, `to` */
+	BdCheckCuts(e, to);
 	cap = 64 + nobs;
 	stops = palloc(sizeof(TimestampTz) * cap);
 	for (;;)
@@ -659,6 +677,7 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 
 		if (c > to)
 			break;
+		BdCountCut(&cuts);
 		BdAdvance(e, e->zero, c, NULL);
 		if (nstops == cap)
 		{
@@ -779,7 +798,7 @@ PG_FUNCTION_INFO_V1(metering_entitlement_value);
 Datum
 metering_entitlement_value(PG_FUNCTION_ARGS)
 {
-	TimestampTz at = NowOr(fcinfo, 2);
+	TimestampTz at = NowOr(fcinfo, 2, "at");
 	TupleDesc	desc;
 	Datum		values[7];
 	bool		nulls[7];
@@ -798,7 +817,7 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	if (FindEntitlement(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), at, &id) &&
-		LoadEntitlement(&ent, &id, CurrentMemoryContext) && EntActive(&ent, at))
+		LoadEntitlement(&ent, &id, CurrentMemoryContext, true) && EntActive(&ent, at))
 	{
 		values[0] = BoolGetDatum(true);
 		if (ent.type == 's')
@@ -832,7 +851,7 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 static void
 LoadMetered(Entitlement *ent, pg_uuid_t *id)
 {
-	if (!LoadEntitlement(ent, id, CurrentMemoryContext))
+	if (!LoadEntitlement(ent, id, CurrentMemoryContext, true))
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
 				 errmsg("entitlement %s does not exist",
@@ -851,7 +870,7 @@ metering_grant_balances(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	pg_uuid_t  *id = PG_GETARG_UUID_P(0);
-	TimestampTz at = NowOr(fcinfo, 1);
+	TimestampTz at = NowOr(fcinfo, 1, "at");
 	Entitlement ent;
 	BdEngine	e;
 
@@ -1051,7 +1070,7 @@ metering_burndown_history(PG_FUNCTION_ARGS)
 	SPI_connect();
 	LoadMetered(&ent, id);
 	from = PG_ARGISNULL(1) ? ent.plan.measure_from : PG_GETARG_TIMESTAMPTZ(1);
-	to = NowOr(fcinfo, 2);
+	to = NowOr(fcinfo, 2, "to_time");
 	CheckRange(&ent, &from, &to);
 	if (from > to)
 		ereport(ERROR,
@@ -1076,6 +1095,7 @@ Windows(text *unit, text *zone, TimestampTz from, TimestampTz to, int *n)
 {
 	TimestampTz *w;
 	int			cap = 64;
+	int64		count = 0;
 	TimestampTz t;
 	char	   *u = text_to_cstring(unit);
 	int64		step = strcmp(u, "hour") == 0 ? 90 * USECS_PER_MINUTE : 36 * USECS_PER_HOUR;
@@ -1087,6 +1107,7 @@ Windows(text *unit, text *zone, TimestampTz from, TimestampTz to, int *n)
 	{
 		TimestampTz next;
 
+		BdCountCut(&count);
 		if (*n == cap)
 		{
 			cap *= 2;
@@ -1163,7 +1184,7 @@ metering_balance_history(PG_FUNCTION_ARGS)
 	SPI_connect();
 	LoadMetered(&ent, id);
 	from = PG_ARGISNULL(1) ? ent.plan.measure_from : PG_GETARG_TIMESTAMPTZ(1);
-	to = NowOr(fcinfo, 2);
+	to = NowOr(fcinfo, 2, "to_time");
 	CheckRange(&ent, &from, &to);
 	if (from > to)
 		ereport(ERROR,
@@ -1213,7 +1234,8 @@ metering_period_start(PG_FUNCTION_ARGS)
 	TimestampTz result;
 
 	SPI_connect();
-	if (!LoadEntitlement(&ent, id, CurrentMemoryContext) || ent.type != 'm')
+	/* the periods depend on the resets only */
+	if (!LoadEntitlement(&ent, id, CurrentMemoryContext, false) || ent.type != 'm')
 	{
 		SPI_finish();
 		PG_RETURN_NULL();
@@ -1272,9 +1294,10 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	EntSnapshot snap;
 	bool		from_snapshot = false;
 	TimestampTz x;
+	int64		cuts = 0;
 	int			ret;
 
-	if (!LoadEntitlement(&ent, id, CurrentMemoryContext) || ent.type != 'm' ||
+	if (!LoadEntitlement(&ent, id, CurrentMemoryContext, true) || ent.type != 'm' ||
 		now < ent.plan.measure_from || now >= ent.deleted_at)
 		return false;
 
@@ -1284,12 +1307,14 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	if (!from_snapshot)
 		BdInit(&e, &ent.plan, ent.grants, ent.ngrants);
 	x = e.state.at;
+	BdCheckCuts(&e, now);
 	for (;;)
 	{
 		TimestampTz c = BdNextCut(&e);
 
 		if (c > now)
 			break;
+		BdCountCut(&cuts);
 		BdAdvance(&e, e.zero, c, NULL);
 		x = c;
 	}

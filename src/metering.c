@@ -22,6 +22,7 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "pgtime.h"
 #include "utils/datetime.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -43,8 +44,8 @@ void		_PG_init(void);
 
 /*
  * Parses a metering.now value without raising an error (a GUC check hook
- * must not throw).  Only a concrete date and time is a clock; "infinity",
- * "epoch" and the like are refused.
+ * must not throw).  Only a concrete date and time in years 1 to 9999 is a
+ * clock; "infinity", "epoch" and the like are refused.
  */
 static bool
 ParseClockValue(const char *str, TimestampTz *result)
@@ -68,6 +69,28 @@ ParseClockValue(const char *str, TimestampTz *result)
 		return false;
 
 	/*
+	 * While a parallel worker restores its leader's settings there is no
+	 * session time zone and no table of zone abbreviations yet, and
+	 * DecodeDateTime would crash looking either up: accept only the
+	 * canonical spelling (numbers and a numeric offset), which is what the
+	 * leader's value always is (see check_metering_now).
+	 */
+	if (InitializingParallelWorker || session_timezone == NULL)
+	{
+		bool		has_offset = false;
+
+		for (int i = 0; i < nf; i++)
+		{
+			if (ftype[i] == DTK_TZ)
+				has_offset = true;
+			else if (ftype[i] != DTK_DATE && ftype[i] != DTK_TIME)
+				return false;
+		}
+		if (!has_offset)
+			return false;
+	}
+
+	/*
 	 * DecodeDateTime raises an error for an unknown zone name.  It holds no
 	 * resources, so the error can be caught and turned into a refusal.
 	 */
@@ -75,6 +98,7 @@ ParseClockValue(const char *str, TimestampTz *result)
 	{
 		ok = DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) == 0 &&
 			dtype == DTK_DATE &&
+			tt.tm_year >= 1 && tt.tm_year <= 9999 &&
 			tm2timestamp(&tt, fsec, &tz, result) == 0 &&
 			IS_VALID_TIMESTAMP(*result);
 	}
@@ -144,6 +168,31 @@ check_metering_now(char **newval, void **extra, GucSource source)
 			GUC_check_errmsg("permission denied to set metering.now");
 			GUC_check_errdetail("Only a superuser or the owner of the extension metering may move its clock.");
 			return false;
+		}
+	}
+	/*
+	 * Keep the value in one canonical spelling, UTC with a numeric offset, so
+	 * that reading it back never depends on the session's time zone or zone
+	 * abbreviations: a parallel worker parses its leader's value before those
+	 * settings are restored.
+	 */
+	{
+		struct pg_tm tm;
+		fsec_t		fsec;
+		char		buf[MAXDATELEN + 1];
+		char	   *canonical;
+
+		if (timestamp2tm(value, NULL, &tm, &fsec, NULL, NULL) != 0)
+			return false;
+		tm.tm_isdst = 0;		/* print the +00 */
+		EncodeDateTime(&tm, fsec, true, 0, NULL, USE_ISO_DATES, buf);
+		if (strcmp(buf, *newval) != 0)
+		{
+			canonical = strdup(buf);
+			if (canonical == NULL)
+				return false;
+			free(*newval);
+			*newval = canonical;
 		}
 	}
 	stored = (TimestampTz *) malloc(sizeof(TimestampTz));

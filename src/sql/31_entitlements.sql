@@ -70,13 +70,17 @@ BEGIN
     RAISE EXCEPTION 'entitlement: metadata must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
+  IF NEW.type IS NULL THEN
+    RAISE EXCEPTION 'entitlement: type is required (metered, boolean or static)' USING ERRCODE = 'invalid_parameter_value';
+  END IF;
   IF NEW.type = 'metered' THEN
     IF f.meter_slug IS NULL THEN
       RAISE EXCEPTION 'feature "%" has no meter: a metered entitlement needs one', f.key
         USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a boolean or static entitlement.';
     END IF;
-    IF NEW.usage_period IS NULL OR NOT metering._interval_at_least(NEW.usage_period, '1 hour') THEN
-      RAISE EXCEPTION 'entitlement: usage_period must be an interval of at least one hour, got %',
+    IF NEW.usage_period IS NULL OR NOT metering._interval_at_least(NEW.usage_period, '1 hour')
+       OR NEW.usage_period > '1000 years' THEN
+      RAISE EXCEPTION 'entitlement: usage_period must be an interval from one hour to 1000 years, got %',
         coalesce(NEW.usage_period::text, 'NULL')
         USING ERRCODE = 'invalid_parameter_value';
     END IF;

@@ -135,8 +135,8 @@ BEGIN
   END IF;
   NEW.effective_at := metering._minute(NEW.effective_at, 'grant effective_at');
   IF NEW.expiration IS NOT NULL
-     AND NOT metering._interval_at_least(NEW.expiration, '1 microsecond') THEN
-    RAISE EXCEPTION 'grant expiration must be a positive interval, got %', NEW.expiration
+     AND (NOT metering._interval_at_least(NEW.expiration, '1 microsecond') OR NEW.expiration > '1000 years') THEN
+    RAISE EXCEPTION 'grant expiration must be a positive interval of at most 1000 years, got %', NEW.expiration
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   IF NEW.expiration IS NOT NULL THEN
@@ -150,8 +150,9 @@ BEGIN
   ELSIF NEW.expires_at IS NOT NULL THEN
     RAISE EXCEPTION 'grant expires_at comes from expiration' USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NEW.recurrence IS NOT NULL AND NOT metering._interval_at_least(NEW.recurrence, '1 hour') THEN
-    RAISE EXCEPTION 'grant recurrence must be at least an hour, got %', NEW.recurrence
+  IF NEW.recurrence IS NOT NULL
+     AND (NOT metering._interval_at_least(NEW.recurrence, '1 hour') OR NEW.recurrence > '1000 years') THEN
+    RAISE EXCEPTION 'grant recurrence must be from an hour to 1000 years, got %', NEW.recurrence
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   IF NEW.recurrence IS NULL AND NEW.recurrence_anchor IS NOT NULL THEN
