@@ -33,6 +33,13 @@ SELECT obj_description('metering.events_seq_time_brin'::regclass, 'pg_class') AS
 
 -- pg_dump keeps the rows of every user table
 SELECT unnest(extconfig)::regclass AS dumped FROM pg_extension WHERE extname = 'metering' ORDER BY 1::text;
+-- every table is dumped or is derived (its comment says so, and the
+-- extension rebuilds it)
+SELECT c.oid::regclass AS neither_dumped_nor_derived
+  FROM pg_class c
+ WHERE c.relnamespace = 'metering'::regnamespace AND c.relkind IN ('r', 'S')
+   AND c.oid <> ALL ((SELECT extconfig FROM pg_extension WHERE extname = 'metering')::oid[])
+   AND coalesce(obj_description(c.oid, 'pg_class'), '') NOT LIKE 'derived:%';
 
 -- the extension is not relocatable and lives in its own schema
 SELECT extrelocatable, extnamespace::regnamespace, extversion FROM pg_extension WHERE extname = 'metering';

@@ -12,7 +12,7 @@ check() {  # description, got, expected
   n=$((n + 1))
 }
 n=1
-echo "1..6"
+echo "1..10"
 dropdb --if-exists $src >/dev/null 2>&1; dropdb --if-exists $dst >/dev/null 2>&1
 createdb $src; createdb $dst
 q $src "CREATE EXTENSION metering" >/dev/null
@@ -26,8 +26,29 @@ SELECT metering.refresh_rollups();
 INSERT INTO metering.products VALUES ('p'); INSERT INTO metering.product_dimensions VALUES ('p', 'd');
 INSERT INTO metering.customers (customer_identifier, product_code, subscribed_at) VALUES ('c', 'p', '2024-01-01');
 SELECT metering.meter_usage('p', 'c', '2024-06-01 11:00:00+00', 'd', 5);
-SELECT metering.register_usage('p', 'c', 1, 'n1');" >/dev/null
+SELECT metering.register_usage('p', 'c', 1, 'n1');
+SET metering.now = '2024-06-01 00:00:00+00';
+SELECT metering.create_feature('f', 'F', 't');
+SELECT metering.create_entitlement('acme', 'f', usage_period => '1 day', issue_after_reset => 40, preserve_overage_at_reset => true);
+SELECT metering.create_grant(id, 30, '2024-06-01 01:00+00', priority => 2, recurrence => '6 hours') FROM metering.entitlements;
+SELECT metering.create_grant(id, 7, '2024-06-01 02:00+00', priority => 3) FROM metering.entitlements;
+SET metering.now = '2024-06-01 08:00:00+00';
+SELECT metering.void_grant(id) FROM metering.grants WHERE amount = 7;
+SELECT metering.reset_entitlement(id, '2024-06-01 07:30+00') FROM metering.entitlements;
+SELECT metering.create_feature('old', 'Old', 't');
+SELECT metering.create_entitlement('acme', 'old', usage_period => '1 hour');
+SELECT metering.create_entitlement('gone', 'old', 'boolean');
+SELECT metering.delete_entitlement(id) FROM metering.entitlements WHERE subject = 'gone';
+SELECT metering.archive_feature('old');
+SELECT metering.create_feature('old', 'Old again');
+SET metering.now = '2024-06-01 12:00:00+00';
+SELECT metering.refresh_rollups();" >/dev/null
 before=$(q $src "SELECT value FROM metering.query_meter('t')")
+answers="SELECT string_agg(format('%s %s/%s/%s', at, v.balance, v.usage, v.overage), ', ' ORDER BY at)
+  FROM generate_series('2024-06-01 00:00+00'::timestamptz, '2024-06-01 12:00+00', '1 hour') at,
+       LATERAL metering.entitlement_value('acme', 'f', at) v"
+values=$(q $src "$answers")
+grants=$(q $src "SELECT string_agg(format('%s %s %s', amount, voided_at, created_at), ', ' ORDER BY amount) FROM metering.grants")
 secret=$(q $src "SELECT encode(secret, 'hex') FROM metering.signing_keys")
 pg_dump -Fc -f "$dump" $src
 pg_restore -d $dst "$dump"
@@ -35,6 +56,13 @@ check "events come back" "$(q $dst "SELECT count(*) FROM metering.events")" "101
 check "the meter answers the same" "$(q $dst "SELECT value FROM metering.query_meter('t')")" "$before"
 check "the signing secret comes back" "$(q $dst "SELECT encode(secret, 'hex') FROM metering.signing_keys")" "$secret"
 check "usage records come back" "$(q $dst "SELECT count(*) FROM metering.usage_records")" "1"
+check "grants come back as they were (no second issue_after_reset grant)" \
+  "$(q $dst "SELECT string_agg(format('%s %s %s', amount, voided_at, created_at), ', ' ORDER BY amount) FROM metering.grants")" "$grants"
+check "features (archived too), entitlements (deleted too) and resets come back" \
+  "$(q $dst "SELECT (SELECT count(*) FROM metering.features) || ' ' || (SELECT count(*) FROM metering.entitlements) || ' ' || (SELECT count(*) FROM metering.resets)")" \
+  "$(q $src "SELECT (SELECT count(*) FROM metering.features) || ' ' || (SELECT count(*) FROM metering.entitlements) || ' ' || (SELECT count(*) FROM metering.resets)")"
+check "snapshots are not dumped" "$(q $dst "SELECT count(*) FROM metering.entitlement_snapshots")" "0"
+check "entitlements answer the same" "$(q $dst "$answers")" "$values"
 q $dst "SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"new\", \"source\": \"s\", \"type\": \"e\", \"subject\": \"acme\", \"time\": \"2024-06-01T10:00:00Z\", \"data\": {\"v\": 1000}}')" >/dev/null
 check "a new event is numbered after the restored ones" \
   "$(q $dst "SELECT seq > (SELECT max(seq) FROM metering.events WHERE id <> 'new') FROM metering.events WHERE id = 'new'")" "t"

@@ -53,7 +53,9 @@ BEGIN
   IF NOT FOUND THEN
     RAISE EXCEPTION 'feature % does not exist', NEW.feature_id USING ERRCODE = 'foreign_key_violation';
   END IF;
-  IF f.archived_at IS NOT NULL OR f.deleted_at IS NOT NULL THEN
+  -- a row made now is new; one with an earlier created_at is being restored
+  -- (pg_restore, a migration), and was checked when it was made
+  IF NEW.created_at = metering.now() AND (f.archived_at IS NOT NULL OR f.deleted_at IS NOT NULL) THEN
     RAISE EXCEPTION 'feature "%" is %: it takes no new entitlements', f.key,
       CASE WHEN f.deleted_at IS NOT NULL THEN 'deleted' ELSE 'archived' END
       USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -120,7 +122,8 @@ COMMENT ON FUNCTION metering._entitlements_before_insert() IS 'internal: validat
 CREATE FUNCTION metering._entitlements_after_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF NEW.issue_after_reset IS NOT NULL AND NEW.deleted_at IS NULL THEN
+  -- only for a new entitlement: a restored one comes with its grant
+  IF NEW.issue_after_reset IS NOT NULL AND NEW.deleted_at IS NULL AND NEW.created_at = metering.now() THEN
     INSERT INTO metering.grants (entitlement_id, amount, priority, effective_at,
                                  min_rollover_amount, max_rollover_amount, metadata, created_at)
     VALUES (NEW.id, NEW.issue_after_reset, NEW.issue_after_reset_priority, NEW.measure_usage_from,
