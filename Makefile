@@ -1,12 +1,18 @@
 # metering: PGXS build, plus the two commands of the README (make demo, make test).
 EXTENSION   = metering
-EXTVERSION  = 0.1.0
+EXTVERSION  = 0.2.0
 MODULE_big  = metering
 OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 
 # The install script is assembled from one file per concern in src/sql.
+# Upgrade scripts: the changes to what the previous version made
+# (src/upgrade/), then the files that version did not have.  The scripts of
+# released versions are kept as they shipped (upgrade/).
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
-DATA_built  = $(EXTENSION)--$(EXTVERSION).sql
+UPGRADE_0_2 = src/upgrade/0.1.0--0.2.0.sql src/sql/30_features.sql src/sql/31_entitlements.sql \
+              src/sql/32_grants.sql src/sql/39_entitlements_dump.sql src/sql/95_object_comments.sql
+DATA_built  = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION)--0.1.0--0.2.0.sql
+DATA        = upgrade/$(EXTENSION)--0.1.0.sql
 
 # pg_regress suites (sql/ + expected/) and isolation specs (specs/ + expected/).
 REGRESS      = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
@@ -25,8 +31,11 @@ ifneq ($(wildcard $(PGXS)),)
 include $(PGXS)
 endif
 
-$(DATA_built): $(SQL_SOURCES)
+$(EXTENSION)--$(EXTVERSION).sql: $(SQL_SOURCES)
 	cat $(SQL_SOURCES) > $@
+
+$(EXTENSION)--0.1.0--0.2.0.sql: $(UPGRADE_0_2)
+	cat $(UPGRADE_0_2) > $@
 
 .PHONY: deps demo test bench
 # Installs the Debian packages the build and the suites need (as root only).

@@ -85,3 +85,27 @@ SELECT convert_from(decode(translate(c, '-_', '+/') || repeat('=', (4 - length(c
        public_key_rotation_timestamp
   FROM metering.register_usage('prod-7x2k', 'cust-acme', 1, 'task-42') r,
        split_part(r.signature, '.', 2) c;
+
+\echo
+\echo '== 6. Entitlements and credit grants: may acme use GPT tokens, and what is left?'
+SET metering.now = '2024-06-01 00:00:00+00';
+SELECT metering.create_feature('llm-tokens', 'LLM tokens', 'tokens') IS NOT NULL AS feature_created;
+-- a monthly allowance of 100,000 tokens, renewed every period, plus a one-off top-up
+SELECT metering.create_entitlement('acme', 'llm-tokens', usage_period => '1 month',
+                                   usage_period_anchor => '2024-06-01', issue_after_reset => 100000) AS acme_tokens \gset
+SELECT metering.create_grant(:'acme_tokens', 5000, '2024-06-01 00:00+00', priority => 5,
+                             expiration => '14 days') IS NOT NULL AS top_up_granted;
+SET metering.now = '2024-06-01 12:00:00+00';
+\echo 'the access check, in the same transaction as the application''s own writes:'
+SELECT has_access, balance, usage, overage, start_of_period FROM metering.entitlement_value('acme', 'llm-tokens');
+\echo 'each grant''s balance (the allowance, priority 1, burns before the top-up, priority 5):'
+SELECT g.priority, g.amount, b.balance, g.expires_at
+  FROM metering.grant_balances(:'acme_tokens') b JOIN metering.grants g ON g.id = b.grant_id ORDER BY g.priority;
+\echo 'the balance hour by hour, exact at each window''s start:'
+SELECT window_start, usage, balance_at_start FROM metering.balance_history(:'acme_tokens', '2024-06-01 08:00+00', '2024-06-01 12:00+00', 'HOUR');
+\echo 'the same engine as an aggregate over any rows: what if the top-up had been 50 tokens, burnt first?'
+\echo '(grants without an id are named by their position: ...0000 is the first)'
+SELECT metering.burndown(time, (data ->> 'tokens')::numeric,
+         '[{"amount": 100000, "priority": 1, "effective_at": "2024-06-01T00:00:00Z"},
+           {"amount": 50, "priority": 0, "effective_at": "2024-06-01T00:00:00Z"}]' ORDER BY time) AS what_if
+  FROM metering.events WHERE subject = 'acme' AND type = 'llm.completion' AND time < '2024-06-01 12:00+00';

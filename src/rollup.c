@@ -29,6 +29,9 @@
 #include "catalog/pg_type.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "nodes/makefuncs.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -487,6 +490,23 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 }
 
 /*
+ * Whether the installed SQL has the entitlement hooks: the library is
+ * upgraded before ALTER EXTENSION metering UPDATE runs, and must keep
+ * working with the SQL of 0.1.0 until then.
+ */
+static bool
+HasEntitlementHook(const char *name)
+{
+	Oid			types[3] = {TEXTOID, INT8OID, INT8OID};
+	Oid			types_changed[3] = {TEXTOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
+	List	   *qname = list_make2(makeString("metering"), makeString(pstrdup(name)));
+
+	return OidIsValid(LookupFuncName(qname, 3,
+									 strcmp(name, "_snapshot_meter") == 0 ? types : types_changed,
+									 true));
+}
+
+/*
  * DELETE: rebuilds, for every meter, the touched hours below its watermark
  * from the events that remain there.  The hours are found in SQL over the
  * transition table, so a large DELETE is deduplicated by the executor (which
@@ -496,9 +516,11 @@ static void
 RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 {
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT8OID};
+	bool		snapshots = HasEntitlementHook("_events_changed");
 
 	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
 		elog(ERROR, "could not register the transition table of metering.events");
+
 	for (int i = 0; i < buf->nmeters; i++)
 	{
 		RollupMeter *m = &buf->meters[i];
@@ -509,7 +531,7 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 		args[1] = CStringGetTextDatum(m->event_type);
 		args[2] = Int64GetDatum(m->watermark);
 		/* the entitlements' snapshots after the deleted events */
-		ret = SPI_execute_with_args("SELECT metering._events_changed($1, array_agg(o.subject), array_agg(o.time)) "
+		ret = !snapshots ? SPI_OK_SELECT : SPI_execute_with_args("SELECT metering._events_changed($1, array_agg(o.subject), array_agg(o.time)) "
 									"FROM old_events o WHERE o.type = $2 AND $3 IS NOT NULL",
 									3, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_SELECT)
@@ -667,6 +689,7 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
 		/* what depends on the meter's events: the entitlements' snapshots */
+		if (HasEntitlementHook("_snapshot_meter"))
 		{
 			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
 			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};

@@ -23,9 +23,3 @@ CREATE FUNCTION metering._valid_time_zone(zone text) RETURNS boolean
   LANGUAGE C STABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION metering._valid_time_zone(text) IS
   'internal: whether date_trunc and AT TIME ZONE accept this time zone name';
-
-CREATE FUNCTION metering._made_by_us(row_xmin xid) RETURNS boolean
-  AS 'MODULE_PATHNAME', 'metering_made_by_us'
-  LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
-COMMENT ON FUNCTION metering._made_by_us(xid) IS
-  'internal: whether a row with this xmin was written by the current transaction (subtransactions included)';

@@ -1,5 +1,11 @@
 -- Grants (OpenMeter): amounts of usage a metered entitlement may burn.
 
+CREATE FUNCTION metering._made_by_us(row_xmin xid) RETURNS boolean
+  AS 'MODULE_PATHNAME', 'metering_made_by_us'
+  LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+COMMENT ON FUNCTION metering._made_by_us(xid) IS
+  'internal: whether a row with this xmin was written by the current transaction (subtransactions included)';
+
 CREATE TABLE metering.grants (
   id                  uuid PRIMARY KEY DEFAULT metering.uuid_v7(),
   entitlement_id      uuid NOT NULL REFERENCES metering.entitlements (id),

@@ -10,7 +10,3 @@ SELECT pg_catalog.pg_extension_config_dump('metering.product_dimensions', '');
 SELECT pg_catalog.pg_extension_config_dump('metering.customers', '');
 SELECT pg_catalog.pg_extension_config_dump('metering.usage_records', '');
 SELECT pg_catalog.pg_extension_config_dump('metering.registrations', '');
-SELECT pg_catalog.pg_extension_config_dump('metering.features', '');
-SELECT pg_catalog.pg_extension_config_dump('metering.entitlements', '');
-SELECT pg_catalog.pg_extension_config_dump('metering.grants', '');
-SELECT pg_catalog.pg_extension_config_dump('metering.resets', '');
