@@ -12,7 +12,9 @@ DROP TABLE IF EXISTS bench_plain, bench_batches;
 -- the events' columns (same types and collations), only the (source, id) unique index
 CREATE TABLE bench_plain (LIKE metering.events);
 ALTER TABLE bench_plain DROP COLUMN seq, ADD UNIQUE (source, id);
+SET client_min_messages = warning;
 TRUNCATE metering.events, metering.meters, metering.meter_rollups, metering.meter_rollup_state CASCADE;
+SET client_min_messages = notice;
 -- what a deployment has: meters on the event type, so rollups are kept too
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by) VALUES
   ('bench-tokens', 'llm.tokens', 'SUM', '$.tokens', '{"model": "$.model"}'),

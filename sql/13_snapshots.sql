@@ -70,6 +70,9 @@ SELECT count(*) AS snapshots_after_rollback FROM metering.entitlement_snapshots;
 SELECT metering.create_grant(:'e', 10, '2024-01-15') IS NOT NULL AS g;
 SELECT count(*) AS snapshots FROM metering.entitlement_snapshots;
 SELECT metering.refresh_rollups() AS refreshed_nothing_new;
+-- the refresh saved a new snapshot all the same: the grant queued the entitlement
+SELECT count(*) AS snapshots, (SELECT count(*) FROM metering.entitlement_snapshot_queue) AS queued
+  FROM metering.entitlement_snapshots;
 -- a grant effective later does not
 SELECT metering.create_grant(:'e', 10, '2024-01-25') IS NOT NULL AS g;
 SELECT metering.refresh_rollups() >= 0 AS refreshed;

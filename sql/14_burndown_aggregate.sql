@@ -51,7 +51,8 @@ SELECT g, pg_temp.err(g) FROM unnest(ARRAY[
   '[{"amount": 5, "effective_at": "2024-01-01T00:00:00Z", "recurrence": "30 minutes"}]',
   '[{"amount": 5, "effective_at": "2024-01-01T00:00:00Z", "recurrence": "soon"}]',
   '[{"amount": 5, "effective_at": "2024-01-01T00:00:00Z", "recurrence_anchor": "2024-01-01T00:00:00Z"}]',
-  '[{"amount": 5, "effective_at": "2024-01-01T00:00:00Z", "id": "not-a-uuid"}]'
+  '[{"amount": 5, "effective_at": "2024-01-01T00:00:00Z", "id": "not-a-uuid"}]',
+  '[{"amount": 5, "effective_at": "2024-01-01T00:00:00Z", "id": "00000000-0000-0000-0000-000000000001"}, {"amount": 1, "effective_at": "2024-01-01T00:00:00Z"}]'
 ]) g;
 SELECT pg_temp.err(NULL);
 -- usage must come in time order (ORDER BY inside the call), and be a finite number

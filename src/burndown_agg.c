@@ -210,6 +210,9 @@ ParseGrants(BurndownState *st, Jsonb *grants)
 			BadGrants(psprintf("grant %d: \"recurrence_anchor\" needs a \"recurrence\"", i));
 		g->min_rollover = g->max_rollover = int64_to_numeric(0);
 		g->created_at = 0;
+		for (int j = 0; j < i; j++)
+			if (memcmp(st->grants[j].id.data, g->id.data, UUID_LEN) == 0)
+				BadGrants(psprintf("grant %d has the id of grant %d (grants without an id are named by their position)", i, j));
 		i++;
 	}
 }
@@ -325,7 +328,7 @@ metering_burndown_trans(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("burndown usage must come in time order"),
-				 errhint("Call it as metering.burndown(time, amount, grants ORDER BY time).")));
+				 errhint("Give it rows in time order: FROM (SELECT ... ORDER BY time) s, or metering.burndown(time, amount, grants ORDER BY time).")));
 	st->last = at;
 	while (st->next_cut <= at)
 	{

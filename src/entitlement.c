@@ -346,11 +346,18 @@ UsageSql(int which, bool count, bool filtered)
 			return psprintf("SELECT r.bucket, r.first_time, r.last_time, %s FROM metering.meter_rollups r "
 							"WHERE r.meter = $9 AND r.subject = $3 AND r.bucket >= $4 AND r.bucket < $5 %s",
 							count ? "r.events::numeric" : "r.sum", rfilter);
-		default:				/* the events of split buckets */
-			return psprintf("SELECT e.time, %s FROM metering.events e "
+		default:
+
+			/*
+			 * The events of split buckets, hour by hour: one small index scan
+			 * each (OFFSET 0 keeps the planner from merging them into one scan
+			 * of everything between the first and the last hour).
+			 */
+			return psprintf("SELECT x.time, x.v FROM unnest($10) h(hour), LATERAL ("
+							"SELECT e.time, %s AS v FROM metering.events e "
 							"WHERE e.seq <= $1 AND e.type = $2 AND e.subject = $3 "
-							"AND e.time >= $4 AND e.time < $5 "
-							"AND date_trunc('hour', e.time, 'UTC') = ANY ($10) %s",
+							"AND e.time >= h.hour AND e.time < h.hour + interval '1 hour' "
+							"AND e.time >= $4 AND e.time < $5 %s OFFSET 0) x",
 							value, filter);
 	}
 }
@@ -1441,6 +1448,26 @@ metering_snapshot_meter(PG_FUNCTION_ARGS)
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not find the entitlements of the meter: %s", SPI_result_code_string(ret));
 	}
+	written = SnapshotFound();
+	SPI_finish();
+	PG_RETURN_INT64(written);
+}
+
+/*
+ * metering._snapshot_queue(): saves the snapshots of the queued entitlements
+ * (see _forget_snapshots) and empties the queue; returns how many it saved.
+ */
+PG_FUNCTION_INFO_V1(metering_snapshot_queue);
+Datum
+metering_snapshot_queue(PG_FUNCTION_ARGS)
+{
+	int64		written;
+	int			ret;
+
+	SPI_connect();
+	ret = SPI_execute("DELETE FROM metering.entitlement_snapshot_queue RETURNING entitlement_id", false, 0);
+	if (ret != SPI_OK_DELETE_RETURNING)
+		elog(ERROR, "could not read the snapshot queue: %s", SPI_result_code_string(ret));
 	written = SnapshotFound();
 	SPI_finish();
 	PG_RETURN_INT64(written);

@@ -501,6 +501,8 @@ HasEntitlementHook(const char *name)
 	Oid			types_changed[3] = {TEXTOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
 	List	   *qname = list_make2(makeString("metering"), makeString(pstrdup(name)));
 
+	if (strcmp(name, "_snapshot_queue") == 0)
+		return OidIsValid(LookupFuncName(qname, 0, NULL, true));
 	return OidIsValid(LookupFuncName(qname, 3,
 									 strcmp(name, "_snapshot_meter") == 0 ? types : types_changed,
 									 true));
@@ -699,6 +701,17 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 			if (ret != SPI_OK_SELECT)
 				elog(ERROR, "could not refresh the snapshots of meter \"%s\"", m->slug);
 		}
+	}
+
+	/*
+	 * Entitlements whose snapshots a grant, void or reset removed get new
+	 * ones (otherwise they would wait for their subject's next event).
+	 */
+	if (HasEntitlementHook("_snapshot_queue"))
+	{
+		ret = SPI_execute("SELECT metering._snapshot_queue()", false, 0);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not save the queued snapshots: %s", SPI_result_code_string(ret));
 	}
 
 	/*

@@ -84,12 +84,23 @@ COMMENT ON COLUMN metering.entitlement_snapshots.balances IS 'their balances, in
 COMMENT ON COLUMN metering.entitlement_snapshots.inputs IS 'a fingerprint of the period rules, resets and grants it was computed from; a reader ignores the snapshot when they differ';
 COMMENT ON COLUMN metering.entitlement_snapshots.created_at IS 'when it was computed';
 
+CREATE TABLE metering.entitlement_snapshot_queue (
+  entitlement_id uuid PRIMARY KEY REFERENCES metering.entitlements (id)
+);
+COMMENT ON TABLE metering.entitlement_snapshot_queue IS
+  'derived: entitlements whose snapshots a grant, void or reset removed; the next refresh_rollups() saves new ones';
+COMMENT ON COLUMN metering.entitlement_snapshot_queue.entitlement_id IS 'the entitlement';
+
 CREATE FUNCTION metering._forget_snapshots(entitlement uuid, since timestamptz) RETURNS void
 LANGUAGE sql AS $$
-  DELETE FROM metering.entitlement_snapshots WHERE entitlement_id = entitlement AND at >= since
+  WITH gone AS (
+    DELETE FROM metering.entitlement_snapshots WHERE entitlement_id = entitlement AND at >= since RETURNING 1)
+  INSERT INTO metering.entitlement_snapshot_queue
+  SELECT entitlement WHERE EXISTS (SELECT 1 FROM gone)
+  ON CONFLICT DO NOTHING
 $$;
 COMMENT ON FUNCTION metering._forget_snapshots(uuid, timestamptz) IS
-  'internal: drops the snapshots a change at `since` reaches';
+  'internal: drops the snapshots a change at `since` reaches, and queues the entitlement for new ones';
 
 CREATE FUNCTION metering._period_start(entitlement uuid, at timestamptz) RETURNS timestamptz
   AS 'MODULE_PATHNAME', 'metering_period_start'
@@ -448,6 +459,12 @@ CREATE FUNCTION metering._snapshot_meter(meter text, from_seq bigint, to_seq big
   LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION metering._snapshot_meter(text, bigint, bigint) IS
   'internal: after a refresh rolled up events (from_seq, to_seq] of a meter, drops the snapshots they reach and writes new ones for their subjects'' entitlements; returns how many';
+
+CREATE FUNCTION metering._snapshot_queue() RETURNS bigint
+  AS 'MODULE_PATHNAME', 'metering_snapshot_queue'
+  LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION metering._snapshot_queue() IS
+  'internal: saves the snapshots of the entitlements queued by _forget_snapshots (refresh_rollups calls it)';
 
 CREATE FUNCTION metering.refresh_snapshots(entitlement uuid DEFAULT NULL) RETURNS bigint
   AS 'MODULE_PATHNAME', 'metering_refresh_snapshots'
