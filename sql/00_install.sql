@@ -63,7 +63,9 @@ BEGIN
            metering.usage_records, metering.registrations, metering.customers,
            metering.product_dimensions, metering.products, metering.signing_keys,
            metering.features, metering.entitlements, metering.grants, metering.resets,
-           metering.entitlement_snapshots, metering.entitlement_snapshot_queue;
+           metering.entitlement_snapshots, metering.entitlement_snapshot_queue,
+           metering.hashmap_mappings, metering.hashmap_thresholds, metering.hashmap_fields,
+           metering.hashmap_services, metering.hashmap_groups;
 END $$;
 -- a CloudEvents object
 CREATE FUNCTION regress.ev(id text, subject text, type text, "time" text, data jsonb DEFAULT '{}',

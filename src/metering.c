@@ -35,6 +35,7 @@ PG_MODULE_MAGIC;
 
 int			metering_meter_usage_max_age = 6 * 3600;
 int			metering_batch_meter_usage_max_age = 24 * 3600;
+bool		metering_allow_backdated_rules = false;
 
 static char *metering_now_string = NULL;
 static bool metering_now_is_set = false;
@@ -254,6 +255,15 @@ _PG_init(void)
 							PGC_SUSET,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("metering.allow_backdated_rules",
+							 "Lets rating rules start or end in the past.",
+							 "Off by default: a rule that starts in the past re-prices usage already rated. CloudKitty's force.",
+							 &metering_allow_backdated_rules,
+							 false,
+							 PGC_USERSET,
+							 0,
+							 NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("metering");
 }

@@ -12,6 +12,7 @@
 /* Settings (metering.c). */
 extern int	metering_meter_usage_max_age;	/* seconds */
 extern int	metering_batch_meter_usage_max_age; /* seconds */
+extern bool metering_allow_backdated_rules;
 
 /* The extension's present: metering.now when set, else the transaction start. */
 extern TimestampTz MeteringNow(void);

@@ -1,0 +1,518 @@
+/*
+ * hashmap_rate.c: prices a point of usage with the HashMap rules
+ * (metering.rate, metering.rate_explain, the aggregate metering.rated_total).
+ *
+ * Per group, starting from flat 0 and rate 1: matching flat mappings raise
+ * flat to the largest cost, matching rate mappings multiply rate; among the
+ * thresholds reached, the highest level applies (a field threshold before
+ * pricing, a service threshold after); the group's price is
+ * rate * flat * qty.  The point's price is the incoming price plus the
+ * groups' prices.  Arithmetic is exact numeric, never rounded.
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/jsonb.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
+
+#include "hashmap.h"
+#include "metering.h"
+
+/* What a group has gathered for one point. */
+typedef struct HmGroupState
+{
+	bool		seen;			/* a rule of the group matched or was reached */
+	Numeric		flat;
+	Numeric		rate;
+	Numeric		thr_level;		/* NULL: no threshold applies */
+	Numeric		thr_cost;
+	bool		thr_rate;
+	int			thr_field;		/* -1: a service threshold, else the field's index */
+} HmGroupState;
+
+typedef struct Point
+{
+	HmCache    *cache;
+	HmService  *svc;
+	const char *service;
+	Numeric		qty;
+	Jsonb	   *metadata;
+	const char *tenant;			/* NULL: no tenant */
+	TimestampTz at;
+	HmGroupState *groups;
+	bool	   *overridden;		/* per group, for one rule list */
+	Numeric		zero;
+	Numeric		one;
+	Numeric		minus_one;
+} Point;
+
+static Numeric
+Mul(Numeric a, Numeric b)
+{
+	return numeric_mul_opt_error(a, b, NULL);
+}
+
+static Numeric
+Add(Numeric a, Numeric b)
+{
+	return numeric_add_opt_error(a, b, NULL);
+}
+
+static int
+Cmp(Numeric a, Numeric b)
+{
+	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(a), NumericGetDatum(b)));
+}
+
+static bool
+Applies(const HmRule *r, TimestampTz at)
+{
+	return r->start <= at && at < r->end;
+}
+
+/* The range of `tenant`'s rules in a list: [*lo, *hi). */
+static void
+TenantRange(const HmRuleList *list, const char *tenant, int *lo, int *hi)
+{
+	int			a = list->nglobal,
+				b = list->n;
+
+	*lo = *hi = list->nglobal;
+	if (tenant == NULL)
+		return;
+	while (a < b)
+	{
+		int			m = (a + b) / 2;
+
+		if (strcmp(list->rules[m].tenant, tenant) < 0)
+			a = m + 1;
+		else
+			b = m;
+	}
+	*lo = a;
+	while (a < list->n && strcmp(list->rules[a].tenant, tenant) == 0)
+		a++;
+	*hi = a;
+}
+
+static HmGroupState *
+GroupOf(Point *p, int g)
+{
+	HmGroupState *s = &p->groups[g];
+
+	if (!s->seen)
+	{
+		s->seen = true;
+		s->flat = p->zero;
+		s->rate = p->one;
+	}
+	return s;
+}
+
+static void
+ApplyMapping(Point *p, const HmRule *r)
+{
+	HmGroupState *s = GroupOf(p, r->group);
+
+	if (r->rate)
+		s->rate = Mul(s->rate, r->cost);
+	else if (Cmp(r->cost, s->flat) > 0)
+		s->flat = r->cost;
+}
+
+/*
+ * Mappings of one key: the tenant's rules that apply replace the global
+ * rules of the same group; other global rules apply as they are.
+ */
+static void
+ApplyMappings(Point *p, const HmRuleList *list)
+{
+	int			lo,
+				hi;
+
+	if (list->n == 0)
+		return;
+	TenantRange(list, p->tenant, &lo, &hi);
+	for (int i = lo; i < hi; i++)
+		if (Applies(&list->rules[i], p->at))
+		{
+			p->overridden[list->rules[i].group] = true;
+			ApplyMapping(p, &list->rules[i]);
+		}
+	for (int i = 0; i < list->nglobal; i++)
+		if (!p->overridden[list->rules[i].group] && Applies(&list->rules[i], p->at))
+			ApplyMapping(p, &list->rules[i]);
+	for (int i = lo; i < hi; i++)
+		p->overridden[list->rules[i].group] = false;
+}
+
+/* A threshold reached by `value`: the highest level wins, the first among equals. */
+static void
+ReachThreshold(Point *p, const HmRule *r, int field)
+{
+	HmGroupState *s = GroupOf(p, r->group);
+
+	if (Cmp(r->level, p->minus_one) <= 0)
+		return;
+	if (s->thr_level == NULL || Cmp(r->level, s->thr_level) > 0)
+	{
+		s->thr_level = r->level;
+		s->thr_cost = r->cost;
+		s->thr_rate = r->rate;
+		s->thr_field = field;
+	}
+}
+
+/* Whether a global threshold is replaced by one of the tenant's (same group and level). */
+static bool
+Replaced(Point *p, const HmRuleList *list, int lo, int hi, const HmRule *g)
+{
+	for (int i = lo; i < hi; i++)
+	{
+		const HmRule *t = &list->rules[i];
+
+		if (t->group == g->group && Applies(t, p->at) && Cmp(t->level, g->level) == 0)
+			return true;
+	}
+	return false;
+}
+
+static void
+ApplyThresholds(Point *p, const HmRuleList *list, Numeric value, int field)
+{
+	int			lo,
+				hi;
+
+	TenantRange(list, p->tenant, &lo, &hi);
+	/* the tenant's first: among equal levels the first reached wins */
+	for (int i = lo; i < hi; i++)
+		if (Applies(&list->rules[i], p->at) && Cmp(value, list->rules[i].level) >= 0)
+			ReachThreshold(p, &list->rules[i], field);
+	for (int i = 0; i < list->nglobal; i++)
+	{
+		const HmRule *r = &list->rules[i];
+
+		if (Applies(r, p->at) && Cmp(value, r->level) >= 0 && !Replaced(p, list, lo, hi, r))
+			ReachThreshold(p, r, field);
+	}
+}
+
+/* Whether some threshold of the list applies to this point's tenant at its instant. */
+static bool
+AnyThreshold(Point *p, const HmRuleList *list)
+{
+	int			lo,
+				hi;
+
+	TenantRange(list, p->tenant, &lo, &hi);
+	for (int i = 0; i < list->nglobal; i++)
+		if (Applies(&list->rules[i], p->at))
+			return true;
+	for (int i = lo; i < hi; i++)
+		if (Applies(&list->rules[i], p->at))
+			return true;
+	return false;
+}
+
+/* A metadata value as the text mappings compare: JSON spelling but for strings. */
+static char *
+ValueText(JsonbValue *v, int *len)
+{
+	char	   *s;
+
+	switch (v->type)
+	{
+		case jbvString:
+			*len = v->val.string.len;
+			return v->val.string.val;
+		case jbvNumeric:
+			s = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+			break;
+		case jbvBool:
+			s = v->val.boolean ? "true" : "false";
+			break;
+		case jbvNull:
+			s = "null";
+			break;
+		default:
+			return NULL;		/* objects and arrays match nothing */
+	}
+	*len = strlen(s);
+	return s;
+}
+
+/* Whether a string is a finite decimal number numeric_in accepts. */
+static bool
+LooksNumeric(const char *s, int len)
+{
+	int			i = 0,
+				digits = 0;
+
+	while (i < len && s[i] == ' ')
+		i++;
+	if (i < len && (s[i] == '+' || s[i] == '-'))
+		i++;
+	while (i < len && s[i] >= '0' && s[i] <= '9')
+		i++, digits++;
+	if (i < len && s[i] == '.')
+	{
+		i++;
+		while (i < len && s[i] >= '0' && s[i] <= '9')
+			i++, digits++;
+	}
+	if (digits == 0)
+		return false;
+	if (i < len && (s[i] == 'e' || s[i] == 'E'))
+	{
+		int			exp_digits = 0;
+
+		i++;
+		if (i < len && (s[i] == '+' || s[i] == '-'))
+			i++;
+		while (i < len && s[i] >= '0' && s[i] <= '9' && exp_digits < 5)
+			i++, exp_digits++;
+		if (exp_digits == 0)
+			return false;
+	}
+	while (i < len && s[i] == ' ')
+		i++;
+	return i == len;
+}
+
+/* The metadata value of a field with thresholds, as a number. */
+static Numeric
+ValueNumber(Point *p, HmField *f, JsonbValue *v)
+{
+	if (v->type == jbvNumeric)
+		return v->val.numeric;
+	if (v->type == jbvString && LooksNumeric(v->val.string.val, v->val.string.len))
+		return DatumGetNumeric(DirectFunctionCall3(numeric_in,
+												   CStringGetDatum(pnstrdup(v->val.string.val, v->val.string.len)),
+												   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	{
+		int			len = 0;
+		char	   *text = ValueText(v, &len);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rating service \"%s\": field \"%s\" has thresholds, and its value %s is not a number",
+						p->service, f->name,
+						text ? quote_literal_cstr(pnstrdup(text, Min(len, 200))) : "(an object or array)")));
+	}
+	return NULL;				/* not reached */
+}
+
+/*
+ * Rates one point: fills p->groups.  False when the service has no rules
+ * (the price is then the incoming one).
+ */
+static bool
+RatePoint(Point *p)
+{
+	int			k = HmMapGet(&p->cache->service_names, p->service, strlen(p->service));
+	HmService  *svc;
+
+	if (k < 0)
+		return false;
+	svc = p->svc = &p->cache->services[k];
+	p->groups = palloc0(sizeof(HmGroupState) * p->cache->ngroups);
+	p->overridden = palloc0(sizeof(bool) * p->cache->ngroups);
+
+	ApplyMappings(p, &svc->mappings);
+	if (svc->thresholds.n > 0)
+		ApplyThresholds(p, &svc->thresholds, p->qty, -1);
+	if (svc->nfields > 0 && p->metadata != NULL && JB_ROOT_IS_OBJECT(p->metadata))
+	{
+		for (int i = 0; i < svc->nfields; i++)
+		{
+			HmField    *f = &svc->fields[i];
+			JsonbValue	buf;
+			JsonbValue *v = getKeyJsonValueFromContainer(&p->metadata->root, f->name, strlen(f->name), &buf);
+
+			if (v == NULL)
+				continue;		/* absent: skipped */
+			if (f->values.count > 0)
+			{
+				int			len = 0;
+				char	   *text = ValueText(v, &len);
+				int			vk = text ? HmMapGet(&f->values, text, len) : -1;
+
+				if (vk >= 0)
+					ApplyMappings(p, &f->value_rules[vk]);
+			}
+			if (f->thresholds.n > 0 && AnyThreshold(p, &f->thresholds))
+				ApplyThresholds(p, &f->thresholds, ValueNumber(p, f, v), i);
+		}
+	}
+	return true;
+}
+
+/* A group's price: field threshold, rate * flat * qty, service threshold. */
+static Numeric
+GroupPrice(Point *p, HmGroupState *s)
+{
+	Numeric		flat = s->flat;
+	Numeric		rate = s->rate;
+	Numeric		price;
+
+	if (s->thr_level != NULL && s->thr_field >= 0)
+	{
+		if (s->thr_rate)
+			rate = Mul(rate, s->thr_cost);
+		else
+			flat = Add(flat, s->thr_cost);
+	}
+	price = Mul(Mul(rate, flat), p->qty);
+	if (s->thr_level != NULL && s->thr_field < 0)
+	{
+		if (s->thr_rate)
+			price = Mul(price, s->thr_cost);
+		else
+			price = Add(price, s->thr_cost);
+	}
+	return price;
+}
+
+static void
+InitPoint(Point *p, text *service, Numeric qty, Jsonb *metadata, text *tenant, TimestampTz at)
+{
+	memset(p, 0, sizeof(Point));
+	p->cache = HmGetCache();
+	p->service = text_to_cstring(service);
+	p->qty = qty;
+	p->metadata = metadata;
+	p->tenant = tenant ? text_to_cstring(tenant) : NULL;
+	p->at = at;
+	p->zero = int64_to_numeric(0);
+	p->one = int64_to_numeric(1);
+	p->minus_one = int64_to_numeric(-1);
+	if (numeric_is_nan(qty) || numeric_is_inf(qty))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rating service \"%s\": qty must be a finite number", p->service)));
+	if (TIMESTAMP_NOT_FINITE(at))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rating service \"%s\": the instant must be finite", p->service)));
+}
+
+/* The price of a point: `price` plus every matched group's price. */
+static Numeric
+PriceOf(Point *p, Numeric price)
+{
+	if (!RatePoint(p))
+		return price;
+	for (int g = 0; g < p->cache->ngroups; g++)
+		if (p->groups[g].seen)
+			price = Add(price, GroupPrice(p, &p->groups[g]));
+	return price;
+}
+
+static TimestampTz
+AtOrNow(FunctionCallInfo fcinfo, int arg)
+{
+	return (PG_NARGS() > arg && !PG_ARGISNULL(arg)) ? PG_GETARG_TIMESTAMPTZ(arg) : MeteringNow();
+}
+
+/*
+ * metering.rate(service, qty, metadata, tenant, at, price): NULL when service
+ * or qty is NULL.
+ */
+PG_FUNCTION_INFO_V1(metering_rate);
+Datum
+metering_rate(PG_FUNCTION_ARGS)
+{
+	Point		p;
+	Numeric		price;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	price = PG_ARGISNULL(5) ? int64_to_numeric(0) : PG_GETARG_NUMERIC(5);
+	InitPoint(&p, PG_GETARG_TEXT_PP(0), PG_GETARG_NUMERIC(1), PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2),
+			  PG_ARGISNULL(3) ? NULL : PG_GETARG_TEXT_PP(3), AtOrNow(fcinfo, 4));
+	if (numeric_is_nan(price) || numeric_is_inf(price))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rating service \"%s\": the incoming price must be a finite number", p.service)));
+	PG_RETURN_NUMERIC(PriceOf(&p, price));
+}
+
+/*
+ * metering._rated_total_trans(state, service, qty, metadata, tenant [, at]):
+ * the running sum of the points' prices; points without a service or a
+ * quantity add nothing.
+ */
+PG_FUNCTION_INFO_V1(metering_rated_total_trans);
+Datum
+metering_rated_total_trans(PG_FUNCTION_ARGS)
+{
+	Point		p;
+	Numeric		price;
+
+	if (PG_ARGISNULL(1) || PG_ARGISNULL(2))
+	{
+		if (PG_ARGISNULL(0))
+			PG_RETURN_NULL();
+		PG_RETURN_DATUM(PG_GETARG_DATUM(0));
+	}
+	InitPoint(&p, PG_GETARG_TEXT_PP(1), PG_GETARG_NUMERIC(2), PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3),
+			  PG_ARGISNULL(4) ? NULL : PG_GETARG_TEXT_PP(4), AtOrNow(fcinfo, 5));
+	price = PriceOf(&p, PG_ARGISNULL(0) ? int64_to_numeric(0) : PG_GETARG_NUMERIC(0));
+	PG_RETURN_NUMERIC(price);
+}
+
+/*
+ * metering.rate_explain(service, qty, metadata, tenant, at): one row per
+ * group that something matched, default group first.
+ */
+PG_FUNCTION_INFO_V1(metering_rate_explain);
+Datum
+metering_rate_explain(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Point		p;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	InitPoint(&p, PG_GETARG_TEXT_PP(0), PG_GETARG_NUMERIC(1), PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2),
+			  PG_ARGISNULL(3) ? NULL : PG_GETARG_TEXT_PP(3), AtOrNow(fcinfo, 4));
+	if (!RatePoint(&p))
+		PG_RETURN_NULL();
+	for (int g = 0; g < p.cache->ngroups; g++)
+	{
+		HmGroupState *s = &p.groups[g];
+		Datum		values[8];
+		bool		nulls[8] = {false};
+
+		if (!s->seen)
+			continue;
+		values[0] = p.cache->group_names[g] ? CStringGetTextDatum(p.cache->group_names[g]) : (Datum) 0;
+		nulls[0] = p.cache->group_names[g] == NULL;
+		values[1] = NumericGetDatum(s->flat);
+		values[2] = NumericGetDatum(s->rate);
+		values[3] = s->thr_level ? NumericGetDatum(s->thr_level) : (Datum) 0;
+		nulls[3] = s->thr_level == NULL;
+		values[4] = NumericGetDatum(GroupPrice(&p, s));
+		values[5] = s->thr_level ? NumericGetDatum(s->thr_cost) : (Datum) 0;
+		nulls[5] = s->thr_level == NULL;
+		values[6] = s->thr_level ? CStringGetTextDatum(s->thr_rate ? "rate" : "flat") : (Datum) 0;
+		nulls[6] = s->thr_level == NULL;
+		if (s->thr_level == NULL)
+		{
+			values[7] = (Datum) 0;
+			nulls[7] = true;
+		}
+		else if (s->thr_field < 0)
+			values[7] = CStringGetTextDatum("service");
+		else
+			values[7] = CStringGetTextDatum(psprintf("field %s", p.svc->fields[s->thr_field].name));
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
