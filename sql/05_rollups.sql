@@ -16,7 +16,7 @@ SELECT m.slug AS meter, e.subject, date_trunc('hour', e.time, 'UTC') AS bucket,
                                 WHEN 'UNIQUE_COUNT' THEN metering._meter_text(e.data, m.value_property) IS NOT NULL
                                 ELSE metering._meter_number(e.data, m.value_property) IS NOT NULL END) AS valued,
        CASE WHEN m.aggregation IN ('SUM', 'AVG') THEN coalesce(sum(metering._meter_number(e.data, m.value_property)), 0) END AS sum,
-       CASE WHEN m.aggregation = 'MIN' THEN min(metering._meter_number(e.data, m.value_property)) END AS min,
+       CASE WHEN m.aggregation IN ('MIN', 'SUM') THEN min(metering._meter_number(e.data, m.value_property)) END AS min,
        CASE WHEN m.aggregation = 'MAX' THEN max(metering._meter_number(e.data, m.value_property)) END AS max,
        min(e.time) AS first_time, max(e.time) AS last_time
   FROM metering.events e

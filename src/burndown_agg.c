@@ -131,9 +131,10 @@ GrantInterval(const char *s, int i)
 		iv = NULL;
 	}
 	PG_END_TRY();
+	/* as the SQL side's interval '1000 years' (PostgreSQL counts a month as 30 days there) */
 	if (iv == NULL || !IntervalIsAtLeast(iv, USECS_PER_HOUR) ||
-		(double) iv->month * 31 * USECS_PER_DAY + (double) iv->day * USECS_PER_DAY + (double) iv->time >
-		1000.0 * 366 * USECS_PER_DAY)
+		(double) iv->month * 30 * USECS_PER_DAY + (double) iv->day * USECS_PER_DAY + (double) iv->time >
+		1000.0 * 360 * USECS_PER_DAY)
 		BadGrants(psprintf("grant %d: \"recurrence\" must be an interval from an hour to 1000 years", i));
 	return *iv;
 }
@@ -172,8 +173,8 @@ ParseGrants(BurndownState *st, Jsonb *grants)
 		{
 			/* no id: the grant's position, so that results can name it */
 			memset(g->id.data, 0, UUID_LEN);
-			g->id.data[UUID_LEN - 1] = (uint8) (i & 0xFF);
-			g->id.data[UUID_LEN - 2] = (uint8) ((i >> 8) & 0xFF);
+			for (int b = 0; b < 4; b++)
+				g->id.data[UUID_LEN - 1 - b] = (uint8) ((i >> (8 * b)) & 0xFF);
 		}
 		f = Field(obj, "amount", &buf);
 		if (f == NULL || f->type != jbvNumeric ||
@@ -259,13 +260,20 @@ Accumulate(BurndownState *st, Numeric amount)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("burndown usage must be a finite number")));
-	/* integers in int32 range: add as int64 */
+	/*
+	 * Integers in int32 range: add as int64.  A negative amount (a
+	 * correction) is not usage, as for entitlements.
+	 */
 	if (DatumGetInt32(DirectFunctionCall1(numeric_scale, NumericGetDatum(amount))) == 0)
 	{
 		i = numeric_int4_opt_error(amount, &error);
+		if (!error && i < 0)
+			return;
 		if (!error && !pg_add_s64_overflow(st->int_acc, (int64) i, &st->int_acc))
 			return;
 	}
+	if (BdCmp(amount, st->engine.zero) < 0)
+		return;
 	{
 		MemoryContext old = MemoryContextSwitchTo(st->cxt);
 		Numeric		sum = st->num_acc ? BdAdd(st->num_acc, amount)

@@ -332,7 +332,8 @@ StopInside(TimestampTz *stops, int n, TimestampTz lo, TimestampTz hi)
 static const char *
 UsageSql(int which, bool count, bool filtered)
 {
-	const char *value = count ? "1::numeric" : "metering._meter_number(e.data, $6)";
+	/* negative values (corrections) are not usage: see ReadUsage */
+	const char *value = count ? "1::numeric" : "greatest(metering._meter_number(e.data, $6), 0)";
 	const char *filter = filtered ? "AND metering._meter_groups(e.data, $7) @> $8" : "";
 	const char *rfilter = filtered ? "AND r.groups @> $8" : "";
 
@@ -343,8 +344,9 @@ UsageSql(int which, bool count, bool filtered)
 							"WHERE e.seq > $1 AND e.type = $2 AND e.subject = $3 AND e.time < $5 %s",
 							value, filter);
 		case 1:				/* rollup buckets */
-			return psprintf("SELECT r.bucket, r.first_time, r.last_time, %s FROM metering.meter_rollups r "
-							"WHERE r.meter = $9 AND r.subject = $3 AND r.bucket >= $4 AND r.bucket < $5 %s",
+			return psprintf("SELECT r.bucket, r.first_time, r.last_time, %s, r.min FROM metering.meter_rollups r "
+							"WHERE r.meter = $9 AND r.subject = $3 AND r.bucket >= $4 AND r.bucket < $5 %s "
+							"ORDER BY r.bucket",
 							count ? "r.events::numeric" : "r.sum", rfilter);
 		default:
 
@@ -442,11 +444,28 @@ ReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *stops
 			TimestampTz bucket = DatumGetTimestampTz(GetCol(i, 1, &isnull));
 			TimestampTz first = DatumGetTimestampTz(GetCol(i, 2, &isnull));
 			TimestampTz last = DatumGetTimestampTz(GetCol(i, 3, &isnull));
-			Datum		amount = CopyCol(i, 4, &isnull);
+			bool		negative = false;
+			Datum		amount;
 
+			if (!ent->count)
+			{
+				Datum		min = GetCol(i, 5, &isnull);
+
+				/* no minimum: no numeric value, or a rollup older than 0.2.0 */
+				negative = isnull || BdCmp(DatumGetNumeric(min), int64_to_numeric(0)) < 0;
+			}
+			amount = CopyCol(i, 4, &isnull);
 			if (last < from || first >= to || isnull)
 				continue;
-			if (first < from || StopInside(stops, nstops, first, last))
+
+			/*
+			 * A bucket is read event by event when an instant the engine stops
+			 * at falls inside it, or when it holds a negative value: a
+			 * correction is not usage (an entitlement counts only the
+			 * positive values, so that the answer never depends on where
+			 * negative and positive values happen to be netted).
+			 */
+			if (negative || first < from || StopInside(stops, nstops, first, last))
 			{
 				if (nsplit == 0 || DatumGetTimestampTz(split[nsplit - 1]) != bucket)
 				{
@@ -609,6 +628,14 @@ SnapshotInputs(Entitlement *ent, TimestampTz x)
 	return (int64) (h ^ (grants * UINT64CONST(0x9E3779B97F4A7C15)));
 }
 
+static int
+CompareSnapIds(const void *a, const void *b, void *arg)
+{
+	EntSnapshot *snap = (EntSnapshot *) arg;
+
+	return memcmp(snap->ids[*(const int *) a].data, snap->ids[*(const int *) b].data, UUID_LEN);
+}
+
 /*
  * Starts the engine from the snapshot, if it was computed from the same
  * inputs and every grant active at its instant is in it.
@@ -616,25 +643,43 @@ SnapshotInputs(Entitlement *ent, TimestampTz x)
 static bool
 StartFromSnapshot(BdEngine *e, Entitlement *ent, EntSnapshot *snap)
 {
+	int		   *order;
+
 	if (snap->inputs != SnapshotInputs(ent, snap->at))
 		return false;
 	BdRestore(e, &ent->plan, ent->grants, ent->ngrants, snap->at, snap->usage,
 			  snap->grant_usage, snap->overage);
+	/* the snapshot's grants by id, found by bisection (there may be thousands) */
+	order = palloc(sizeof(int) * Max(snap->n, 1));
+	for (int j = 0; j < snap->n; j++)
+		order[j] = j;
+	qsort_arg(order, snap->n, sizeof(int), CompareSnapIds, snap);
 	for (int i = 0; i < e->ngrants; i++)
 	{
 		BdGrant    *g = &e->grants[i];
-		bool		found = false;
+		int			lo = 0,
+					hi = snap->n;
 
 		g->balance = e->zero;
-		for (int j = 0; j < snap->n && !found; j++)
-			if (memcmp(snap->ids[j].data, g->id.data, UUID_LEN) == 0)
+		while (lo < hi)
+		{
+			int			mid = (lo + hi) / 2;
+			int			c = memcmp(snap->ids[order[mid]].data, g->id.data, UUID_LEN);
+
+			if (c == 0)
 			{
-				g->balance = snap->balances[j];
-				found = true;
+				g->balance = snap->balances[order[mid]];
+				break;
 			}
-		if (!found && BdActive(g, snap->at))
+			if (c < 0)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		if (lo >= hi && BdActive(g, snap->at))
 			return false;
 	}
+	pfree(order);
 	return true;
 }
 
@@ -723,6 +768,7 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 		Numeric		phase = e->zero;
 		BdCut		cut;
 
+		CHECK_FOR_INTERRUPTS();
 		while (next < usage.n && usage.points[next].time < stops[i])
 			phase = BdAdd(phase, usage.points[next++].amount);
 		BdPhase(e, phase, stops[i]);
@@ -876,12 +922,15 @@ Datum
 metering_grant_balances(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	pg_uuid_t  *id = PG_GETARG_UUID_P(0);
+	pg_uuid_t  *id;
 	TimestampTz at = NowOr(fcinfo, 1, "at");
 	Entitlement ent;
 	BdEngine	e;
 
 	InitMaterializedSRF(fcinfo, 0);
+	if (PG_ARGISNULL(0))
+		return (Datum) 0;		/* no entitlement: no grants */
+	id = PG_GETARG_UUID_P(0);
 	SPI_connect();
 	LoadMetered(&ent, id);
 	if (EntActive(&ent, at))
@@ -1066,7 +1115,7 @@ Datum
 metering_burndown_history(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	pg_uuid_t  *id = PG_GETARG_UUID_P(0);
+	pg_uuid_t  *id;
 	Entitlement ent;
 	BdEngine	e;
 	HistoryObserver h;
@@ -1074,6 +1123,9 @@ metering_burndown_history(PG_FUNCTION_ARGS)
 				to;
 
 	InitMaterializedSRF(fcinfo, 0);
+	if (PG_ARGISNULL(0))
+		return (Datum) 0;
+	id = PG_GETARG_UUID_P(0);
 	SPI_connect();
 	LoadMetered(&ent, id);
 	from = PG_ARGISNULL(1) ? ent.plan.measure_from : PG_GETARG_TIMESTAMPTZ(1);
@@ -1105,14 +1157,24 @@ Windows(text *unit, text *zone, TimestampTz from, TimestampTz to, int *n)
 	int64		count = 0;
 	TimestampTz t;
 	char	   *u = text_to_cstring(unit);
-	int64		step = strcmp(u, "hour") == 0 ? 90 * USECS_PER_MINUTE : 36 * USECS_PER_HOUR;
+	int64		step;
 
+	/* past the grid point of t, but not past the next one (days are 23 to 25 hours) */
+	if (strcmp(u, "hour") == 0)
+		step = 90 * USECS_PER_MINUTE;
+	else if (strcmp(u, "day") == 0)
+		step = 36 * USECS_PER_HOUR;
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("window_size must be HOUR or DAY, not \"%s\"", u)));
 	w = palloc(sizeof(TimestampTz) * cap);
 	*n = 0;
 	t = from;
 	while (t < to)
 	{
-		TimestampTz next;
+		TimestampTz base,
+					next;
 
 		BdCountCut(&count);
 		if (*n == cap)
@@ -1121,15 +1183,14 @@ Windows(text *unit, text *zone, TimestampTz from, TimestampTz to, int *n)
 			w = repalloc_huge(w, sizeof(TimestampTz) * cap);
 		}
 		w[(*n)++] = t;
+		/* the next grid point after t; the first window may start off the grid */
+		base = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, PointerGetDatum(unit),
+													   TimestampTzGetDatum(t), PointerGetDatum(zone)));
 		next = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, PointerGetDatum(unit),
-													   TimestampTzGetDatum(t + step), PointerGetDatum(zone)));
-		/* the grid's next start after t (t itself may be off the grid) */
-		if (next - step > t)
-			next = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, PointerGetDatum(unit),
-														   TimestampTzGetDatum(t), PointerGetDatum(zone))) + 0;
-		while (next <= t)
-			next = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_trunc_zone, PointerGetDatum(unit),
-														   TimestampTzGetDatum(next + step), PointerGetDatum(zone)));
+													   TimestampTzGetDatum(base + step), PointerGetDatum(zone)));
+		if (next <= t)
+			elog(ERROR, "the %s grid of time zone %s does not advance at %s", u, text_to_cstring(zone),
+				 timestamptz_to_str(t));
 		t = next;
 	}
 	return w;
@@ -1178,16 +1239,25 @@ Datum
 metering_balance_history(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	pg_uuid_t  *id = PG_GETARG_UUID_P(0);
+	pg_uuid_t  *id;
 	Entitlement ent;
 	BdEngine	e;
 	WindowObserver w;
 	TimestampTz from,
 				to;
-	text	   *unit = PG_GETARG_TEXT_PP(3);
-	text	   *zone = PG_GETARG_TEXT_PP(4);
+	text	   *unit;
+	text	   *zone;
 
 	InitMaterializedSRF(fcinfo, 0);
+	if (PG_ARGISNULL(0))
+		return (Datum) 0;
+	if (PG_ARGISNULL(3) || PG_ARGISNULL(4))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("window_size and window_time_zone are required")));
+	id = PG_GETARG_UUID_P(0);
+	unit = PG_GETARG_TEXT_PP(3);
+	zone = PG_GETARG_TEXT_PP(4);
 	SPI_connect();
 	LoadMetered(&ent, id);
 	from = PG_ARGISNULL(1) ? ent.plan.measure_from : PG_GETARG_TIMESTAMPTZ(1);
@@ -1272,12 +1342,28 @@ SnapshotOne(pg_uuid_t *id)
 	bool		written;
 	int			ret;
 
-	/* grant and reset changes of this entitlement wait for us, and we for them */
+	/*
+	 * Grant, void and reset writers of this entitlement wait for us; if one
+	 * is at work, skip it rather than wait (its change drops the snapshots it
+	 * reaches and queues the entitlement for the next refresh anyway).
+	 */
 	ret = SPI_execute_plan(Prepare(&lock_plan,
-								   "SELECT 1 FROM metering.entitlements WHERE id = $1 FOR SHARE",
+								   "SELECT 1 FROM metering.entitlements WHERE id = $1 FOR SHARE SKIP LOCKED",
 								   1, types), args, NULL, false, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed == 0)
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not lock the entitlement: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+	{
+		static SPIPlanPtr queue_plan = NULL;
+
+		ret = SPI_execute_plan(Prepare(&queue_plan,
+									   "INSERT INTO metering.entitlement_snapshot_queue "
+									   "SELECT $1 WHERE EXISTS (SELECT 1 FROM metering.entitlements WHERE id = $1) "
+									   "ON CONFLICT DO NOTHING", 1, types), args, NULL, false, 0);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "could not queue the entitlement: %s", SPI_result_code_string(ret));
 		return false;
+	}
 
 	/*
 	 * The reads below are read-only SPI calls, which use the active snapshot:
@@ -1314,14 +1400,16 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	if (!from_snapshot)
 		BdInit(&e, &ent.plan, ent.grants, ent.ngrants);
 	x = e.state.at;
-	BdCheckCuts(&e, now);
 	for (;;)
 	{
 		TimestampTz c = BdNextCut(&e);
 
 		if (c > now)
 			break;
-		BdCountCut(&cuts);
+		/* too long a history to replay: no snapshot (queries say why) */
+		CHECK_FOR_INTERRUPTS();
+		if (++cuts > BD_MAX_CUTS)
+			return false;
 		BdAdvance(&e, e.zero, c, NULL);
 		x = c;
 	}
@@ -1353,15 +1441,21 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		iargs[6] = PointerGetDatum(construct_array(bals, n, NUMERICOID, -1, false, TYPALIGN_INT));
 		iargs[7] = Int64GetDatum(SnapshotInputs(&ent, x));
 		ret = SPI_execute_plan(Prepare(&insert_plan,
-									   "INSERT INTO metering.entitlement_snapshots "
+									   "INSERT INTO metering.entitlement_snapshots AS s "
 									   "(entitlement_id, at, usage, grant_usage, overage, grant_ids, balances, inputs) "
 									   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-									   "ON CONFLICT (entitlement_id, at) DO NOTHING",
+									   "ON CONFLICT (entitlement_id, at) DO UPDATE SET usage = EXCLUDED.usage, "
+									   "grant_usage = EXCLUDED.grant_usage, overage = EXCLUDED.overage, "
+									   "grant_ids = EXCLUDED.grant_ids, balances = EXCLUDED.balances, "
+									   "inputs = EXCLUDED.inputs, created_at = EXCLUDED.created_at "
+									   "WHERE (s.usage, s.grant_usage, s.overage, s.grant_ids, s.balances, s.inputs) "
+									   "IS DISTINCT FROM (EXCLUDED.usage, EXCLUDED.grant_usage, EXCLUDED.overage, "
+									   "EXCLUDED.grant_ids, EXCLUDED.balances, EXCLUDED.inputs)",
 									   8, itypes), iargs, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "could not write the snapshot: %s", SPI_result_code_string(ret));
 	}
-	return true;
+	return SPI_processed > 0;
 }
 
 /* Writes the snapshots of the entitlements in SPI_tuptable (ids in column 1). */
@@ -1386,9 +1480,12 @@ SnapshotFound(void)
 											ALLOCSET_DEFAULT_SIZES);
 	for (int i = 0; i < n; i++)
 	{
+		/* a connection of its own, so that its query results go with it */
 		old = MemoryContextSwitchTo(per_entitlement);
+		SPI_connect();
 		if (SnapshotOne(&ids[i]))
 			written++;
+		SPI_finish();
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(per_entitlement);
 	}
@@ -1488,7 +1585,24 @@ metering_refresh_snapshots(PG_FUNCTION_ARGS)
 	int64		written;
 	int			ret;
 
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("metering.refresh_snapshots must run at READ COMMITTED"),
+				 errhint("Call it in its own READ COMMITTED transaction.")));
 	SPI_connect();
+
+	/*
+	 * Refreshes and event deletions of the features' meters wait for us, and
+	 * we for them: they drop the snapshots their events reach, and must see
+	 * ours to do so.
+	 */
+	ret = SPI_execute("SELECT 1 FROM metering.meter_rollup_state s "
+					  "WHERE s.meter IN (SELECT f.meter_slug FROM metering.features f) "
+					  "ORDER BY s.meter FOR SHARE", false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not lock the meters: %s", SPI_result_code_string(ret));
+	CommandCounterIncrement();
 	ret = SPI_execute_with_args("SELECT n.id FROM metering.entitlements n "
 								"WHERE n.type = 'metered' AND n.deleted_at IS NULL "
 								"  AND ($1 IS NULL OR n.id = $1) ORDER BY n.id",

@@ -99,9 +99,11 @@ ParseClockValue(const char *str, TimestampTz *result)
 	{
 		ok = DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) == 0 &&
 			dtype == DTK_DATE &&
-			tt.tm_year >= 1 && tt.tm_year <= 9999 &&
 			tm2timestamp(&tt, fsec, &tz, result) == 0 &&
-			IS_VALID_TIMESTAMP(*result);
+			IS_VALID_TIMESTAMP(*result) &&
+			/* years 1 to 9999 in UTC (the canonical spelling has no BC) */
+			*result >= (TimestampTz) (date2j(1, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY &&
+			*result < (TimestampTz) (date2j(10000, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
 	}
 	PG_CATCH();
 	{

@@ -372,6 +372,9 @@ RollupFlush(RollupBuffer *buf)
 					sum = DatumGetNumeric(DirectFunctionCall2(numeric_add,
 															  NumericGetDatum(sum),
 															  NumericGetDatum(e->value)));
+					/* entitlements read a bucket with a negative value event by event */
+					if (m->agg == METER_SUM && (min == NULL || NumericCompare(e->value, min) < 0))
+						min = e->value;
 					break;
 				case METER_MIN:
 					if (min == NULL || NumericCompare(e->value, min) < 0)
@@ -522,6 +525,17 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 
 	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
 		elog(ERROR, "could not register the transition table of metering.events");
+	/* deleted meters have no rollups, but their entitlements may have snapshots */
+	if (snapshots)
+	{
+		int			ret = SPI_execute("SELECT metering._events_changed(f.meter_slug, array_agg(o.subject), array_agg(o.time)) "
+									  "FROM old_events o JOIN metering.meters m ON m.event_type = o.type AND m.deleted_at IS NOT NULL "
+									  "JOIN metering.features f ON f.meter_slug = m.slug GROUP BY f.meter_slug",
+									  false, 0);
+
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not update the snapshots of deleted meters: %s", SPI_result_code_string(ret));
+	}
 
 	for (int i = 0; i < buf->nmeters; i++)
 	{

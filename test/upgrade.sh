@@ -24,6 +24,11 @@ SELECT line FROM (
   SELECT 'function ' || p.oid::regprocedure || ' ' || md5(pg_get_functiondef(p.oid))
     FROM pg_proc p WHERE p.pronamespace = 'metering'::regnamespace AND p.prokind <> 'a'
   UNION ALL
+  SELECT 'aggregate ' || a.aggfnoid::regprocedure || ' ' || a.aggtransfn::regprocedure || ' ' || a.aggfinalfn::regproc
+         || ' ' || a.aggcombinefn::regproc || ' ' || a.aggtranstype::regtype || ' ' || coalesce(a.agginitval, '')
+         || ' ' || p.proparallel
+    FROM pg_aggregate a JOIN pg_proc p ON p.oid = a.aggfnoid WHERE p.pronamespace = 'metering'::regnamespace
+  UNION ALL
   SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
          || ' ' || a.attnotnull || ' ' || coalesce(pg_get_expr(ad.adbin, ad.adrelid), '') || ' -- ' || coalesce(col_description(c.oid, a.attnum), '')
     FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
@@ -80,7 +85,7 @@ SELECT metering.create_grant(id, 10000, '2024-06-01') FROM metering.entitlements
 check "entitlements work after the update" \
   "$(q $old "SELECT balance || ' ' || usage FROM metering.entitlement_value('acme', 'f', '2024-06-01 11:00+00')")" "4950 5050"
 q $old "SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"late\", \"source\": \"s\", \"type\": \"e\", \"subject\": \"acme\", \"time\": \"2024-06-01T11:00:00Z\", \"data\": {\"v\": 50}}')" >/dev/null
-check "and refresh_rollups saves their snapshots" \
-  "$(q $old "SET metering.now = '2024-06-01 12:00:00+00'; SELECT metering.refresh_rollups(); SELECT count(*) FROM metering.entitlement_snapshots")" "1
+check "the first refresh rebuilds the rollups (all 101 events) and saves their snapshots" \
+  "$(q $old "SET metering.now = '2024-06-01 12:00:00+00'; SELECT metering.refresh_rollups(); SELECT count(*) FROM metering.entitlement_snapshots")" "101
 1"
 dropdb $old; dropdb $new

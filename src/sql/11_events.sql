@@ -63,7 +63,7 @@ COMMENT ON COLUMN metering.meter_rollups.groups IS 'the group values of the mete
 COMMENT ON COLUMN metering.meter_rollups.events IS 'events in the bucket';
 COMMENT ON COLUMN metering.meter_rollups.valued IS 'events whose value the meter could use';
 COMMENT ON COLUMN metering.meter_rollups.sum IS 'sum of the values (SUM and AVG meters)';
-COMMENT ON COLUMN metering.meter_rollups.min IS 'smallest value (MIN meters)';
+COMMENT ON COLUMN metering.meter_rollups.min IS 'smallest value (MIN and SUM meters)';
 COMMENT ON COLUMN metering.meter_rollups.max IS 'largest value (MAX meters)';
 COMMENT ON COLUMN metering.meter_rollups.first_time IS 'first event instant in the bucket';
 COMMENT ON COLUMN metering.meter_rollups.last_time IS 'last event instant in the bucket';

@@ -68,7 +68,9 @@ BEGIN
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
   ELSE
-    SELECT * INTO m FROM metering.meters WHERE slug = NEW.meter_slug AND deleted_at IS NULL;
+    -- a restored feature (created earlier) may name a meter deleted since
+    SELECT * INTO m FROM metering.meters WHERE slug = NEW.meter_slug
+       AND (deleted_at IS NULL OR NEW.created_at <> metering.now());
     IF NOT FOUND THEN
       RAISE EXCEPTION 'feature "%": meter "%" does not exist', NEW.key, NEW.meter_slug
         USING ERRCODE = 'foreign_key_violation';
@@ -98,7 +100,13 @@ BEGIN
                                        FROM jsonb_each(NEW.meter_group_by_filters));
     END IF;
   END IF;
-  NEW.updated_at := NEW.created_at;
+  IF NEW.created_at = metering.now() THEN
+    NEW.updated_at := NEW.created_at;
+    IF NEW.archived_at IS NOT NULL OR NEW.deleted_at IS NOT NULL THEN
+      RAISE EXCEPTION 'feature "%": a new feature is neither archived nor deleted', NEW.key
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+  END IF;
   RETURN NEW;
 END $$;
 COMMENT ON FUNCTION metering._features_before_insert() IS 'internal: validates a feature';
@@ -106,9 +114,11 @@ COMMENT ON FUNCTION metering._features_before_insert() IS 'internal: validates a
 CREATE FUNCTION metering._features_before_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF (NEW.id, NEW.key, NEW.name, NEW.meter_slug, NEW.meter_group_by_filters, NEW.metadata, NEW.created_at)
-     IS DISTINCT FROM
-     (OLD.id, OLD.key, OLD.name, OLD.meter_slug, OLD.meter_group_by_filters, OLD.metadata, OLD.created_at) THEN
+  -- compared as JSON, where '1 mon' and '30 days' differ and no column is forgotten
+  IF (to_jsonb(NEW) - 'archived_at' - 'deleted_at' - 'updated_at')
+     IS DISTINCT FROM (to_jsonb(OLD) - 'archived_at' - 'deleted_at' - 'updated_at')
+     OR (NEW.updated_at IS DISTINCT FROM OLD.updated_at
+         AND NOT (NEW.archived_at IS DISTINCT FROM OLD.archived_at OR NEW.deleted_at IS DISTINCT FROM OLD.deleted_at)) THEN
     RAISE EXCEPTION 'feature "%" is immutable: it can only be archived or deleted', OLD.key
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;

@@ -60,6 +60,11 @@ BEGIN
       CASE WHEN f.deleted_at IS NOT NULL THEN 'deleted' ELSE 'archived' END
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
+  IF NEW.deleted_at IS NOT NULL AND (NEW.created_at = metering.now() OR NOT isfinite(NEW.deleted_at)
+                                     OR NEW.deleted_at < NEW.created_at) THEN
+    RAISE EXCEPTION 'entitlement: a new entitlement is not deleted (a restored one was deleted after its creation)'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
   IF NEW.feature_key IS NOT NULL AND NEW.feature_key <> f.key THEN
     RAISE EXCEPTION 'feature_key "%" is not the key of feature % ("%")', NEW.feature_key, f.id, f.key
       USING ERRCODE = 'invalid_parameter_value';
@@ -136,13 +141,12 @@ COMMENT ON FUNCTION metering._entitlements_after_insert() IS 'internal: the gran
 CREATE FUNCTION metering._entitlements_before_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF (NEW.id, NEW.subject, NEW.feature_id, NEW.feature_key, NEW.type, NEW.config, NEW.usage_period,
-      NEW.usage_period_anchor, NEW.measure_usage_from, NEW.is_soft_limit, NEW.issue_after_reset,
-      NEW.issue_after_reset_priority, NEW.preserve_overage_at_reset, NEW.metadata, NEW.created_at)
-     IS DISTINCT FROM
-     (OLD.id, OLD.subject, OLD.feature_id, OLD.feature_key, OLD.type, OLD.config, OLD.usage_period,
-      OLD.usage_period_anchor, OLD.measure_usage_from, OLD.is_soft_limit, OLD.issue_after_reset,
-      OLD.issue_after_reset_priority, OLD.preserve_overage_at_reset, OLD.metadata, OLD.created_at) THEN
+  -- an update that changes nothing is skipped (it would only renew the row's xmin)
+  IF to_jsonb(NEW) = to_jsonb(OLD) THEN
+    RETURN NULL;
+  END IF;
+  -- compared as JSON, where '1 mon' and '30 days' differ
+  IF (to_jsonb(NEW) - 'deleted_at') IS DISTINCT FROM (to_jsonb(OLD) - 'deleted_at') THEN
     RAISE EXCEPTION 'entitlements are immutable: they can only be deleted'
       USING ERRCODE = 'object_not_in_prerequisite_state',
             DETAIL = format('Entitlement %s of subject %s to feature %s.', OLD.id, OLD.subject, OLD.feature_key),

@@ -196,7 +196,8 @@ BEGIN
     -- in the same transaction (issue_after_reset, a migration)
     period_start := metering._period_start(e.id, metering.now());
     IF NEW.effective_at < period_start
-       AND NOT metering._made_by_us((SELECT x.xmin FROM metering.entitlements x WHERE x.id = e.id)) THEN
+       AND NOT (e.created_at = metering.now()
+                AND metering._made_by_us((SELECT x.xmin FROM metering.entitlements x WHERE x.id = e.id))) THEN
       RAISE EXCEPTION 'grant effective_at % is before the start of the current usage period (%)',
         NEW.effective_at, period_start
         USING ERRCODE = 'invalid_parameter_value', HINT = 'Grants are not retroactive.';
@@ -212,13 +213,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
   now timestamptz := metering._minute(metering.now(), 'metering.now()');
 BEGIN
-  IF (NEW.id, NEW.entitlement_id, NEW.amount, NEW.priority, NEW.effective_at, NEW.expiration,
-      NEW.expires_at, NEW.recurrence, NEW.recurrence_anchor, NEW.min_rollover_amount,
-      NEW.max_rollover_amount, NEW.metadata, NEW.created_at)
-     IS DISTINCT FROM
-     (OLD.id, OLD.entitlement_id, OLD.amount, OLD.priority, OLD.effective_at, OLD.expiration,
-      OLD.expires_at, OLD.recurrence, OLD.recurrence_anchor, OLD.min_rollover_amount,
-      OLD.max_rollover_amount, OLD.metadata, OLD.created_at) THEN
+  -- compared as JSON, where '1 mon' and '30 days' differ
+  IF (to_jsonb(NEW) - 'voided_at' - 'deleted_at') IS DISTINCT FROM (to_jsonb(OLD) - 'voided_at' - 'deleted_at') THEN
     RAISE EXCEPTION 'grants are immutable: they can only be voided or deleted'
       USING ERRCODE = 'object_not_in_prerequisite_state', DETAIL = format('Grant %s.', OLD.id);
   END IF;
@@ -497,3 +493,35 @@ CREATE AGGREGATE metering.burndown(at timestamptz, amount numeric, grants jsonb,
 );
 COMMENT ON AGGREGATE metering.burndown(timestamptz, numeric, jsonb, timestamptz) IS
   'the same, counting rows before `until` and returning the balances at `until` (activations, expiries and refills up to it applied)';
+
+-- TRUNCATE is a wipe, not a change: what the snapshots were computed from is
+-- gone, so they go too
+CREATE FUNCTION metering._entitlement_tables_truncated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM metering.entitlement_snapshots;
+  DELETE FROM metering.entitlement_snapshot_queue;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._entitlement_tables_truncated() IS
+  'internal: TRUNCATE of grants or resets drops every entitlement snapshot';
+CREATE TRIGGER grants_truncated AFTER TRUNCATE ON metering.grants
+  FOR EACH STATEMENT EXECUTE FUNCTION metering._entitlement_tables_truncated();
+CREATE TRIGGER resets_truncated AFTER TRUNCATE ON metering.resets
+  FOR EACH STATEMENT EXECUTE FUNCTION metering._entitlement_tables_truncated();
+
+-- a deleted meter has no rollups and no refreshes: its entitlements'
+-- snapshots go (their answers come from the events from then on)
+CREATE FUNCTION metering._meter_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM metering.entitlement_snapshots s
+   USING metering.entitlements e, metering.features f
+   WHERE s.entitlement_id = e.id AND e.feature_id = f.id AND f.meter_slug = NEW.slug;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._meter_deleted() IS
+  'internal: deleting a meter drops the snapshots of the entitlements that count it';
+CREATE TRIGGER meters_deleted_snapshots AFTER UPDATE OF deleted_at ON metering.meters
+  FOR EACH ROW WHEN (OLD.deleted_at IS NULL AND NEW.deleted_at IS NOT NULL)
+  EXECUTE FUNCTION metering._meter_deleted();

@@ -44,3 +44,10 @@ END $$;
 COMMENT ON FUNCTION metering._events_truncate() IS 'internal: TRUNCATE of events empties the rollups and the snapshots, and resets the watermarks';
 -- its trigger's comment follows the function's (src/sql/95_object_comments.sql writes it again)
 COMMENT ON TRIGGER events_truncate ON metering.events IS NULL;
+
+-- rollups of SUM meters now keep their minimum (entitlements read buckets
+-- with negative values event by event): the next refresh_rollups() rebuilds
+-- them all
+DELETE FROM metering.meter_rollups;
+UPDATE metering.meter_rollup_state SET rolled_up_to = 0;
+COMMENT ON COLUMN metering.meter_rollups.min IS 'smallest value (MIN and SUM meters)';
