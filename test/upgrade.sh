@@ -26,7 +26,7 @@ SELECT line FROM (
   UNION ALL
   SELECT 'aggregate ' || a.aggfnoid::regprocedure || ' ' || a.aggtransfn::regprocedure || ' ' || a.aggfinalfn::regproc
          || ' ' || a.aggcombinefn::regproc || ' ' || a.aggtranstype::regtype || ' ' || coalesce(a.agginitval, '')
-         || ' ' || p.proparallel
+         || ' ' || p.proparallel::text
     FROM pg_aggregate a JOIN pg_proc p ON p.oid = a.aggfnoid WHERE p.pronamespace = 'metering'::regnamespace
   UNION ALL
   SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
