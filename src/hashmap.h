@@ -22,12 +22,14 @@ typedef struct HmRule
 	bool		rate;			/* map_type rate, else flat */
 	Numeric		cost;
 	Numeric		level;			/* thresholds only */
+	bool		reachable;		/* thresholds: level > -1 (lower levels never apply) */
 } HmRule;
 
 /*
  * The rules of one key (a service's mappings, a field value's mappings, a
  * service's or a field's thresholds): the global ones first, then the
- * tenants' in tenant order, so that one tenant's are found by bisection.
+ * tenants' in tenant order, so that one tenant's are found by bisection;
+ * thresholds by level, highest first, within each.
  */
 typedef struct HmRuleList
 {

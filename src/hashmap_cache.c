@@ -25,6 +25,7 @@
 #include "miscadmin.h"
 #include "storage/proc.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/datum.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -165,7 +166,8 @@ static const char *RulesSql =
 "  LEFT JOIN metering.hashmap_services fs ON fs.id = f.service_id "
 " WHERE r.stop IS NULL OR r.stop > r.start "
 " ORDER BY coalesce(s.name, fs.name) COLLATE \"C\", f.name COLLATE \"C\" NULLS FIRST, "
-"          r.value COLLATE \"C\" NULLS FIRST, r.tenant_id COLLATE \"C\" NULLS FIRST, coalesce(g.gi, 0), r.start";
+"          r.value COLLATE \"C\" NULLS FIRST, r.tenant_id COLLATE \"C\" NULLS FIRST, r.level DESC, "
+"          coalesce(g.gi, 0), r.start";
 
 static HmService *
 ServiceFor(HmCache *c, const char *name, int *nservices, int cap)
@@ -240,6 +242,9 @@ LoadRules(HmCache *c, char which, int *nservices, int cap)
 		rule.group = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
 		d = SPI_getbinval(tup, desc, 5, &isnull);
 		rule.level = isnull ? NULL : DatumGetNumericCopy(d);
+		rule.reachable = rule.level != NULL &&
+			DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(rule.level),
+											  NumericGetDatum(int64_to_numeric(-1)))) > 0;
 		rule.cost = DatumGetNumericCopy(SPI_getbinval(tup, desc, 6, &isnull));
 		rule.rate = DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull));
 		rule.tenant = TextCol(i, 8);

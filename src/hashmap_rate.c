@@ -39,17 +39,33 @@ typedef struct Point
 {
 	HmCache    *cache;
 	HmService  *svc;
-	const char *service;
+	text	   *service_text;	/* the service, as given */
+	const char *service;		/* the same as a C string, made for messages only */
 	Numeric		qty;
 	Jsonb	   *metadata;
 	const char *tenant;			/* NULL: no tenant */
 	TimestampTz at;
 	HmGroupState *groups;
 	bool	   *overridden;		/* per group, for one rule list */
+	int			scratch_groups;	/* the size of groups and overridden */
+	MemoryContext scratch_cxt;	/* where they live */
 	Numeric		zero;
 	Numeric		one;
 	Numeric		minus_one;
 } Point;
+
+/* 0, 1 and -1, made once per backend */
+static Numeric const_zero,
+			const_one,
+			const_minus_one;
+
+static const char *
+ServiceName(Point *p)
+{
+	if (p->service == NULL)
+		p->service = text_to_cstring(p->service_text);
+	return p->service;
+}
 
 static Numeric
 Mul(Numeric a, Numeric b)
@@ -120,7 +136,7 @@ ApplyMapping(Point *p, const HmRule *r)
 	HmGroupState *s = GroupOf(p, r->group);
 
 	if (r->rate)
-		s->rate = Mul(s->rate, r->cost);
+		s->rate = s->rate == p->one ? r->cost : Mul(s->rate, r->cost);
 	else if (Cmp(r->cost, s->flat) > 0)
 		s->flat = r->cost;
 }
@@ -157,7 +173,7 @@ ReachThreshold(Point *p, const HmRule *r, int field)
 {
 	HmGroupState *s = GroupOf(p, r->group);
 
-	if (Cmp(r->level, p->minus_one) <= 0)
+	if (!r->reachable)
 		return;
 	if (s->thr_level == NULL || Cmp(r->level, s->thr_level) > 0)
 	{
@@ -182,24 +198,48 @@ Replaced(Point *p, const HmRuleList *list, int lo, int hi, const HmRule *g)
 	return false;
 }
 
+/*
+ * The thresholds of one parent that `value` reaches.  Each run of rules (the
+ * tenant's, then the global ones) is sorted by level, highest first: per
+ * group the first reached is that run's highest, and the rest of the group's
+ * rules need no comparison.  A group still counts as reached by a lower
+ * rule, as in the reference (it then prices, with flat 0, unless a mapping
+ * matched).
+ */
 static void
 ApplyThresholds(Point *p, const HmRuleList *list, Numeric value, int field)
 {
 	int			lo,
 				hi;
+	bool	   *done = p->overridden;	/* free between rule lists; reset below */
 
 	TenantRange(list, p->tenant, &lo, &hi);
 	/* the tenant's first: among equal levels the first reached wins */
 	for (int i = lo; i < hi; i++)
-		if (Applies(&list->rules[i], p->at) && Cmp(value, list->rules[i].level) >= 0)
-			ReachThreshold(p, &list->rules[i], field);
+	{
+		const HmRule *r = &list->rules[i];
+
+		if (!done[r->group] && Applies(r, p->at) && Cmp(value, r->level) >= 0)
+		{
+			ReachThreshold(p, r, field);
+			done[r->group] = true;
+		}
+	}
+	for (int i = lo; i < hi; i++)
+		done[list->rules[i].group] = false;
 	for (int i = 0; i < list->nglobal; i++)
 	{
 		const HmRule *r = &list->rules[i];
 
-		if (Applies(r, p->at) && Cmp(value, r->level) >= 0 && !Replaced(p, list, lo, hi, r))
+		if (!done[r->group] && Applies(r, p->at) && !Replaced(p, list, lo, hi, r) &&
+			Cmp(value, r->level) >= 0)
+		{
 			ReachThreshold(p, r, field);
+			done[r->group] = true;
+		}
 	}
+	for (int i = 0; i < list->nglobal; i++)
+		done[list->rules[i].group] = false;
 }
 
 /* Whether some threshold of the list applies to this point's tenant at its instant. */
@@ -301,7 +341,7 @@ ValueNumber(Point *p, HmField *f, JsonbValue *v)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("rating service \"%s\": field \"%s\" has thresholds, and its value %s is not a number",
-						p->service, f->name,
+						ServiceName(p), f->name,
 						text ? quote_literal_cstr(pnstrdup(text, Min(len, 200))) : "(an object or array)")));
 	}
 	return NULL;				/* not reached */
@@ -314,14 +354,21 @@ ValueNumber(Point *p, HmField *f, JsonbValue *v)
 static bool
 RatePoint(Point *p)
 {
-	int			k = HmMapGet(&p->cache->service_names, p->service, strlen(p->service));
+	int			k = HmMapGet(&p->cache->service_names, VARDATA_ANY(p->service_text),
+							 VARSIZE_ANY_EXHDR(p->service_text));
 	HmService  *svc;
 
 	if (k < 0)
 		return false;
 	svc = p->svc = &p->cache->services[k];
-	p->groups = palloc0(sizeof(HmGroupState) * p->cache->ngroups);
-	p->overridden = palloc0(sizeof(bool) * p->cache->ngroups);
+	/* the group arrays are reused from point to point (see InitPoint) */
+	if (p->scratch_groups < p->cache->ngroups)
+	{
+		p->groups = MemoryContextAlloc(p->scratch_cxt, sizeof(HmGroupState) * p->cache->ngroups);
+		p->overridden = MemoryContextAllocZero(p->scratch_cxt, sizeof(bool) * p->cache->ngroups);
+		p->scratch_groups = p->cache->ngroups;
+	}
+	memset(p->groups, 0, sizeof(HmGroupState) * p->cache->ngroups);
 
 	ApplyMappings(p, &svc->mappings);
 	if (svc->thresholds.n > 0)
@@ -352,13 +399,12 @@ RatePoint(Point *p)
 	return true;
 }
 
-/* A group's price: field threshold, rate * flat * qty, service threshold. */
+/* A group's rate * flat, its field threshold applied. */
 static Numeric
-GroupPrice(Point *p, HmGroupState *s)
+GroupRateFlat(Point *p, HmGroupState *s)
 {
 	Numeric		flat = s->flat;
 	Numeric		rate = s->rate;
-	Numeric		price;
 
 	if (s->thr_level != NULL && s->thr_field >= 0)
 	{
@@ -367,7 +413,20 @@ GroupPrice(Point *p, HmGroupState *s)
 		else
 			flat = Add(flat, s->thr_cost);
 	}
-	price = Mul(Mul(rate, flat), p->qty);
+	if (flat == p->zero)
+		return p->zero;
+	return rate == p->one ? flat : Mul(rate, flat);
+}
+
+/* A group's price: field threshold, rate * flat * qty, service threshold. */
+static Numeric
+GroupPrice(Point *p, HmGroupState *s)
+{
+	Numeric		rf = GroupRateFlat(p, s);
+	Numeric		price;
+
+	/* (multiplying by 1 or 0 is common and costs an allocation) */
+	price = rf == p->zero ? p->zero : Mul(rf, p->qty);
 	if (s->thr_level != NULL && s->thr_field < 0)
 	{
 		if (s->thr_rate)
@@ -378,38 +437,80 @@ GroupPrice(Point *p, HmGroupState *s)
 	return price;
 }
 
+/*
+ * Prepares a point.  `p` may be a Point kept from an earlier call of the
+ * same query (its scratch arrays are reused); `cxt` is where they live.
+ */
 static void
-InitPoint(Point *p, text *service, Numeric qty, Jsonb *metadata, text *tenant, TimestampTz at)
+InitPoint(Point *p, MemoryContext cxt, text *service, Numeric qty, Jsonb *metadata, text *tenant,
+		  TimestampTz at)
 {
-	memset(p, 0, sizeof(Point));
+	if (const_zero == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		const_zero = int64_to_numeric(0);
+		const_one = int64_to_numeric(1);
+		const_minus_one = int64_to_numeric(-1);
+		MemoryContextSwitchTo(old);
+	}
+	if (p->scratch_cxt != cxt)
+	{
+		memset(p, 0, sizeof(Point));
+		p->scratch_cxt = cxt;
+	}
 	p->cache = HmGetCache();
-	p->service = text_to_cstring(service);
+	p->svc = NULL;
+	p->service_text = service;
+	p->service = NULL;
 	p->qty = qty;
 	p->metadata = metadata;
 	p->tenant = tenant ? text_to_cstring(tenant) : NULL;
 	p->at = at;
-	p->zero = int64_to_numeric(0);
-	p->one = int64_to_numeric(1);
-	p->minus_one = int64_to_numeric(-1);
+	p->zero = const_zero;
+	p->one = const_one;
+	p->minus_one = const_minus_one;
 	if (numeric_is_nan(qty) || numeric_is_inf(qty))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("rating service \"%s\": qty must be a finite number", p->service)));
+				 errmsg("rating service \"%s\": qty must be a finite number", ServiceName(p))));
 	if (TIMESTAMP_NOT_FINITE(at))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("rating service \"%s\": the instant must be finite", p->service)));
+				 errmsg("rating service \"%s\": the instant must be finite", ServiceName(p))));
 }
 
 /* The price of a point: `price` plus every matched group's price. */
 static Numeric
 PriceOf(Point *p, Numeric price)
 {
+	Numeric		sum_rf = p->zero;
+
 	if (!RatePoint(p))
 		return price;
+
+	/*
+	 * Groups without a service threshold add up rate * flat, multiplied by
+	 * qty once: sum(rf) * qty = sum(rf * qty), exactly.
+	 */
 	for (int g = 0; g < p->cache->ngroups; g++)
-		if (p->groups[g].seen)
-			price = Add(price, GroupPrice(p, &p->groups[g]));
+	{
+		HmGroupState *s = &p->groups[g];
+
+		if (!s->seen)
+			continue;
+		if (s->thr_level != NULL && s->thr_field < 0)
+			price = Add(price, GroupPrice(p, s));
+		else
+		{
+			Numeric		rf = GroupRateFlat(p, s);
+
+			if (rf != p->zero)
+				sum_rf = sum_rf == p->zero ? rf : Add(sum_rf, rf);
+		}
+	}
+	if (sum_rf != p->zero)
+		price = Add(price, Mul(sum_rf, p->qty));
 	return price;
 }
 
@@ -427,18 +528,18 @@ PG_FUNCTION_INFO_V1(metering_rate);
 Datum
 metering_rate(PG_FUNCTION_ARGS)
 {
-	Point		p;
+	Point		p = {0};
 	Numeric		price;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
 	price = PG_ARGISNULL(5) ? int64_to_numeric(0) : PG_GETARG_NUMERIC(5);
-	InitPoint(&p, PG_GETARG_TEXT_PP(0), PG_GETARG_NUMERIC(1), PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2),
+	InitPoint(&p, CurrentMemoryContext, PG_GETARG_TEXT_PP(0), PG_GETARG_NUMERIC(1), PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2),
 			  PG_ARGISNULL(3) ? NULL : PG_GETARG_TEXT_PP(3), AtOrNow(fcinfo, 4));
 	if (numeric_is_nan(price) || numeric_is_inf(price))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("rating service \"%s\": the incoming price must be a finite number", p.service)));
+				 errmsg("rating service \"%s\": the incoming price must be a finite number", ServiceName(&p))));
 	PG_RETURN_NUMERIC(PriceOf(&p, price));
 }
 
@@ -451,7 +552,7 @@ PG_FUNCTION_INFO_V1(metering_rated_total_trans);
 Datum
 metering_rated_total_trans(PG_FUNCTION_ARGS)
 {
-	Point		p;
+	Point	   *p;
 	Numeric		price;
 
 	if (PG_ARGISNULL(1) || PG_ARGISNULL(2))
@@ -460,9 +561,13 @@ metering_rated_total_trans(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 		PG_RETURN_DATUM(PG_GETARG_DATUM(0));
 	}
-	InitPoint(&p, PG_GETARG_TEXT_PP(1), PG_GETARG_NUMERIC(2), PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3),
+	/* one Point for the whole query, its scratch arrays reused row to row */
+	if (fcinfo->flinfo->fn_extra == NULL)
+		fcinfo->flinfo->fn_extra = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(Point));
+	p = (Point *) fcinfo->flinfo->fn_extra;
+	InitPoint(p, fcinfo->flinfo->fn_mcxt, PG_GETARG_TEXT_PP(1), PG_GETARG_NUMERIC(2), PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3),
 			  PG_ARGISNULL(4) ? NULL : PG_GETARG_TEXT_PP(4), AtOrNow(fcinfo, 5));
-	price = PriceOf(&p, PG_ARGISNULL(0) ? int64_to_numeric(0) : PG_GETARG_NUMERIC(0));
+	price = PriceOf(p, PG_ARGISNULL(0) ? const_zero : PG_GETARG_NUMERIC(0));
 	PG_RETURN_NUMERIC(price);
 }
 
@@ -475,12 +580,12 @@ Datum
 metering_rate_explain(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	Point		p;
+	Point		p = {0};
 
 	InitMaterializedSRF(fcinfo, 0);
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
-	InitPoint(&p, PG_GETARG_TEXT_PP(0), PG_GETARG_NUMERIC(1), PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2),
+	InitPoint(&p, CurrentMemoryContext, PG_GETARG_TEXT_PP(0), PG_GETARG_NUMERIC(1), PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2),
 			  PG_ARGISNULL(3) ? NULL : PG_GETARG_TEXT_PP(3), AtOrNow(fcinfo, 4));
 	if (!RatePoint(&p))
 		PG_RETURN_NULL();
