@@ -109,3 +109,29 @@ SELECT metering.burndown(time, (data ->> 'tokens')::numeric,
          '[{"amount": 100000, "priority": 1, "effective_at": "2024-06-01T00:00:00Z"},
            {"amount": 50, "priority": 0, "effective_at": "2024-06-01T00:00:00Z"}]' ORDER BY time) AS what_if
   FROM metering.events WHERE subject = 'acme' AND type = 'llm.completion' AND time < '2024-06-01 12:00+00';
+
+\echo
+\echo '== 7. Rating: price usage with CloudKitty-style HashMap rules, exactly, at each event''s own instant'
+SET metering.now = '2024-05-01 00:00:00+00';
+INSERT INTO metering.hashmap_services (name) VALUES ('llm.completion');
+INSERT INTO metering.hashmap_fields (service_id, name) SELECT id, 'model' FROM metering.hashmap_services;
+INSERT INTO metering.hashmap_groups (name) VALUES ('tokens'), ('volume');
+-- per model: a price per token (flat) in group "tokens"
+INSERT INTO metering.hashmap_mappings (field_id, group_id, value, cost, map_type)
+SELECT f.id, g.id, m, c, 'flat' FROM metering.hashmap_fields f, metering.hashmap_groups g,
+       (VALUES ('small', 0.000002), ('large', 0.00001)) x(m, c) WHERE g.name = 'tokens';
+-- big requests get 10% off (a service threshold on the quantity, in the same group)
+INSERT INTO metering.hashmap_thresholds (service_id, group_id, level, cost, map_type)
+SELECT s.id, g.id, 900, 0.9, 'rate' FROM metering.hashmap_services s, metering.hashmap_groups g WHERE g.name = 'tokens';
+-- and acme has negotiated its own large-model price
+INSERT INTO metering.hashmap_mappings (field_id, group_id, value, cost, map_type, tenant_id)
+SELECT f.id, g.id, 'large', 0.000008, 'flat', 'acme' FROM metering.hashmap_fields f, metering.hashmap_groups g WHERE g.name = 'tokens';
+SET metering.now = '2024-06-01 12:00:00+00';
+\echo 'one price, with the reasoning:'
+SELECT metering.rate('llm.completion', 1200, '{"model": "large"}', 'acme') AS price;
+SELECT group_name, flat, rate, threshold_level, price FROM metering.rate_explain('llm.completion', 1200, '{"model": "large"}', 'acme');
+\echo 'the month of usage priced per subject, each event at its own instant (one query, parallel safe):'
+SELECT subject, count(*) AS events, sum((data ->> 'tokens')::numeric) AS tokens,
+       metering.rated_total('llm.completion', (data ->> 'tokens')::numeric, data, subject, time) AS price
+  FROM metering.events WHERE type = 'llm.completion'
+ GROUP BY subject ORDER BY subject;

@@ -12,7 +12,7 @@ check() {  # description, got, expected
   n=$((n + 1))
 }
 n=1
-echo "1..10"
+echo "1..11"
 dropdb --if-exists $src >/dev/null 2>&1; dropdb --if-exists $dst >/dev/null 2>&1
 createdb $src; createdb $dst
 q $src "CREATE EXTENSION metering" >/dev/null
@@ -42,12 +42,25 @@ SELECT metering.delete_entitlement(id) FROM metering.entitlements WHERE subject 
 SELECT metering.archive_feature('old');
 SELECT metering.create_feature('old', 'Old again');
 SET metering.now = '2024-06-01 12:00:00+00';
-SELECT metering.refresh_rollups();" >/dev/null
+SELECT metering.refresh_rollups();
+INSERT INTO metering.hashmap_services (name) VALUES ('e'), ('gone');
+INSERT INTO metering.hashmap_fields (service_id, name) SELECT id, 'k' FROM metering.hashmap_services WHERE name = 'e';
+INSERT INTO metering.hashmap_groups (name) VALUES ('g');
+INSERT INTO metering.hashmap_mappings (service_id, group_id, cost, map_type)
+SELECT s.id, g.id, 0.5, 'flat' FROM metering.hashmap_services s, metering.hashmap_groups g WHERE s.name = 'e';
+INSERT INTO metering.hashmap_mappings (field_id, value, cost, map_type) SELECT id, 'a', 2, 'flat' FROM metering.hashmap_fields;
+INSERT INTO metering.hashmap_thresholds (service_id, group_id, level, cost, map_type, tenant_id)
+SELECT s.id, g.id, 10, 0.5, 'rate', 't' FROM metering.hashmap_services s, metering.hashmap_groups g WHERE s.name = 'e';
+INSERT INTO metering.hashmap_mappings (service_id, cost, map_type) SELECT id, 1, 'flat' FROM metering.hashmap_services WHERE name = 'gone';
+DELETE FROM metering.hashmap_services WHERE name = 'gone';" >/dev/null
 before=$(q $src "SELECT value FROM metering.query_meter('t')")
 answers="SELECT string_agg(format('%s %s/%s/%s', at, v.balance, v.usage, v.overage), ', ' ORDER BY at)
   FROM generate_series('2024-06-01 00:00+00'::timestamptz, '2024-06-01 12:00+00', '1 hour') at,
        LATERAL metering.entitlement_value('acme', 'f', at) v"
 values=$(q $src "$answers")
+prices="SELECT string_agg(metering.rate(s, q, '{\"k\": \"a\"}', t, '2024-06-01 12:00+00')::text, ',' ORDER BY s, q, t)
+  FROM unnest(ARRAY['e', 'gone']) s, unnest(ARRAY[5, 20]::numeric[]) q, unnest(ARRAY['t', 'u']) t"
+rated=$(q $src "$prices")
 grants=$(q $src "SELECT string_agg(format('%s %s %s', amount, voided_at, created_at), ', ' ORDER BY amount) FROM metering.grants")
 secret=$(q $src "SELECT encode(secret, 'hex') FROM metering.signing_keys")
 pg_dump -Fc -f "$dump" $src
@@ -61,6 +74,7 @@ check "grants come back as they were (no second issue_after_reset grant)" \
 check "features (archived too), entitlements (deleted too) and resets come back" \
   "$(q $dst "SELECT (SELECT count(*) FROM metering.features) || ' ' || (SELECT count(*) FROM metering.entitlements) || ' ' || (SELECT count(*) FROM metering.resets)")" \
   "$(q $src "SELECT (SELECT count(*) FROM metering.features) || ' ' || (SELECT count(*) FROM metering.entitlements) || ' ' || (SELECT count(*) FROM metering.resets)")"
+check "rating rules come back (deleted ones too) and price the same" "$(q $dst "$prices")" "$rated"
 check "snapshots are not dumped" "$(q $dst "SELECT count(*) FROM metering.entitlement_snapshots")" "0"
 check "entitlements answer the same" "$(q $dst "$answers")" "$values"
 q $dst "SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"new\", \"source\": \"s\", \"type\": \"e\", \"subject\": \"acme\", \"time\": \"2024-06-01T10:00:00Z\", \"data\": {\"v\": 1000}}')" >/dev/null
