@@ -1613,3 +1613,51 @@ metering_refresh_snapshots(PG_FUNCTION_ARGS)
 	SPI_finish();
 	PG_RETURN_INT64(written);
 }
+
+/*
+ * metering._unchanged_since_snapshot(entitlement): the rules of grants and
+ * resets (no retroactive grant, resets in order) are checked against what
+ * the transaction sees.  At READ COMMITTED each statement sees the latest
+ * commits, and the entitlement's row lock makes writers take turns.  At
+ * REPEATABLE READ a writer that committed after our snapshot is invisible
+ * to us even once we hold the lock (it only locked the row, it did not
+ * update it), so compare what the snapshot sees with what is committed now,
+ * and fail the way PostgreSQL fails a concurrent update (40001).
+ */
+PG_FUNCTION_INFO_V1(metering_unchanged_since_snapshot);
+Datum
+metering_unchanged_since_snapshot(PG_FUNCTION_ARGS)
+{
+	static const char *sql =
+	"SELECT (SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' "
+	"                          || coalesce(g.deleted_at::text, ''), ',' ORDER BY g.id) "
+	"          FROM metering.grants g WHERE g.entitlement_id = $1) || '|' || "
+	"       (SELECT coalesce(string_agg(r.effective_at::text, ',' ORDER BY r.effective_at), '') "
+	"          FROM metering.resets r WHERE r.entitlement_id = $1)";
+	Oid			types[1] = {UUIDOID};
+	Datum		args[1] = {PG_GETARG_DATUM(0)};
+	char	   *seen;
+	char	   *now;
+	int			ret;
+
+	if (!IsolationUsesXactSnapshot())
+		PG_RETURN_BOOL(true);
+	SPI_connect();
+	ret = SPI_execute_with_args(sql, 1, types, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read the grants and resets: %s", SPI_result_code_string(ret));
+	seen = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	PushActiveSnapshot(GetLatestSnapshot());
+	ret = SPI_execute_with_args(sql, 1, types, args, NULL, true, 1);
+	PopActiveSnapshot();
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read the grants and resets: %s", SPI_result_code_string(ret));
+	now = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if ((seen == NULL) != (now == NULL) || (seen && strcmp(seen, now) != 0))
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not serialize access due to a concurrent change of the entitlement's grants or resets"),
+				 errhint("Run the transaction again.")));
+	SPI_finish();
+	PG_RETURN_BOOL(true);
+}

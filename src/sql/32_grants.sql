@@ -111,12 +111,26 @@ COMMENT ON FUNCTION metering._period_start(uuid, timestamptz) IS
 -- A change to an entitlement's grants or resets waits for the snapshot
 -- writers of that entitlement (which hold FOR SHARE) and is then seen by
 -- them; the snapshots it reaches are dropped in the same transaction.
+CREATE FUNCTION metering._unchanged_since_snapshot(entitlement uuid) RETURNS boolean
+  AS 'MODULE_PATHNAME', 'metering_unchanged_since_snapshot'
+  LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION metering._unchanged_since_snapshot(uuid) IS
+  'internal: at REPEATABLE READ or SERIALIZABLE, raises 40001 when another transaction changed the entitlement''s grants or resets after this one''s snapshot';
+
 CREATE FUNCTION metering._lock_entitlement(entitlement uuid) RETURNS metering.entitlements
-LANGUAGE sql AS $$
-  SELECT * FROM metering.entitlements WHERE id = entitlement FOR NO KEY UPDATE
-$$;
+LANGUAGE plpgsql AS $$
+DECLARE
+  e metering.entitlements;
+BEGIN
+  SELECT * INTO e FROM metering.entitlements WHERE id = entitlement FOR NO KEY UPDATE;
+  -- once the lock is ours: whoever held it before us has committed
+  IF FOUND THEN
+    PERFORM metering._unchanged_since_snapshot(entitlement);
+  END IF;
+  RETURN e;
+END $$;
 COMMENT ON FUNCTION metering._lock_entitlement(uuid) IS
-  'internal: locks an entitlement against concurrent snapshot writers';
+  'internal: locks an entitlement against concurrent grant, void, reset and snapshot writers';
 
 -- Rows that carry their own created_at (a restore, a migration) are checked
 -- for shape only; rows made now are also checked against now.
