@@ -177,7 +177,6 @@ BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
 		  TimestampTz at, Numeric usage, Numeric grant_usage, Numeric overage)
 {
 	BdPlan	   *p = plan;
-	int64		cuts = 0;
 
 	e->plan = plan;
 	e->grants = grants;
@@ -185,37 +184,34 @@ BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
 	e->zero = int64_to_numeric(0);
 	qsort(grants, ngrants, sizeof(BdGrant), CompareBurnOrder);
 
-	/* replay the period structure up to `at` (cheap: no usage involved) */
-	e->state.at = p->measure_from;
-	e->state.period_start = p->measure_from;
-	e->state.anchor = p->anchor;
-	e->state.next_reset = 0;
-	while (e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at <= p->measure_from)
+	/*
+	 * The period containing `at`, computed rather than replayed: the grid in
+	 * force is the anchor of the last reset that moved it, and the period
+	 * starts at the later of the last reset and the grid's last boundary
+	 * (never before measure_from).
+	 */
 	{
-		if (!p->resets[e->state.next_reset].retain_anchor)
-			e->state.anchor = p->resets[e->state.next_reset].at;
-		e->state.next_reset++;
-	}
-	if (p->periods && at > e->state.at &&
-		((double) at - (double) e->state.at) / ShortestLength(&p->period) > BD_MAX_CUTS)
-		TooManyCuts();
-	for (;;)
-	{
-		TimestampTz b = NextBoundary(e);
-		bool		manual;
+		TimestampTz start = p->measure_from;
 
-		if (b > at)
-			break;
-		BdCountCut(&cuts);
-		manual = e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at == b;
-		e->state.at = b;
-		e->state.period_start = b;
-		if (manual)
+		e->state.anchor = p->anchor;
+		e->state.next_reset = 0;
+		while (e->state.next_reset < p->nresets && p->resets[e->state.next_reset].at <= at)
 		{
-			if (!p->resets[e->state.next_reset].retain_anchor)
-				e->state.anchor = b;
+			BdReset    *r = &p->resets[e->state.next_reset];
+
+			if (!r->retain_anchor)
+				e->state.anchor = r->at;
+			start = Max(start, r->at);
 			e->state.next_reset++;
 		}
+		if (p->periods && at > start)
+		{
+			TimestampTz b = CalendarStep(e->state.anchor, &p->period,
+										 CalendarIndex(e->state.anchor, &p->period, at));
+
+			start = Max(start, b);
+		}
+		e->state.period_start = start;
 	}
 	e->state.at = at;
 	e->state.usage = usage;
