@@ -101,6 +101,12 @@ NextBoundary(BdEngine *e)
 	return next;
 }
 
+TimestampTz
+BdNextBoundary(BdEngine *e)
+{
+	return NextBoundary(e);
+}
+
 /*
  * Burns `amount` from the active grants in burn order; returns what could
  * not be burnt.  `burns`, when given, receives each grant's part.

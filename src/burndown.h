@@ -96,6 +96,9 @@ extern void BdRestore(BdEngine *e, BdPlan *plan, BdGrant *grants, int ngrants,
 					  TimestampTz at, Numeric usage, Numeric grant_usage,
 					  Numeric overage);
 
+/* The first period boundary (automatic or a reset) after the state's `at`. */
+extern TimestampTz BdNextBoundary(BdEngine *e);
+
 /* The first cut instant after the state's `at`, or DT_NOEND. */
 extern TimestampTz BdNextCut(BdEngine *e);
 

@@ -115,6 +115,15 @@ metering_calendar_step(PG_FUNCTION_ARGS)
 									   PG_GETARG_INT64(2)));
 }
 
+/* metering._calendar_index(anchor, step, t): the largest n with anchor + n * step <= t. */
+PG_FUNCTION_INFO_V1(metering_calendar_index);
+Datum
+metering_calendar_index(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64(CalendarIndex(PG_GETARG_TIMESTAMPTZ(0), PG_GETARG_INTERVAL_P(1),
+								  PG_GETARG_TIMESTAMPTZ(2)));
+}
+
 /*
  * metering._minute(t, what): t truncated to the UTC minute; `what` names the
  * field in the error for an infinite t (no period, grant or reset starts at

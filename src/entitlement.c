@@ -1317,14 +1317,9 @@ metering_period_start(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_NULL();
 	}
-	if (at < ent.plan.measure_from)
-		result = ent.plan.measure_from;
-	else
-	{
-		BdRestore(&e, &ent.plan, ent.grants, ent.ngrants, at, int64_to_numeric(0),
-				  int64_to_numeric(0), int64_to_numeric(0));
-		result = e.state.period_start;
-	}
+	BdRestore(&e, &ent.plan, ent.grants, ent.ngrants, Max(at, ent.plan.measure_from), int64_to_numeric(0),
+			  int64_to_numeric(0), int64_to_numeric(0));
+	result = PG_GETARG_BOOL(2) ? BdNextBoundary(&e) : e.state.period_start;
 	SPI_finish();
 	PG_RETURN_TIMESTAMPTZ(result);
 }

@@ -102,9 +102,13 @@ $$;
 COMMENT ON FUNCTION metering._forget_snapshots(uuid, timestamptz) IS
   'internal: drops the snapshots a change at `since` reaches, and queues the entitlement for new ones';
 
-CREATE FUNCTION metering._period_start(entitlement uuid, at timestamptz) RETURNS timestamptz
+CREATE FUNCTION metering._period_bound(entitlement uuid, at timestamptz, upper boolean) RETURNS timestamptz
   AS 'MODULE_PATHNAME', 'metering_period_start'
   LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION metering._period_bound(uuid, timestamptz, boolean) IS
+  'internal: the start (or with upper, the exclusive end) of the usage period containing `at` (resets included)';
+CREATE FUNCTION metering._period_start(entitlement uuid, at timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE STRICT AS $$ SELECT metering._period_bound(entitlement, at, false) $$;
 COMMENT ON FUNCTION metering._period_start(uuid, timestamptz) IS
   'internal: the start of the usage period containing `at` (resets included)';
 
