@@ -5,7 +5,8 @@
 CREATE TABLE metering.subjects (
   key         text COLLATE "C" PRIMARY KEY,
   name        text,
-  parent_key  text COLLATE "C" REFERENCES metering.subjects (key),
+  -- checked at commit, so that a restore may load a child before its parent
+  parent_key  text COLLATE "C" REFERENCES metering.subjects (key) DEFERRABLE INITIALLY DEFERRED,
   is_trial    boolean NOT NULL DEFAULT false,
   metadata    jsonb,
   created_at  timestamptz NOT NULL DEFAULT metering.now(),
@@ -90,7 +91,7 @@ LANGUAGE sql STABLE AS $$
 $$;
 COMMENT ON FUNCTION metering.subject_tree(text) IS 'a subject and its children, their children, and so on';
 
-CREATE VIEW metering.unknown_subjects AS
+CREATE VIEW metering.unknown_subjects WITH (security_invoker = true) AS
 SELECT e.subject, count(*) AS events, min(e.time) AS first_seen, max(e.time) AS last_seen
   FROM metering.events e
  WHERE NOT EXISTS (SELECT 1 FROM metering.subjects s WHERE s.key = e.subject)

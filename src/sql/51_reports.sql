@@ -7,7 +7,7 @@ CREATE FUNCTION metering._calendar_index(anchor timestamptz, step interval, t ti
 COMMENT ON FUNCTION metering._calendar_index(timestamptz, interval, timestamptz) IS
   'internal: the largest n with calendar_step(anchor, step, n) <= t';
 
-CREATE VIEW metering.entitlement_status AS
+CREATE VIEW metering.entitlement_status WITH (security_invoker = true) AS
 SELECT e.subject, e.feature_key AS feature, e.type, v.has_access AS access, v.balance, v.usage, v.overage,
        v.start_of_period AS period_start,
        CASE WHEN e.type = 'metered' THEN metering._period_bound(e.id, metering.now(), true) END AS period_end,
@@ -29,7 +29,7 @@ COMMENT ON COLUMN metering.entitlement_status.period_end IS 'metered: its end (e
 COMMENT ON COLUMN metering.entitlement_status.config IS 'static: the configuration';
 COMMENT ON COLUMN metering.entitlement_status.entitlement_id IS 'the entitlement';
 
-CREATE VIEW metering.daily_usage AS
+CREATE VIEW metering.daily_usage WITH (security_invoker = true) AS
 SELECT m.slug AS meter, q.subject, q.window_start AS day, q.window_end AS day_end, q.value
   FROM metering.meters m
  CROSS JOIN LATERAL metering.query_meter(m.slug, NULL, NULL, 'DAY', 'UTC') q
@@ -62,6 +62,7 @@ BEGIN
   IF NOT isfinite(t) THEN
     RAISE EXCEPTION 'usage_overview: at must be a finite time' USING ERRCODE = 'invalid_parameter_value';
   END IF;
+  PERFORM metering._require_subject(usage_overview.subject);
   SELECT * INTO m FROM metering.meters x WHERE x.slug = usage_overview.meter AND x.deleted_at IS NULL;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'meter "%" does not exist', usage_overview.meter USING ERRCODE = 'no_data_found';

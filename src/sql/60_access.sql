@@ -1,0 +1,150 @@
+-- Who may see what: three roles (setup_roles), subjects assigned to roles
+-- (subject_access), and row security that shows a role only its subjects
+-- and their children.  Superusers and the extension owner see everything.
+
+CREATE TABLE metering.subject_access (
+  role_name  name NOT NULL,
+  subject    text COLLATE "C" NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT metering.now(),
+  PRIMARY KEY (role_name, subject)
+);
+COMMENT ON TABLE metering.subject_access IS
+  'which subjects (and their children) a role may see; members of the role count; the subject need not exist in metering.subjects';
+COMMENT ON COLUMN metering.subject_access.role_name IS 'the role (its members too)';
+COMMENT ON COLUMN metering.subject_access.subject IS 'the subject key';
+COMMENT ON COLUMN metering.subject_access.created_at IS 'when it was assigned';
+SELECT pg_catalog.pg_extension_config_dump('metering.subject_access', '');
+
+-- The subjects a role may see, or NULL for all of them (superusers, roles
+-- that bypass row security, the extension owner's members and
+-- metering_admin's members).  SECURITY DEFINER: it reads every assignment
+-- and the whole subject tree, whatever the caller may see of them; it
+-- answers only for the role it is given.
+CREATE FUNCTION metering._visible_subjects(who name) RETURNS text[]
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  r pg_roles;
+BEGIN
+  SELECT * INTO r FROM pg_roles WHERE rolname = who;
+  IF NOT FOUND THEN
+    RETURN '{}';
+  END IF;
+  IF r.rolsuper OR r.rolbypassrls
+     OR pg_has_role(r.oid, (SELECT extowner FROM pg_extension WHERE extname = 'metering'), 'MEMBER')
+     OR (to_regrole('metering_admin') IS NOT NULL AND pg_has_role(r.oid, 'metering_admin', 'MEMBER')) THEN
+    RETURN NULL;
+  END IF;
+  RETURN ARRAY(
+    WITH RECURSIVE down(key) AS (
+      SELECT a.subject FROM metering.subject_access a JOIN pg_roles g ON g.rolname = a.role_name
+       WHERE pg_has_role(r.oid, g.oid, 'MEMBER')
+      UNION
+      SELECT s.key FROM metering.subjects s JOIN down ON s.parent_key = down.key)
+    SELECT key FROM down);
+END $$;
+COMMENT ON FUNCTION metering._visible_subjects(name) IS
+  'internal: the subjects a role may see (its assignments and their children), NULL when it may see all';
+
+-- A function that takes a subject refuses one the caller may not see.
+CREATE FUNCTION metering._require_subject(subject text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  visible text[] := metering._visible_subjects(current_user);
+BEGIN
+  IF visible IS NOT NULL AND NOT (subject = ANY (visible)) THEN
+    RAISE EXCEPTION 'permission denied for subject "%"', subject
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'You must be assigned to the subject, or to one above it (metering.subject_access).';
+  END IF;
+END $$;
+COMMENT ON FUNCTION metering._require_subject(text) IS
+  'internal: raises 42501 when the current role may not see the subject';
+
+-- row security: the same rule on every table that names a subject
+DO $$
+DECLARE
+  t record;
+  visible text := '(SELECT metering._visible_subjects(current_user)) IS NULL OR %I = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))';
+BEGIN
+  FOR t IN SELECT * FROM (VALUES ('events', 'subject'), ('meter_rollups', 'subject'), ('entitlements', 'subject'),
+                                 ('subjects', 'key'), ('usage_records', 'customer_identifier'),
+                                 ('customers', 'customer_identifier'), ('registrations', 'customer_identifier')) v(tab, col) LOOP
+    EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);
+    EXECUTE format('CREATE POLICY %I ON metering.%I USING (' || visible || ') WITH CHECK (true)',
+                   t.tab || '_by_subject', t.tab, t.col, t.col);
+    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t.tab || '_by_subject', t.tab,
+                   'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
+  END LOOP;
+  FOR t IN SELECT * FROM (VALUES ('grants'), ('resets'), ('entitlement_snapshots'), ('entitlement_snapshot_queue')) v(tab) LOOP
+    EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);
+    EXECUTE format('CREATE POLICY %I ON metering.%I USING (entitlement_id IN (SELECT e.id FROM metering.entitlements e)) WITH CHECK (true)',
+                   t.tab || '_by_subject', t.tab);
+    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t.tab || '_by_subject', t.tab,
+                   'a role sees the rows of the entitlements it may see');
+  END LOOP;
+END $$;
+ALTER TABLE metering.subject_access ENABLE ROW LEVEL SECURITY;
+CREATE POLICY subject_access_own ON metering.subject_access
+  USING ((SELECT metering._visible_subjects(current_user)) IS NULL OR pg_has_role(role_name, 'MEMBER'))
+  WITH CHECK (true);
+COMMENT ON POLICY subject_access_own ON metering.subject_access IS 'a role sees its own assignments; admins see all';
+
+-- views read their tables as the caller, so row security applies to them
+ALTER VIEW metering.meter_rejected_values SET (security_invoker = true);
+
+-- Usage comes in through these functions, which run as the extension's
+-- owner: a writer may send usage for any subject without being allowed to
+-- read any (INSERT ... ON CONFLICT would need it).  Everything they touch is
+-- schema-qualified; the search path is pinned.
+ALTER FUNCTION metering.ingest(jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION metering.ingest_batch(jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean)
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION metering.batch_meter_usage(jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION metering.resolve_customer(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+-- functions that change data are not for everyone
+REVOKE EXECUTE ON FUNCTION
+  metering.ingest(jsonb), metering.ingest_batch(jsonb),
+  metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean), metering.batch_meter_usage(jsonb),
+  metering.register_usage(text, text, integer, text), metering.resolve_customer(text), metering.rotate_signing_key(),
+  metering._current_signing_key(), metering.refresh_rollups(text), metering.refresh_snapshots(uuid),
+  metering._snapshot_meter(text, bigint, bigint), metering._snapshot_queue(),
+  metering._events_changed(text, text[], timestamptz[]), metering._forget_snapshots(uuid, timestamptz),
+  metering.create_feature(text, text, text, jsonb, jsonb), metering.archive_feature(text),
+  metering.create_entitlement(text, text, metering.entitlement_type, interval, timestamptz, timestamptz, boolean, numeric, integer, boolean, jsonb, jsonb),
+  metering.delete_entitlement(uuid),
+  metering.create_grant(uuid, numeric, timestamptz, integer, interval, interval, timestamptz, numeric, numeric, jsonb),
+  metering.void_grant(uuid), metering.reset_entitlement(uuid, timestamptz, boolean, boolean),
+  metering.delete_hashmap_group(uuid, boolean)
+FROM PUBLIC;
+
+CREATE FUNCTION metering.setup_roles() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  r text;
+BEGIN
+  FOREACH r IN ARRAY ARRAY['metering_reader', 'metering_writer', 'metering_admin'] LOOP
+    IF to_regrole(r) IS NULL THEN
+      EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+    END IF;
+  END LOOP;
+  GRANT metering_reader TO metering_writer;
+  GRANT metering_writer TO metering_admin;
+  GRANT USAGE ON SCHEMA metering TO metering_reader;
+  -- reader: every table and view (row security filters them), not the signing secret
+  GRANT SELECT ON ALL TABLES IN SCHEMA metering TO metering_reader;
+  REVOKE SELECT ON metering.signing_keys FROM metering_reader;
+  -- writer: usage in, through the functions (they run as the owner)
+  GRANT EXECUTE ON FUNCTION metering.ingest(jsonb), metering.ingest_batch(jsonb),
+    metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean), metering.batch_meter_usage(jsonb),
+    metering.register_usage(text, text, integer, text), metering.resolve_customer(text)
+    TO metering_writer;
+  -- admin: configuration, grants, resets, rules, maintenance
+  GRANT ALL ON ALL TABLES IN SCHEMA metering TO metering_admin;
+  GRANT ALL ON ALL SEQUENCES IN SCHEMA metering TO metering_admin;
+  GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA metering TO metering_admin;
+END $$;
+COMMENT ON FUNCTION metering.setup_roles() IS
+  'creates (if absent) metering_reader, metering_writer and metering_admin and grants them their rights; run it as a superuser or the extension owner with CREATEROLE, again after adding tables';
+REVOKE EXECUTE ON FUNCTION metering.setup_roles() FROM PUBLIC;
