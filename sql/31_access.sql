@@ -54,6 +54,8 @@ UNION ALL SELECT 'meter_rejected_values', coalesce(string_agg(meter || ':' || ev
 UNION ALL SELECT 'entitlement_status', string_agg(subject, ',' ORDER BY subject) FROM metering.entitlement_status
 UNION ALL SELECT 'search_usage', string_agg(DISTINCT x ->> 'tenantId', ',' ORDER BY x ->> 'tenantId')
   FROM jsonb_array_elements(metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2024-06-01T00:00:00"}]}') -> 'results') x
+UNION ALL SELECT 'units_usage', string_agg(x ->> 'accountGroup', ',' ORDER BY x ->> 'accountGroup')
+  FROM jsonb_array_elements(metering.units_usage('calls', '2024-06-01', '2024-06-02') -> 'breakdowns') x
 UNION ALL SELECT 'rated_total', metering.rated_total('api', (data ->> 'n')::numeric, data, subject, time)::text FROM metering.events;
 -- another subject's entitlement is not there at all
 SELECT * FROM metering.entitlement_value('org-us', 'calls');
@@ -62,6 +64,7 @@ SELECT has_access, usage FROM metering.entitlement_value('org-eu', 'calls');
 SELECT regress.err($$SELECT * FROM metering.usage_overview('org-us', 'calls')$$);
 SELECT regress.err($$SELECT * FROM metering.usage_overview('stranger', 'calls')$$);
 SELECT regress.err($$SELECT metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN", "value": "2024-01-01T00:00:00"}, {"name": "tenantId", "operator": "IN", "value": ["org-eu", "org-us"]}]}')$$);
+SELECT regress.err($$SELECT metering.units_usage('calls', '2024-06-01', '2024-06-02', 'org-us')$$);
 SELECT used FROM metering.usage_overview('org-eu', 'calls');
 SELECT used FROM metering.usage_overview('org-eu-dev', 'calls');
 -- readers change nothing, and never see the signing secret

@@ -1,0 +1,55 @@
+-- ThousandEyes-style units usage: per account group and consumer, shared
+-- usage distributed by its allocations, projected to the month's end, paged.
+SET datestyle = 'ISO, YMD';
+SET timezone = 'UTC';
+SELECT regress.reset();
+SET metering.now = '2024-06-16 00:00:00+00';
+INSERT INTO metering.subjects (key) VALUES ('org');
+INSERT INTO metering.subjects (key, parent_key) VALUES ('eu', 'org'), ('us', 'org');
+INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by)
+VALUES ('units', 'test', 'SUM', '$.units', '{"test": "$.test", "agent": "$.agent"}');
+SELECT count(*) AS ingested FROM (SELECT metering.ingest(regress.ev(id, s, 'test', t, d::jsonb)) FROM (VALUES
+  ('u1', 'eu', '2024-06-02T10:00:00Z', '{"units": 10, "test": "http", "agent": "a1"}'),
+  ('u2', 'eu', '2024-06-03T10:00:00Z', '{"units": 5, "test": "dns", "agent": "a1"}'),
+  ('u3', 'us', '2024-06-03T11:00:00Z', '{"units": 7, "test": "http", "agent": "a2"}'),
+  -- shared: sent by org, caused by eu (6) and us (3); 1 unit left untagged stays with org
+  ('u4', 'org', '2024-06-04T10:00:00Z', '{"units": 10, "test": "http", "allocations": [
+      {"AllocatedUsageQuantity": 6, "Tags": [{"Key": "account_group", "Value": "eu"}]},
+      {"AllocatedUsageQuantity": 3, "Tags": [{"Key": "account_group", "Value": "us"}, {"Key": "team", "Value": "x"}]},
+      {"AllocatedUsageQuantity": 1, "Tags": [{"Key": "team", "Value": "y"}]}]}'),
+  ('u5', 'eu', '2024-05-31T23:00:00Z', '{"units": 100, "test": "http"}')) v(id, s, t, d)) x;
+
+-- this month to now (half of June): used, and projected to June's end
+SELECT jsonb_pretty(metering.units_usage('units'));
+-- one account group; an explicit range that ends with the month needs no projection
+SELECT b ->> 'accountGroup' AS account_group, b ->> 'consumer' AS consumer, b -> 'used' AS used, b -> 'projected' AS projected
+  FROM jsonb_array_elements(metering.units_usage('units', '2024-06-01', '2024-07-01', 'eu') -> 'breakdowns') b;
+-- paging: the next link carries a signed cursor; the last page has none
+CREATE FUNCTION pg_temp.walk(size int) RETURNS TABLE(pages int, rows int, keys text) LANGUAGE plpgsql AS $$
+DECLARE
+  r jsonb := metering.units_usage('units', page_size => size);
+  k text[] := '{}';
+BEGIN
+  pages := 0;
+  LOOP
+    pages := pages + 1;
+    k := k || ARRAY(SELECT (b ->> 'accountGroup') || '/' || coalesce(b ->> 'consumer', '-') FROM jsonb_array_elements(r -> 'breakdowns') b);
+    EXIT WHEN NOT (r -> '_links' ? 'next');
+    r := metering.units_usage(NULL, cursor => split_part(r -> '_links' -> 'next' ->> 'href', '&cursor=', 2));
+  END LOOP;
+  rows := cardinality(k);
+  keys := array_to_string(k, ',');
+  RETURN NEXT;
+END $$;
+SELECT * FROM pg_temp.walk(2);
+SELECT * FROM pg_temp.walk(100);
+SELECT metering.units_usage('units', page_size => 2) -> '_links' -> 'self' AS self;
+-- errors
+SELECT regress.err(s) FROM unnest(ARRAY[
+  $$SELECT metering.units_usage('nope')$$,
+  $$SELECT metering.units_usage(NULL)$$,
+  $$SELECT metering.units_usage('units', '2024-06-10', '2024-06-01')$$,
+  $$SELECT metering.units_usage('units', page_size => 0)$$,
+  $$SELECT metering.units_usage('units', cursor => 'forged.cursor')$$]) s;
+INSERT INTO metering.meters (slug, event_type, aggregation, value_property) VALUES ('peak', 'test', 'MAX', '$.units');
+SELECT regress.err($$SELECT metering.units_usage('peak')$$);
