@@ -129,8 +129,13 @@ BEGIN
       EXECUTE format('CREATE ROLE %I NOLOGIN', r);
     END IF;
   END LOOP;
-  GRANT metering_reader TO metering_writer;
-  GRANT metering_writer TO metering_admin;
+  -- (GRANT of a role already granted says so in a notice: ask first)
+  IF NOT pg_has_role('metering_writer', 'metering_reader', 'MEMBER') THEN
+    GRANT metering_reader TO metering_writer;
+  END IF;
+  IF NOT pg_has_role('metering_admin', 'metering_writer', 'MEMBER') THEN
+    GRANT metering_writer TO metering_admin;
+  END IF;
   GRANT USAGE ON SCHEMA metering TO metering_reader;
   -- reader: every table and view (row security filters them), not the signing secret
   GRANT SELECT ON ALL TABLES IN SCHEMA metering TO metering_reader;
