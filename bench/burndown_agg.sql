@@ -14,8 +14,15 @@
 --     about 10 GB of temporary files.  The README says to sort in a subquery.)
 -- Single process (no parallel workers: the aggregate has no combine
 -- function), the server's work_mem.
---   psql -X -f bench/burndown_agg.sql          (make bench runs it)
+--   psql -X -d metering_bench -f bench/burndown_agg.sql          (make bench runs it)
 \set ON_ERROR_STOP 1
+-- it empties metering tables: only in a database made for it
+SELECT current_database() LIKE 'metering_bench%' AS bench_db \gset
+\if :bench_db
+\else
+\echo 'bench: run me in a database named metering_bench* (I replace the data of metering tables); make bench does'
+\quit
+\endif
 \pset footer off
 SET client_min_messages = warning;
 SELECT setseed(0.5);

@@ -15,10 +15,17 @@
 -- background.  The clock is pinned (metering.now = 2024-06-20 12:30 UTC) in
 -- this session and, through PGOPTIONS, in pgbench's entitlement_value
 -- sessions; the plain sum names the instant and runs without it.
---   psql -X -f bench/entitlement_value.sql          (make bench runs it)
+--   psql -X -d metering_bench -f bench/entitlement_value.sql          (make bench runs it)
 -- Needs pgbench: /usr/lib/postgresql/15/bin/pgbench, else the one beside
 -- pg_config, else the one on PATH.
 \set ON_ERROR_STOP 1
+-- it empties metering tables: only in a database made for it
+SELECT current_database() LIKE 'metering_bench%' AS bench_db \gset
+\if :bench_db
+\else
+\echo 'bench: run me in a database named metering_bench* (I replace the data of metering tables); make bench does'
+\quit
+\endif
 \pset footer off
 SET client_min_messages = warning;
 SELECT setseed(0.75);

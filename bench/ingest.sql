@@ -2,8 +2,15 @@
 -- DO NOTHING of the same JSON into a table with the events' columns and only
 -- the (source, id) unique index.  Both run in this session, alternating batch
 -- by batch, so the machine's noise falls on both alike.
---   psql -X -f bench/ingest.sql          (make bench runs it)
+--   psql -X -d metering_bench -f bench/ingest.sql          (make bench runs it)
 \set ON_ERROR_STOP 1
+-- it empties metering tables: only in a database made for it
+SELECT current_database() LIKE 'metering_bench%' AS bench_db \gset
+\if :bench_db
+\else
+\echo 'bench: run me in a database named metering_bench* (I replace the data of metering tables); make bench does'
+\quit
+\endif
 \pset footer off
 SET client_min_messages = notice;
 SELECT setseed(0.5);

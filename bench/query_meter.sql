@@ -3,8 +3,15 @@
 -- session.  The hand-written query runs twice: on the events table as the
 -- extension ships it, and with a btree on (subject, type, time) added, the
 -- best a hand-written query can have.
---   psql -X -f bench/query_meter.sql          (make bench runs it)
+--   psql -X -d metering_bench -f bench/query_meter.sql          (make bench runs it)
 \set ON_ERROR_STOP 1
+-- it empties metering tables: only in a database made for it
+SELECT current_database() LIKE 'metering_bench%' AS bench_db \gset
+\if :bench_db
+\else
+\echo 'bench: run me in a database named metering_bench* (I replace the data of metering tables); make bench does'
+\quit
+\endif
 \pset footer off
 SET client_min_messages = warning;
 SELECT setseed(0.25);

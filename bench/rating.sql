@@ -7,8 +7,15 @@
 --   points (tools/cloudkitty_rate.py --bench), as points per second.
 -- Targets: at least 10x CloudKitty and at least 5x the pure-SQL query.
 -- All three must agree on the total before anything is timed.
---   psql -X -f bench/rating.sql          (make bench runs it)
+--   psql -X -d metering_bench -f bench/rating.sql          (make bench runs it)
 \set ON_ERROR_STOP 1
+-- it empties metering tables: only in a database made for it
+SELECT current_database() LIKE 'metering_bench%' AS bench_db \gset
+\if :bench_db
+\else
+\echo 'bench: run me in a database named metering_bench* (I replace the data of metering tables); make bench does'
+\quit
+\endif
 \pset footer off
 SET client_min_messages = warning;
 SELECT setseed(0.33);

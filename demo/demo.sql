@@ -135,3 +135,31 @@ SELECT subject, count(*) AS events, sum((data ->> 'tokens')::numeric) AS tokens,
        metering.rated_total('llm.completion', (data ->> 'tokens')::numeric, data, subject, time) AS price
   FROM metering.events WHERE type = 'llm.completion'
  GROUP BY subject ORDER BY subject;
+
+\echo
+\echo '== 8. Usage reports: who used what, for people, portals and analysts'
+-- subjects name the metered parties; events need not wait for them (usage is never lost)
+INSERT INTO metering.subjects (key, name) VALUES ('acme', 'Acme Corp');
+INSERT INTO metering.subjects (key, name, is_trial) VALUES ('globex', 'Globex', true);
+\echo 'events for a subject nobody registered are kept, and listed for the operator:'
+SELECT * FROM metering.unknown_subjects;
+\echo 'acme''s billing cycle so far: what its grants include, what it used, where it is heading:'
+SELECT * FROM metering.usage_overview('acme', 'tokens');
+\echo 'an Entrust-style usage search, three rows to a page, largest first:'
+SELECT metering.search_usage('{"searchByAttributes": [
+         {"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2024-06-01T00:00:00"},
+         {"name": "usageType", "operator": "EQUALS", "value": "tokens"}],
+       "orderByAttribute": {"name": "count", "ascending": false}, "limit": 3}') AS page \gset
+SELECT x ->> 'tenantId' AS tenant, x ->> 'trial' AS trial, x ->> 'aggregationPeriod' AS period,
+       x ->> 'startTime' AS start_time, x ->> 'endTime' AS end_time, x -> 'count' AS count
+  FROM jsonb_array_elements(:'page'::jsonb -> 'results') x;
+SELECT :'page'::jsonb -> 'paging' ->> 'nextCursor' AS cursor \gset
+\echo 'the next page: the signed cursor alone carries the query and the position'
+SELECT metering.search_usage(jsonb_build_object('cursor', :'cursor')) AS page \gset
+SELECT x ->> 'tenantId' AS tenant, x ->> 'trial' AS trial, x ->> 'aggregationPeriod' AS period,
+       x ->> 'startTime' AS start_time, x ->> 'endTime' AS end_time, x -> 'count' AS count
+  FROM jsonb_array_elements(:'page'::jsonb -> 'results') x;
+SELECT :'page'::jsonb -> 'paging' ? 'nextCursor' AS more_after, :'page'::jsonb -> 'paging' ? 'prevCursor' AS more_before;
+\echo 'ThousandEyes-style units usage this month, per account group and consumer (here: the model), projected to June''s end:'
+SELECT b ->> 'accountGroup' AS account_group, b ->> 'consumer' AS consumer, b -> 'used' AS used, b -> 'projected' AS projected
+  FROM jsonb_array_elements(metering.units_usage('tokens') -> 'breakdowns') b;

@@ -104,11 +104,14 @@ SELECT regress.err($$UPDATE metering.hashmap_mappings SET "end" = '2025-01-01' W
 -- the key is free again from the deletion on
 INSERT INTO metering.hashmap_mappings (field_id, value, group_id, cost) VALUES (pg_temp.fid('flavor'), 'm1.large', pg_temp.gid('instance'), 2.5);
 
--- deleting a group: without recursive its rules move to the default group...
+-- deleting a group: without recursive its rules go on in the default group:
+-- a running one ends now and a copy starts now (the past keeps its group),
+-- one not started yet moves...
 SELECT metering.delete_hashmap_group(pg_temp.gid('premium'));
-SELECT g.name AS group_name, g.deleted_at, m.cost, m.group_id IS NULL AS in_default, m.deleted_at IS NOT NULL AS deleted
+SELECT g.name AS group_name, g.deleted_at, m.cost, m.start, m."end", m.group_id IS NULL AS in_default,
+       m.deleted_at IS NOT NULL AS deleted
   FROM metering.hashmap_mappings m JOIN metering.hashmap_groups g ON g.name = 'premium'
- WHERE m.cost IN (0.1, 0.25) ORDER BY m.cost;
+ WHERE m.cost IN (0.1, 0.25) ORDER BY m.cost, m.start;
 SELECT regress.err(format('SELECT metering.delete_hashmap_group(%L)', (SELECT id FROM metering.hashmap_groups WHERE name = 'premium')));
 SELECT regress.err($$SELECT metering.delete_hashmap_group('01a2138f-fb08-7164-94b7-f9375b039482')$$);
 -- ...with it they are deleted; a plain DELETE is the non-recursive kind
@@ -136,3 +139,35 @@ SELECT regexp_replace(regress.err($$INSERT INTO metering.hashmap_fields (service
 -- the name can be used again
 INSERT INTO metering.hashmap_services (name) VALUES ('compute');
 SELECT count(*) AS services_named_compute FROM metering.hashmap_services WHERE name = 'compute';
+
+-- an ended rule stays ended: reopening it would price the gap since its end
+INSERT INTO metering.hashmap_mappings (service_id, cost, map_type, name, "end")
+VALUES (pg_temp.sid('compute'), 1, 'flat', 'short', '2024-06-11');
+SET metering.now = '2024-06-12 00:00:00+00';
+SELECT regress.err($$UPDATE metering.hashmap_mappings SET "end" = NULL WHERE name = 'short'$$);
+SELECT regress.err($$UPDATE metering.hashmap_mappings SET "end" = '2024-07-01' WHERE name = 'short'$$);
+-- a rule deleted before its start never applied: it does not clash
+INSERT INTO metering.hashmap_mappings (service_id, cost, map_type, name, start)
+VALUES (pg_temp.sid('compute'), 2, 'flat', 'never', '2024-07-01');
+DELETE FROM metering.hashmap_mappings WHERE name = 'never';
+SET metering.allow_backdated_rules = on;
+INSERT INTO metering.hashmap_mappings (service_id, cost, map_type, name, start, "end")
+VALUES (pg_temp.sid('compute'), 3, 'flat', 'instead', '2024-06-11 12:00', '2024-07-02');
+RESET metering.allow_backdated_rules;
+SELECT name, cost, start, "end", deleted_at IS NOT NULL AS deleted FROM metering.hashmap_mappings
+ WHERE name IN ('never', 'instead') ORDER BY name;
+-- a plain UPDATE that deletes a group hands its rules over as delete_hashmap_group does
+INSERT INTO metering.hashmap_groups (name) VALUES ('plain');
+INSERT INTO metering.hashmap_thresholds (service_id, group_id, level, cost, map_type, name)
+VALUES (pg_temp.sid('compute'), pg_temp.gid('plain'), 5, 0.5, 'rate', 'plain-rule');
+SET metering.now = '2024-06-13 00:00:00+00';
+UPDATE metering.hashmap_groups SET deleted_at = now() WHERE name = 'plain';
+SELECT t.level, t.start, t."end", t.group_id IS NULL AS in_default FROM metering.hashmap_thresholds t
+ WHERE name = 'plain-rule' ORDER BY t.start;
+-- a rule of a deleted group, a field or service that is gone: 23503, also for restored rows
+SELECT regexp_replace(regress.err(format(
+  'INSERT INTO metering.hashmap_thresholds (service_id, group_id, level, cost, created_at) VALUES (%L, %L, 1, 1, %L)',
+  pg_temp.sid('compute'), (SELECT id FROM metering.hashmap_groups WHERE name = 'plain'), '2024-01-01')), '[0-9a-f-]{36}', '<id>') AS err;
+SELECT regexp_replace(regress.err(format(
+  'INSERT INTO metering.hashmap_mappings (field_id, value, cost, created_at) VALUES (%L, %L, 1, %L)',
+  (SELECT id FROM metering.hashmap_fields WHERE name = 'flavor' LIMIT 1), 'x', '2024-01-01')), '[0-9a-f-]{36}', '<id>') AS err;

@@ -86,6 +86,10 @@ SELECT md, metering.rate('storage', 10, md::jsonb) AS price FROM unnest(ARRAY[
 SELECT regress.err($$SELECT metering.rate('storage', 10, '{"iops": "fast"}')$$);
 SELECT regress.err($$SELECT metering.rate('storage', 10, '{"replicas": true}')$$);
 SELECT regress.err($$SELECT metering.rate('storage', 10, '{"iops": [1]}')$$);
+-- a number too large for numeric is not a number either; long values are clipped on a character boundary
+SELECT regress.err($$SELECT metering.rate('storage', 10, '{"iops": "1e1001"}')$$);
+SELECT length(regress.err(format('SELECT metering.rate(%L, 10, %L)', 'storage',
+                                 jsonb_build_object('iops', repeat('aé', 100))))) AS clipped_error_length;
 -- a service threshold compares qty and applies after pricing: flat adds once, rate multiplies the price
 INSERT INTO metering.hashmap_groups (name) VALUES ('t');
 INSERT INTO metering.hashmap_mappings (service_id, group_id, cost, map_type) VALUES (pg_temp.sid('storage'), pg_temp.gid('t'), 1, 'flat');

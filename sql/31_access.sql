@@ -96,14 +96,18 @@ RESET ROLE;
 -- admins see everything
 CREATE ROLE regress_carol;
 GRANT metering_admin TO regress_carol;
+GRANT USAGE ON SCHEMA regress TO regress_carol;
 SET ROLE regress_carol;
 SELECT count(DISTINCT subject) AS subjects_carol_sees FROM metering.events;
 SELECT used FROM metering.usage_overview('org-us', 'calls');
+-- an admin cannot pass a new rule off as a restored one (made earlier)
+SELECT regress.err($$INSERT INTO metering.hashmap_mappings (service_id, cost, map_type, created_at)
+                     SELECT id, 9, 'flat', '2020-01-01' FROM metering.hashmap_services LIMIT 1$$);
 RESET ROLE;
 
 REVOKE metering_reader FROM regress_alice;
 REVOKE metering_writer FROM regress_bob;
 REVOKE metering_admin FROM regress_carol;
-REVOKE USAGE ON SCHEMA metering, regress FROM regress_nobody, regress_alice, regress_bob;
+REVOKE USAGE ON SCHEMA metering, regress FROM regress_nobody, regress_alice, regress_bob, regress_carol;
 DROP ROLE regress_alice, regress_bob, regress_nobody, regress_carol, regress_team;
 DELETE FROM metering.subject_access;

@@ -1631,28 +1631,7 @@ metering_unchanged_since_snapshot(PG_FUNCTION_ARGS)
 	"          FROM metering.resets r WHERE r.entitlement_id = $1)";
 	Oid			types[1] = {UUIDOID};
 	Datum		args[1] = {PG_GETARG_DATUM(0)};
-	char	   *seen;
-	char	   *now;
-	int			ret;
 
-	if (!IsolationUsesXactSnapshot())
-		PG_RETURN_BOOL(true);
-	SPI_connect();
-	ret = SPI_execute_with_args(sql, 1, types, args, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not read the grants and resets: %s", SPI_result_code_string(ret));
-	seen = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	PushActiveSnapshot(GetLatestSnapshot());
-	ret = SPI_execute_with_args(sql, 1, types, args, NULL, true, 1);
-	PopActiveSnapshot();
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not read the grants and resets: %s", SPI_result_code_string(ret));
-	now = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	if ((seen == NULL) != (now == NULL) || (seen && strcmp(seen, now) != 0))
-		ereport(ERROR,
-				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-				 errmsg("could not serialize access due to a concurrent change of the entitlement's grants or resets"),
-				 errhint("Run the transaction again.")));
-	SPI_finish();
+	MeteringErrorIfChangedSinceSnapshot(sql, 1, types, args, "the entitlement's grants or resets");
 	PG_RETURN_BOOL(true);
 }

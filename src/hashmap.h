@@ -74,6 +74,8 @@ typedef struct HmCache
 	uint64		generation;		/* the invalidation count it was built at */
 	bool		xact_only;		/* built under a transaction snapshot */
 	uint32		lxid;			/* ... of this local transaction */
+	bool		stmt_only;		/* built in parallel mode, under the statement's snapshot */
+	TimestampTz stmt_start;		/* ... of this statement */
 } HmCache;
 
 extern int	HmMapGet(const HmMap *map, const char *key, int len);

@@ -6,12 +6,20 @@
  * relcache invalidation of that table; PostgreSQL delivers it to every
  * backend when the change commits (and to this backend at once), and our
  * callback counts it.  A cache is reused only while the count is the one it
- * was built at.  Two details make that airtight:
- *   - once per statement we accept pending invalidations ourselves, since a
- *     statement that finds its tables already locked would not;
+ * was built at.  Three details make that airtight:
+ *   - every call accepts pending invalidations itself (cheap when there are
+ *     none), since a statement that finds its tables already locked, or a
+ *     function looping over statements, would not;
+ *   - at READ COMMITTED the rules are read under the latest snapshot, never
+ *     the caller's (an open cursor's snapshot may be old: a cache built from
+ *     it but stamped with the current count would stay stale);
  *   - a cache built under a REPEATABLE READ snapshot may miss changes that
  *     committed after the snapshot, so it serves only the transaction that
- *     built it.
+ *     built it; one built in parallel mode (no new snapshot may be taken
+ *     there) serves only its statement.
+ * The consequence at READ COMMITTED: a rule change that commits while a
+ * long statement runs applies to the rows rated after it, as it would to the
+ * next statement; REPEATABLE READ rates a whole transaction with one list.
  */
 #include "postgres.h"
 
@@ -30,7 +38,9 @@
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/guc.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "hashmap.h"
@@ -38,8 +48,6 @@
 static HmCache *cache = NULL;
 static uint64 generation = 0;	/* invalidations seen */
 static bool callback_registered = false;
-static TimestampTz stmt_seen = 0;	/* the statement we last accepted invalidations for */
-static uint32 stmt_lxid = 0;
 
 /* The rule tables, as of the last load (no catalog access in the callback). */
 #define NRULETABLES 5
@@ -176,8 +184,10 @@ ServiceFor(HmCache *c, const char *name, int *nservices, int cap)
 
 	if (k < 0)
 	{
+		/* the count came from the same snapshot; guard it all the same */
+		if (c->service_names.count >= cap)
+			elog(ERROR, "hashmap rules changed while they were read");
 		k = MapAdd(&c->service_names, name, strlen(name));
-		Assert(k < cap);
 		memset(&c->services[k], 0, sizeof(HmService));
 		*nservices = k + 1;
 	}
@@ -307,6 +317,8 @@ Load(void)
 	int			ret;
 	int			cap;
 	int			nservices = 0;
+	bool		fresh = !IsolationUsesXactSnapshot() && !IsInParallelMode();
+	int			guc_level;
 
 	c->cxt = cxt;
 	{
@@ -317,6 +329,16 @@ Load(void)
 		for (int i = 0; i < NRULETABLES; i++)
 			rule_tables[i] = get_relname_relid(names[i], schema);
 	}
+	/*
+	 * One snapshot for every query below (read_only SPI uses the active one):
+	 * the latest at READ COMMITTED, the transaction's otherwise.  Operators
+	 * and functions resolve in pg_catalog whatever the caller's search_path.
+	 */
+	if (fresh)
+		PushActiveSnapshot(GetLatestSnapshot());
+	guc_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 	PG_TRY();
 	{
 		SPI_connect();
@@ -353,11 +375,15 @@ Load(void)
 	}
 	PG_CATCH();
 	{
+		/* the aborting (sub)transaction pops the snapshot and the GUC */
 		MemoryContextSwitchTo(old);
 		MemoryContextDelete(cxt);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	AtEOXact_GUC(true, guc_level);
+	if (fresh)
+		PopActiveSnapshot();
 	MemoryContextSwitchTo(old);
 	return c;
 }
@@ -372,14 +398,11 @@ HmGetCache(void)
 		CacheRegisterRelcacheCallback(InvalidateCallback, (Datum) 0);
 		callback_registered = true;
 	}
-	if (stmt_seen != GetCurrentStatementStartTimestamp() || stmt_lxid != MyProc->lxid)
-	{
-		AcceptInvalidationMessages();
-		stmt_seen = GetCurrentStatementStartTimestamp();
-		stmt_lxid = MyProc->lxid;
-	}
+	AcceptInvalidationMessages();
 	if (cache != NULL && cache->generation == generation &&
-		(!cache->xact_only || cache->lxid == MyProc->lxid))
+		(!cache->xact_only || cache->lxid == MyProc->lxid) &&
+		(!cache->stmt_only || (cache->lxid == MyProc->lxid &&
+							   cache->stmt_start == GetCurrentStatementStartTimestamp())))
 		return cache;
 
 	start = generation;
@@ -392,6 +415,8 @@ HmGetCache(void)
 	/* an invalidation that arrived while loading makes the next call rebuild */
 	cache->generation = start;
 	cache->xact_only = IsolationUsesXactSnapshot();
+	cache->stmt_only = IsInParallelMode();
+	cache->stmt_start = GetCurrentStatementStartTimestamp();
 	cache->lxid = MyProc->lxid;
 	return cache;
 }

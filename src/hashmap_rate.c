@@ -13,6 +13,7 @@
 
 #include "catalog/pg_type.h"
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
@@ -286,7 +287,11 @@ ValueText(JsonbValue *v, int *len)
 	return s;
 }
 
-/* Whether a string is a finite decimal number numeric_in accepts. */
+/*
+ * Whether a string is a finite decimal number numeric_in accepts without
+ * error: up to 1000 digits and an exponent up to 1000 either way (beyond
+ * them it is "not a number" to us, rather than an overflow error).
+ */
 static bool
 LooksNumeric(const char *s, int len)
 {
@@ -305,18 +310,19 @@ LooksNumeric(const char *s, int len)
 		while (i < len && s[i] >= '0' && s[i] <= '9')
 			i++, digits++;
 	}
-	if (digits == 0)
+	if (digits == 0 || digits > 1000)
 		return false;
 	if (i < len && (s[i] == 'e' || s[i] == 'E'))
 	{
-		int			exp_digits = 0;
+		int			exp_digits = 0,
+					exponent = 0;
 
 		i++;
 		if (i < len && (s[i] == '+' || s[i] == '-'))
 			i++;
 		while (i < len && s[i] >= '0' && s[i] <= '9' && exp_digits < 5)
-			i++, exp_digits++;
-		if (exp_digits == 0)
+			exponent = exponent * 10 + (s[i] - '0'), i++, exp_digits++;
+		if (exp_digits == 0 || exponent > 1000)
 			return false;
 	}
 	while (i < len && s[i] == ' ')
@@ -342,7 +348,7 @@ ValueNumber(Point *p, HmField *f, JsonbValue *v)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("rating service \"%s\": field \"%s\" has thresholds, and its value %s is not a number",
 						ServiceName(p), f->name,
-						text ? quote_literal_cstr(pnstrdup(text, Min(len, 200))) : "(an object or array)")));
+						text ? quote_literal_cstr(pnstrdup(text, pg_mbcliplen(text, len, 200))) : "(an object or array)")));
 	}
 	return NULL;				/* not reached */
 }

@@ -27,4 +27,13 @@ extern Oid	MeteringExtensionOwner(void);
 /* Random bytes from the server's strong source; errors when it fails. */
 extern void MeteringRandomBytes(void *buf, size_t len);
 
+/*
+ * At REPEATABLE READ and above: 40001 when the one-row, one-column query
+ * answers differently under the latest snapshot than under the
+ * transaction's (snapshot_guard.c).  "what" completes "a concurrent change
+ * of ...".
+ */
+extern void MeteringErrorIfChangedSinceSnapshot(const char *sql, int nargs, Oid *types, Datum *args,
+												const char *what);
+
 #endif

@@ -5,6 +5,25 @@ CREATE FUNCTION metering.hashmap_types() RETURNS SETOF text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ VALUES ('flat'), ('rate') $$;
 COMMENT ON FUNCTION metering.hashmap_types() IS 'the kinds of rule: flat (a price) and rate (a factor)';
 
+-- A row that carries its own created_at (not metering.now()) is a restored
+-- one: pg_restore, a migration.  Only who may move the clock brings those,
+-- or a session that re-rates the past on purpose.
+CREATE FUNCTION metering._hashmap_may_restore() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+  SELECT current_setting('metering.allow_backdated_rules')::boolean
+      OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
+      OR pg_catalog.pg_has_role(current_user,
+           (SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'metering'), 'USAGE')
+$$;
+COMMENT ON FUNCTION metering._hashmap_may_restore() IS
+  'internal: whether this session may insert hashmap rows made earlier (superuser, extension owner, or metering.allow_backdated_rules)';
+
+CREATE FUNCTION metering._hashmap_unchanged_since_snapshot(parent uuid) RETURNS boolean
+  AS 'MODULE_PATHNAME', 'metering_hashmap_unchanged_since_snapshot'
+  LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION metering._hashmap_unchanged_since_snapshot(uuid) IS
+  'internal: at REPEATABLE READ or SERIALIZABLE, raises 40001 when another transaction changed the rules (or fields) of a service, field or group after this one''s snapshot';
+
 -- services, fields and groups: named once, never renamed; DELETE is soft
 CREATE FUNCTION metering._hashmap_named_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -20,12 +39,20 @@ BEGIN
     IF NEW.deleted_at IS NOT NULL OR NEW.deleted_by IS NOT NULL THEN
       RAISE EXCEPTION 'a new hashmap % is not deleted', what USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- (through jsonb: services and groups have no service_id)
-    IF TG_TABLE_NAME = 'hashmap_fields'
-       AND NOT EXISTS (SELECT 1 FROM metering.hashmap_services s
-                        WHERE s.id = (to_jsonb(NEW)->>'service_id')::uuid AND s.deleted_at IS NULL) THEN
+  ELSIF NOT metering._hashmap_may_restore() THEN
+    RAISE EXCEPTION 'hashmap %: created_at (%) is not now: only a restore brings rows made earlier', what, NEW.created_at
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Leave created_at to its default; a superuser, the extension owner or metering.allow_backdated_rules may restore.';
+  END IF;
+  -- a live field needs a live service, which must not be deleted meanwhile
+  -- (through jsonb: services and groups have no service_id)
+  IF TG_TABLE_NAME = 'hashmap_fields' AND NEW.deleted_at IS NULL THEN
+    PERFORM 1 FROM metering.hashmap_services s
+      WHERE s.id = (to_jsonb(NEW)->>'service_id')::uuid AND s.deleted_at IS NULL FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
       RAISE EXCEPTION 'hashmap service % does not exist', to_jsonb(NEW)->>'service_id' USING ERRCODE = 'foreign_key_violation';
     END IF;
+    PERFORM metering._hashmap_unchanged_since_snapshot((to_jsonb(NEW)->>'service_id')::uuid);
   END IF;
   RETURN NEW;
 END $$;
@@ -56,8 +83,33 @@ COMMENT ON FUNCTION metering._hashmap_named_before_update() IS
 -- what goes with a deleted service or field: its fields and rules
 CREATE FUNCTION metering._hashmap_named_after_delete() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+  now timestamptz := metering.now();
 BEGIN
-  IF TG_TABLE_NAME = 'hashmap_services' THEN
+  -- at REPEATABLE READ: a rule or field added meanwhile would be missed below
+  PERFORM metering._hashmap_unchanged_since_snapshot(NEW.id);
+  IF TG_TABLE_NAME = 'hashmap_groups' THEN
+    -- rules not started yet move to the default group; running ones end now
+    -- and go on there as copies; ended ones stay (the past keeps its prices)
+    UPDATE metering.hashmap_mappings SET group_id = NULL
+     WHERE group_id = NEW.id AND deleted_at IS NULL AND start >= now;
+    UPDATE metering.hashmap_thresholds SET group_id = NULL
+     WHERE group_id = NEW.id AND deleted_at IS NULL AND start >= now;
+    INSERT INTO metering.hashmap_mappings (service_id, field_id, value, cost, map_type, tenant_id, start, "end", name, description)
+    SELECT service_id, field_id, value, cost, map_type, tenant_id, now, "end", name, description
+      FROM metering.hashmap_mappings
+     WHERE group_id = NEW.id AND deleted_at IS NULL AND start < now AND ("end" IS NULL OR "end" > now)
+     ORDER BY id;
+    INSERT INTO metering.hashmap_thresholds (service_id, field_id, level, cost, map_type, tenant_id, start, "end", name, description)
+    SELECT service_id, field_id, level, cost, map_type, tenant_id, now, "end", name, description
+      FROM metering.hashmap_thresholds
+     WHERE group_id = NEW.id AND deleted_at IS NULL AND start < now AND ("end" IS NULL OR "end" > now)
+     ORDER BY id;
+    UPDATE metering.hashmap_mappings SET "end" = now
+     WHERE group_id = NEW.id AND deleted_at IS NULL AND start < now AND ("end" IS NULL OR "end" > now);
+    UPDATE metering.hashmap_thresholds SET "end" = now
+     WHERE group_id = NEW.id AND deleted_at IS NULL AND start < now AND ("end" IS NULL OR "end" > now);
+  ELSIF TG_TABLE_NAME = 'hashmap_services' THEN
     UPDATE metering.hashmap_fields SET deleted_at = metering.now() WHERE service_id = NEW.id AND deleted_at IS NULL;
     UPDATE metering.hashmap_mappings SET deleted_at = metering.now() WHERE service_id = NEW.id AND deleted_at IS NULL;
     UPDATE metering.hashmap_thresholds SET deleted_at = metering.now() WHERE service_id = NEW.id AND deleted_at IS NULL;
@@ -68,7 +120,7 @@ BEGIN
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._hashmap_named_after_delete() IS
-  'internal: deleting a service deletes its fields and rules; deleting a field, its rules';
+  'internal: deleting a service deletes its fields and rules; deleting a field, its rules; deleting a group hands its running and future rules to the default group';
 
 CREATE FUNCTION metering._hashmap_soft_delete() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -83,7 +135,7 @@ BEGIN
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._hashmap_soft_delete() IS
-  'internal: DELETE keeps the row and marks it deleted (a group''s rules move to the default group)';
+  'internal: DELETE keeps the row and marks it deleted (a group''s rules go on in the default group)';
 
 -- mappings and thresholds
 CREATE FUNCTION metering._hashmap_rule_before_write() RETURNS trigger
@@ -97,6 +149,7 @@ DECLARE
   nv jsonb := to_jsonb(NEW);
   ov jsonb;
   dup uuid;
+  parent uuid;
 BEGIN
   IF TG_OP = 'UPDATE' THEN
     ov := to_jsonb(OLD);
@@ -121,8 +174,9 @@ BEGIN
     IF NEW.deleted_by IS NOT NULL THEN
       RAISE EXCEPTION 'hashmap %: deleted_by comes with a deletion', what USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    -- the rules of a deleted group move to the default group (delete_hashmap_group)
-    IF NEW.group_id IS NULL AND OLD.group_id IS NOT NULL
+    -- the rules of a deleted group that have not started move to the
+    -- default group (see _hashmap_named_after_delete)
+    IF NEW.group_id IS NULL AND OLD.group_id IS NOT NULL AND OLD.start >= now
        AND (nv - 'group_id') = (ov - 'group_id')
        AND EXISTS (SELECT 1 FROM metering.hashmap_groups g WHERE g.id = OLD.group_id AND g.deleted_at IS NOT NULL) THEN
       fresh := false;
@@ -133,7 +187,13 @@ BEGIN
           USING ERRCODE = 'object_not_in_prerequisite_state', DETAIL = format('Rule %s.', OLD.id),
                 HINT = 'Set its end and create a new rule from then.';
       END IF;
-      IF NEW."end" IS NOT NULL AND NEW."end" < now THEN
+      -- an ended rule stays ended: reopening it would price the gap anew
+      IF OLD."end" <= now AND NEW."end" IS DISTINCT FROM OLD."end" AND NOT backdated THEN
+        RAISE EXCEPTION 'hashmap %: the rule ended at %: it cannot be reopened', what, OLD."end"
+          USING ERRCODE = 'object_not_in_prerequisite_state', DETAIL = format('Rule %s.', OLD.id),
+                HINT = 'Create a new rule from now.';
+      END IF;
+      IF NEW."end" IS NOT NULL AND NEW."end" < now AND NOT backdated THEN
         RAISE EXCEPTION 'hashmap %: end % is in the past', what, NEW."end"
           USING ERRCODE = 'invalid_parameter_value', HINT = 'Rules are not changed retroactively.';
       END IF;
@@ -144,8 +204,13 @@ BEGIN
     NEW.updated_at := now;
     NEW.updated_by := current_user;
   ELSE
-    -- a row made now is new; one with an earlier created_at is restored
+    -- a row made now is new; one with another created_at is restored
     fresh := NEW.created_at = now;
+    IF NOT fresh AND NOT metering._hashmap_may_restore() THEN
+      RAISE EXCEPTION 'hashmap %: created_at (%) is not now: only a restore brings rules made earlier', what, NEW.created_at
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Leave created_at to its default; a superuser, the extension owner or metering.allow_backdated_rules may restore.';
+    END IF;
     IF fresh THEN
       NEW.created_by := current_user;
       IF NEW.updated_at IS NOT NULL OR NEW.updated_by IS NOT NULL
@@ -205,33 +270,43 @@ BEGIN
         USING ERRCODE = 'invalid_parameter_value',
               HINT = 'SET metering.allow_backdated_rules = on to re-rate the past on purpose.';
     END IF;
-    IF NEW.service_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM metering.hashmap_services s
-                                                  WHERE s.id = NEW.service_id AND s.deleted_at IS NULL) THEN
-      RAISE EXCEPTION 'hashmap service % does not exist', NEW.service_id USING ERRCODE = 'foreign_key_violation';
-    END IF;
-    IF NEW.field_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM metering.hashmap_fields f
-                                                WHERE f.id = NEW.field_id AND f.deleted_at IS NULL) THEN
-      RAISE EXCEPTION 'hashmap field % does not exist', NEW.field_id USING ERRCODE = 'foreign_key_violation';
-    END IF;
-    IF NEW.group_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM metering.hashmap_groups g
-                                                WHERE g.id = NEW.group_id AND g.deleted_at IS NULL) THEN
-      RAISE EXCEPTION 'hashmap group % does not exist', NEW.group_id USING ERRCODE = 'foreign_key_violation';
-    END IF;
   END IF;
 
-  -- one rule per key and tenant at any instant, or the price would depend on
-  -- row order; writers of one parent take turns
+  -- a live rule needs a live service or field (and group), which must not be
+  -- deleted meanwhile; writers of one parent take turns, so that the check
+  -- below sees the others' rules: one rule per key and tenant at any
+  -- instant, or the price would depend on row order
   IF NEW.service_id IS NOT NULL THEN
-    PERFORM 1 FROM metering.hashmap_services WHERE id = NEW.service_id FOR NO KEY UPDATE;
+    SELECT s.id INTO parent FROM metering.hashmap_services s
+     WHERE s.id = NEW.service_id AND (s.deleted_at IS NULL OR NEW.deleted_at IS NOT NULL) FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'hashmap service % does not exist', NEW.service_id USING ERRCODE = 'foreign_key_violation';
+    END IF;
   ELSE
-    PERFORM 1 FROM metering.hashmap_fields WHERE id = NEW.field_id FOR NO KEY UPDATE;
+    SELECT f.id INTO parent FROM metering.hashmap_fields f
+     WHERE f.id = NEW.field_id AND (f.deleted_at IS NULL OR NEW.deleted_at IS NOT NULL) FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'hashmap field % does not exist', NEW.field_id USING ERRCODE = 'foreign_key_violation';
+    END IF;
   END IF;
+  PERFORM metering._hashmap_unchanged_since_snapshot(parent);
+  -- (a group is checked when the rule joins it: ending a rule of a group
+  -- being deleted is part of that deletion)
+  IF NEW.group_id IS NOT NULL AND NEW.deleted_at IS NULL AND (TG_OP = 'INSERT' OR fresh) THEN
+    PERFORM 1 FROM metering.hashmap_groups g WHERE g.id = NEW.group_id AND g.deleted_at IS NULL FOR SHARE;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'hashmap group % does not exist', NEW.group_id USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    PERFORM metering._hashmap_unchanged_since_snapshot(NEW.group_id);
+  END IF;
+
   IF mapping THEN
     SELECT m.id INTO dup FROM metering.hashmap_mappings m
      WHERE m.id <> NEW.id
        AND m.service_id IS NOT DISTINCT FROM NEW.service_id AND m.field_id IS NOT DISTINCT FROM NEW.field_id
        AND m.group_id IS NOT DISTINCT FROM NEW.group_id AND m.tenant_id IS NOT DISTINCT FROM NEW.tenant_id
        AND m.value IS NOT DISTINCT FROM nv->>'value'
+       AND m.start < coalesce(least(m."end", m.deleted_at), 'infinity')
        AND m.start < coalesce(least(NEW."end", NEW.deleted_at), 'infinity')
        AND NEW.start < coalesce(least(m."end", m.deleted_at), 'infinity')
      LIMIT 1;
@@ -241,6 +316,7 @@ BEGIN
        AND t.service_id IS NOT DISTINCT FROM NEW.service_id AND t.field_id IS NOT DISTINCT FROM NEW.field_id
        AND t.group_id IS NOT DISTINCT FROM NEW.group_id AND t.tenant_id IS NOT DISTINCT FROM NEW.tenant_id
        AND t.level = (nv->>'level')::numeric
+       AND t.start < coalesce(least(t."end", t.deleted_at), 'infinity')
        AND t.start < coalesce(least(NEW."end", NEW.deleted_at), 'infinity')
        AND NEW.start < coalesce(least(t."end", t.deleted_at), 'infinity')
      LIMIT 1;
@@ -278,6 +354,8 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['hashmap_services', 'hashmap_fields', 'hashmap_groups', 'hashmap_mappings', 'hashmap_thresholds'] LOOP
     EXECUTE format('CREATE TRIGGER %I BEFORE DELETE ON metering.%I FOR EACH ROW EXECUTE FUNCTION metering._hashmap_soft_delete()', t || '_soft_delete', t);
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON metering.%I FOR EACH STATEMENT EXECUTE FUNCTION metering._hashmap_invalidate()', t || '_invalidate', t);
+    -- caches must hear of changes applied by replication too
+    EXECUTE format('ALTER TABLE metering.%I ENABLE ALWAYS TRIGGER %I', t, t || '_invalidate');
   END LOOP;
 END $$;
 
@@ -293,14 +371,12 @@ BEGIN
   IF g.deleted_at IS NOT NULL THEN
     RAISE EXCEPTION 'hashmap group "%" is already deleted', g.name USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
-  UPDATE metering.hashmap_groups SET deleted_at = metering.now() WHERE id = g.id;
   IF coalesce(recursive, false) THEN
     UPDATE metering.hashmap_mappings m SET deleted_at = metering.now() WHERE m.group_id = g.id AND m.deleted_at IS NULL;
     UPDATE metering.hashmap_thresholds t SET deleted_at = metering.now() WHERE t.group_id = g.id AND t.deleted_at IS NULL;
-  ELSE
-    UPDATE metering.hashmap_mappings m SET group_id = NULL WHERE m.group_id = g.id AND m.deleted_at IS NULL;
-    UPDATE metering.hashmap_thresholds t SET group_id = NULL WHERE t.group_id = g.id AND t.deleted_at IS NULL;
   END IF;
+  -- what is left goes on in the default group (_hashmap_named_after_delete)
+  UPDATE metering.hashmap_groups SET deleted_at = metering.now() WHERE id = g.id;
 END $$;
 COMMENT ON FUNCTION metering.delete_hashmap_group(uuid, boolean) IS
-  'deletes a group; with recursive its rules too, else they move to the default group (23505 if that makes two rules for one key)';
+  'deletes a group; with recursive its rules too, else its running and future rules go on in the default group from now (23505 if that makes two rules for one key); ended rules keep pricing the past';
