@@ -57,6 +57,9 @@ UNION ALL SELECT 'search_usage', string_agg(DISTINCT x ->> 'tenantId', ',' ORDER
 UNION ALL SELECT 'units_usage', string_agg(x ->> 'accountGroup', ',' ORDER BY x ->> 'accountGroup')
   FROM jsonb_array_elements(metering.units_usage('calls', '2024-06-01', '2024-06-02') -> 'breakdowns') x
 UNION ALL SELECT 'rated_total', metering.rated_total('api', (data ->> 'n')::numeric, data, subject, time)::text FROM metering.events;
+-- which subjects another role may see is not alice's business
+SELECT regress.err($$SELECT metering._visible_subjects('regress_bob')$$);
+SELECT metering._visible_subjects(current_user) AS alice_sees;
 -- another subject's entitlement is not there at all
 SELECT * FROM metering.entitlement_value('org-us', 'calls');
 SELECT has_access, usage FROM metering.entitlement_value('org-eu', 'calls');

@@ -120,6 +120,17 @@ SELECT regress.err(format('SELECT metering.search_usage(%L)', jsonb_build_object
          metering._base64url(convert_to('{"q": {"limit": 100, "order": {"name": "startTime"}, "search": []}, "kv": 1}', 'UTF8')) || '.' || split_part(good, '.', 2),
          'garbage', '', '..', good || '.x']) c;
 SELECT regress.err($$SELECT metering.search_usage('{"cursor": 5}')$$);
+-- anyone may sign a payload (the signing function is the search's own):
+-- what a cursor carries is checked as a request is
+SELECT regress.err(format('SELECT metering.search_usage(%L)', jsonb_build_object('cursor', metering._sign_cursor(p))))
+  FROM unnest(ARRAY['{"q": {"order": {"name": "startTime"}, "search": [{"name": "startTime", "operator": "EXISTS"}]}}',
+                    '{"q": {"limit": 5, "search": [{"name": "startTime", "operator": "EXISTS"}]}}',
+                    '{"q": {"limit": 5, "order": {"name": "startTime"}}}',
+                    '{"k": [1]}']::jsonb[]) p;
+-- bounds that leave nothing (after now, or crossed) find nothing
+SELECT metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2030-01-01T00:00:00"}]}');
+SELECT metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2024-06-10T00:00:00"},
+                                                      {"name": "startTime", "operator": "LESS_THAN", "value": "2024-06-05T00:00:00"}]}');
 
 -- bad requests: one error each (22023)
 SELECT regress.err(format('SELECT metering.search_usage(%L)', r)) FROM unnest(ARRAY[

@@ -53,3 +53,22 @@ SELECT regress.err(s) FROM unnest(ARRAY[
   $$SELECT metering.units_usage('units', cursor => 'forged.cursor')$$]) s;
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property) VALUES ('peak', 'test', 'MAX', '$.units');
 SELECT regress.err($$SELECT metering.units_usage('peak')$$);
+
+-- allocations that do not add up to the value: the rest stays with the
+-- subject, so that the rows add up to the meter's value
+SELECT metering.ingest(regress.ev('u6', 'org', 'test', '2024-06-05T10:00:00Z',
+  '{"units": 10, "test": "tcp", "allocations": [{"AllocatedUsageQuantity": 4, "Tags": [{"Key": "account_group", "Value": "us"}]}]}')) AS ingested;
+SELECT b ->> 'accountGroup' AS account_group, b -> 'used' AS used
+  FROM jsonb_array_elements(metering.units_usage('units', '2024-06-05', '2024-06-06') -> 'breakdowns') b;
+SELECT (SELECT sum((b ->> 'used')::numeric) FROM jsonb_array_elements(metering.units_usage('units', '2024-06-01', '2024-06-16') -> 'breakdowns') b)
+     = (SELECT sum(value) FROM metering.query_meter('units', '2024-06-01', '2024-06-16')) AS adds_up;
+-- a COUNT meter counts events, once each, whatever their allocations
+INSERT INTO metering.meters (slug, event_type, aggregation) VALUES ('tests', 'test', 'COUNT');
+SELECT b ->> 'accountGroup' AS account_group, b -> 'used' AS used
+  FROM jsonb_array_elements(metering.units_usage('tests', '2024-06-01', '2024-06-16') -> 'breakdowns') b;
+-- links are percent-encoded
+INSERT INTO metering.subjects (key, parent_key) VALUES ('r&d team', 'org');
+SELECT metering.units_usage('units', '2024-06-01', '2024-06-16', 'r&d team') -> '_links' -> 'self' AS self;
+-- one function's cursor is not another's
+SELECT regress.err(format('SELECT metering.search_usage(%L)', jsonb_build_object('cursor',
+  split_part(metering.units_usage('units', page_size => 1) -> '_links' -> 'next' ->> 'href', '&cursor=', 2))));

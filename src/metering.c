@@ -303,3 +303,15 @@ metering_made_by_us(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_BOOL(TransactionIdIsCurrentTransactionId(DatumGetTransactionId(PG_GETARG_DATUM(0))));
 }
+
+/*
+ * metering._outer_role(): the role the session acts as (SET ROLE, or the
+ * login role), which a SECURITY DEFINER function cannot learn from
+ * current_user.
+ */
+PG_FUNCTION_INFO_V1(metering_outer_role);
+Datum
+metering_outer_role(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_OID(GetOuterUserId());
+}

@@ -27,19 +27,19 @@ DECLARE
 BEGIN
   IF cursor IS NULL OR body = '' OR mac = '' OR split_part(cursor, '.', 3) <> '' OR length(cursor) > 100000
      OR body !~ '^[A-Za-z0-9_-]+$' THEN
-    RAISE EXCEPTION 'search_usage: cursor is not a cursor of this database' USING ERRCODE = 'invalid_parameter_value';
+    RAISE EXCEPTION 'cursor is not a cursor of this database' USING ERRCODE = 'invalid_parameter_value';
   END IF;
   BEGIN
     payload := convert_from(decode(translate(body, '-_', '+/') || repeat('=', (4 - length(body) % 4) % 4), 'base64'),
                             'UTF8')::jsonb;
   EXCEPTION WHEN OTHERS THEN
-    RAISE EXCEPTION 'search_usage: cursor is not a cursor of this database' USING ERRCODE = 'invalid_parameter_value';
+    RAISE EXCEPTION 'cursor is not a cursor of this database' USING ERRCODE = 'invalid_parameter_value';
   END;
   SELECT k.secret INTO secret FROM metering.signing_keys k
    WHERE jsonb_typeof(payload -> 'kv') = 'number' AND k.version = (payload ->> 'kv')::numeric;
   IF secret IS NULL
      OR metering._base64url(metering._hmac_sha256(body, metering._hmac_sha256('metering cursor', secret))) <> mac THEN
-    RAISE EXCEPTION 'search_usage: cursor is not a cursor of this database' USING ERRCODE = 'invalid_parameter_value',
+    RAISE EXCEPTION 'cursor is not a cursor of this database' USING ERRCODE = 'invalid_parameter_value',
       HINT = 'Cursors are signed: use them exactly as a response gave them.';
   END IF;
   RETURN payload;
@@ -139,6 +139,11 @@ BEGIN
       RAISE EXCEPTION 'search_usage: cursor must be a string' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     c := metering._read_cursor(request ->> 'cursor');
+    IF c ? 'kind' THEN
+      RAISE EXCEPTION 'search_usage: cursor is a cursor of %, not of search_usage', c ->> 'kind'
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- (anyone may sign a cursor: what it carries is checked like a request)
     q := c -> 'q';
     key := c -> 'k';
     backward := (c ->> 'd') = 'prev';
@@ -149,14 +154,18 @@ BEGIN
   END IF;
 
   -- the limit
-  IF jsonb_typeof(q -> 'limit') <> 'number' OR (q ->> 'limit')::numeric <> trunc((q ->> 'limit')::numeric)
+  IF jsonb_typeof(q) IS DISTINCT FROM 'object' THEN
+    RAISE EXCEPTION 'search_usage: cursor carries no query' USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF jsonb_typeof(q -> 'limit') IS DISTINCT FROM 'number' OR (q ->> 'limit')::numeric <> trunc((q ->> 'limit')::numeric)
      OR (q ->> 'limit')::numeric NOT BETWEEN 1 AND 100 THEN
     RAISE EXCEPTION 'search_usage: limit must be an integer from 1 to 100, got %', q -> 'limit'
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   lim := (q ->> 'limit')::integer;
   -- the order
-  IF jsonb_typeof(q -> 'order') <> 'object' OR NOT (ops ? (q -> 'order' ->> 'name') OR (q -> 'order' ->> 'name') IN ('count', 'id'))
+  IF jsonb_typeof(q -> 'order') IS DISTINCT FROM 'object'
+     OR NOT coalesce(ops ? (q -> 'order' ->> 'name') OR (q -> 'order' ->> 'name') IN ('count', 'id'), false)
      OR jsonb_typeof(coalesce(q -> 'order' -> 'ascending', 'true')) <> 'boolean' THEN
     RAISE EXCEPTION 'search_usage: orderByAttribute must be {"name": <attribute>, "ascending": true|false}, got %', q -> 'order'
       USING ERRCODE = 'invalid_parameter_value';
@@ -165,7 +174,7 @@ BEGIN
   ascending := coalesce((q -> 'order' ->> 'ascending')::boolean, true);
 
   -- the conditions: their shape, and what narrows the computation
-  IF jsonb_typeof(q -> 'search') <> 'array' THEN
+  IF jsonb_typeof(q -> 'search') IS DISTINCT FROM 'array' THEN
     RAISE EXCEPTION 'search_usage: searchByAttributes must be an array' USING ERRCODE = 'invalid_parameter_value';
   END IF;
   FOR cond IN SELECT e AS raw, e ->> 'name' AS name, e ->> 'operator' AS op, e -> 'value' AS value
@@ -256,6 +265,10 @@ BEGIN
     SELECT min(e.time) INTO start_lo FROM metering.events e;
   END IF;
   start_hi := coalesce(start_hi, metering.now());
+  -- no usage yet, or bounds that exclude each other: nothing to find
+  IF start_lo IS NULL OR start_lo > start_hi THEN
+    RETURN jsonb_build_object('paging', jsonb_build_object('limit', lim), 'results', '[]'::jsonb);
+  END IF;
 
   -- every (subject, meter, period) with usage whose period starts in range
   WITH m AS (

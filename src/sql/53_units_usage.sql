@@ -2,6 +2,28 @@
 -- per consumer (the meter's first group-by dimension), with shared usage
 -- distributed to the account groups its allocations name.
 
+-- The allocations of an event (AWS UsageAllocations in data.allocations):
+-- each quantity, and the account group its tags name, if any.
+CREATE FUNCTION metering._allocations(data jsonb) RETURNS TABLE(qty numeric, account_group text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT (x ->> 'AllocatedUsageQuantity')::numeric,
+         (SELECT t ->> 'Value' FROM jsonb_array_elements(CASE WHEN jsonb_typeof(x -> 'Tags') = 'array' THEN x -> 'Tags' ELSE '[]' END) t
+           WHERE t ->> 'Key' = 'account_group' LIMIT 1)
+    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(data -> 'allocations') = 'array' THEN data -> 'allocations' ELSE '[]' END) x
+   WHERE jsonb_typeof(x -> 'AllocatedUsageQuantity') = 'number'
+$$;
+COMMENT ON FUNCTION metering._allocations(jsonb) IS 'internal: the quantities and account groups of an event''s allocations';
+
+-- Percent-encoding of a query string value (RFC 3986 unreserved characters stay).
+CREATE FUNCTION metering._url_encode(value text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+  SELECT coalesce(string_agg(CASE WHEN c ~ '^[A-Za-z0-9_.~-]$' THEN c
+                                  ELSE upper(regexp_replace(encode(convert_to(c, 'UTF8'), 'hex'), '(..)', '%\1', 'g')) END,
+                             '' ORDER BY i), '')
+    FROM regexp_split_to_table(value, '') WITH ORDINALITY x(c, i)
+$$;
+COMMENT ON FUNCTION metering._url_encode(text) IS 'internal: percent-encodes a value for a link';
+
 CREATE FUNCTION metering.units_usage(meter text, start_date timestamptz DEFAULT NULL, end_date timestamptz DEFAULT NULL,
   account_group text DEFAULT NULL, cursor text DEFAULT NULL, page_size integer DEFAULT 100) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
@@ -22,8 +44,10 @@ BEGIN
   IF cursor IS NOT NULL THEN
     c := metering._read_cursor(cursor);
     IF c ->> 'kind' IS DISTINCT FROM 'units_usage' THEN
-      RAISE EXCEPTION 'units_usage: cursor is not a cursor of this function' USING ERRCODE = 'invalid_parameter_value';
+      RAISE EXCEPTION 'units_usage: cursor is a cursor of %, not of units_usage', coalesce(c ->> 'kind', 'search_usage')
+        USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- (anyone may sign a cursor: what it carries is checked like arguments)
     q := c -> 'q';
     key := c -> 'k';
   ELSE
@@ -44,7 +68,7 @@ BEGIN
     RAISE EXCEPTION 'units_usage: meter "%" aggregates with %, units add up: SUM or COUNT', m.slug, m.aggregation
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT (isfinite(t_from) AND isfinite(t_to)) OR t_from >= t_to THEN
+  IF t_from IS NULL OR t_to IS NULL OR NOT (isfinite(t_from) AND isfinite(t_to)) OR t_from >= t_to THEN
     RAISE EXCEPTION 'units_usage: start_date (%) must be before end_date (%), both finite', t_from, t_to
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -65,17 +89,21 @@ BEGIN
            CASE WHEN consumer_key IS NOT NULL THEN metering._meter_groups(e.data, m.group_by) ->> consumer_key END AS consumer
       FROM metering.events e
      WHERE e.type = m.event_type AND e.time >= t_from AND e.time < t_to),
-  -- an allocation tagged with an account group counts for that group, with its quantity
+  -- SUM meters: an allocation tagged with an account group counts for that
+  -- group, an untagged one for the event's subject, and what the allocations
+  -- leave of the event's value for its subject too, so that the rows add up
+  -- to the meter's value; a COUNT meter counts each event once, for its subject
+  a AS (
+    SELECT e.subject, e.consumer, e.value, x.qty, x.account_group
+      FROM e CROSS JOIN LATERAL metering._allocations(e.data) x
+     WHERE m.aggregation = 'SUM' AND e.value IS NOT NULL),
   parts AS (
-    SELECT coalesce(a.grp, e.subject) AS account_group, e.consumer,
-           CASE WHEN a.qty IS NOT NULL THEN a.qty ELSE e.value END AS used
-      FROM e LEFT JOIN LATERAL (
-        SELECT (x ->> 'AllocatedUsageQuantity')::numeric AS qty,
-               (SELECT t ->> 'Value' FROM jsonb_array_elements(CASE WHEN jsonb_typeof(x -> 'Tags') = 'array' THEN x -> 'Tags' ELSE '[]' END) t
-                 WHERE t ->> 'Key' = 'account_group' LIMIT 1) AS grp
-          FROM jsonb_array_elements(e.data -> 'allocations') x
-         WHERE jsonb_typeof(e.data -> 'allocations') = 'array' AND jsonb_typeof(x -> 'AllocatedUsageQuantity') = 'number') a ON true
-     WHERE e.value IS NOT NULL OR a.qty IS NOT NULL),
+    SELECT coalesce(a.account_group, a.subject) AS account_group, a.consumer, a.qty AS used FROM a
+    UNION ALL
+    SELECT e.subject, e.consumer, e.value - coalesce(s.allocated, 0)
+      FROM e LEFT JOIN LATERAL (SELECT sum(x.qty) AS allocated FROM metering._allocations(e.data) x
+                                 WHERE m.aggregation = 'SUM') s ON true
+     WHERE e.value IS NOT NULL AND (s.allocated IS NULL OR e.value <> s.allocated)),
   visible AS (SELECT metering._visible_subjects(current_user) AS v),
   agg AS (
     SELECT p.account_group, p.consumer, sum(p.used) AS used
@@ -94,9 +122,9 @@ BEGIN
   SELECT coalesce(jsonb_agg(x - '_k' ORDER BY i), '[]'), max(i) INTO page, n
     FROM (SELECT x, i FROM jsonb_array_elements(rows) WITH ORDINALITY r(x, i)
            WHERE key IS NULL OR x -> '_k' > key ORDER BY i LIMIT (q ->> 'size')::integer) s;
-  href := format('units_usage?meter=%s&start_date=%s&end_date=%s%s', m.slug,
+  href := format('units_usage?meter=%s&start_date=%s&end_date=%s%s', metering._url_encode(m.slug),
                  metering._search_format(t_from), metering._search_format(t_to),
-                 CASE WHEN q ->> 'group' IS NOT NULL THEN '&account_group=' || (q ->> 'group') ELSE '' END);
+                 CASE WHEN q ->> 'group' IS NOT NULL THEN '&account_group=' || metering._url_encode(q ->> 'group') ELSE '' END);
   RETURN jsonb_build_object(
     'breakdowns', page,
     '_links', jsonb_strip_nulls(jsonb_build_object(

@@ -15,11 +15,28 @@ COMMENT ON COLUMN metering.subject_access.subject IS 'the subject key';
 COMMENT ON COLUMN metering.subject_access.created_at IS 'when it was assigned';
 SELECT pg_catalog.pg_extension_config_dump('metering.subject_access', '');
 
--- The subjects a role may see, or NULL for all of them (superusers, roles
--- that bypass row security, the extension owner's members and
--- metering_admin's members).  SECURITY DEFINER: it reads every assignment
--- and the whole subject tree, whatever the caller may see of them; it
--- answers only for the role it is given.
+CREATE FUNCTION metering._outer_role() RETURNS oid
+  AS 'MODULE_PATHNAME', 'metering_outer_role'
+  LANGUAGE C STABLE;
+COMMENT ON FUNCTION metering._outer_role() IS
+  'internal: the role the session acts as, also inside SECURITY DEFINER functions';
+
+-- Whether a role sees every subject: superusers, roles that bypass row
+-- security, the extension owner's members and metering_admin's members.
+CREATE FUNCTION metering._sees_all_subjects(r oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT coalesce((SELECT a.rolsuper OR a.rolbypassrls FROM pg_roles a WHERE a.oid = r), false)
+      OR pg_has_role(r, (SELECT extowner FROM pg_extension WHERE extname = 'metering'), 'MEMBER')
+      OR (to_regrole('metering_admin') IS NOT NULL AND pg_has_role(r, 'metering_admin', 'MEMBER'))
+$$;
+COMMENT ON FUNCTION metering._sees_all_subjects(oid) IS
+  'internal: whether a role may see every subject';
+
+-- The subjects a role may see, or NULL for all of them.  SECURITY DEFINER:
+-- it reads every assignment and the whole subject tree, whatever the
+-- caller may see of them; so it answers about another role only to a role
+-- that sees all (row security asks about current_user, which inside the
+-- extension's own SECURITY DEFINER functions is the owner: it sees all).
 CREATE FUNCTION metering._visible_subjects(who name) RETURNS text[]
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -29,10 +46,11 @@ BEGIN
   IF NOT FOUND THEN
     RETURN '{}';
   END IF;
-  IF r.rolsuper OR r.rolbypassrls
-     OR pg_has_role(r.oid, (SELECT extowner FROM pg_extension WHERE extname = 'metering'), 'MEMBER')
-     OR (to_regrole('metering_admin') IS NOT NULL AND pg_has_role(r.oid, 'metering_admin', 'MEMBER')) THEN
+  IF metering._sees_all_subjects(r.oid) THEN
     RETURN NULL;
+  END IF;
+  IF r.oid <> metering._outer_role() AND NOT metering._sees_all_subjects(metering._outer_role()) THEN
+    RAISE EXCEPTION 'permission denied to see the subjects of role %', who USING ERRCODE = 'insufficient_privilege';
   END IF;
   RETURN ARRAY(
     WITH RECURSIVE down(key) AS (
