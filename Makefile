@@ -12,7 +12,7 @@ SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 UPGRADE_0_2 = src/upgrade/0.1.0--0.2.0.sql src/sql/30_features.sql src/sql/31_entitlements.sql \
               src/sql/32_grants.sql src/sql/39_entitlements_dump.sql src/sql/40_hashmap_tables.sql \
               src/sql/41_hashmap_rules.sql src/sql/42_hashmap_rating.sql src/sql/43_hashmap_dump.sql \
-              src/sql/50_subjects.sql src/sql/51_reports.sql src/sql/52_search_usage.sql src/sql/53_units_usage.sql src/sql/60_access.sql \
+              src/sql/50_subjects.sql src/sql/51_reports.sql src/sql/52_search_usage.sql src/sql/53_units_usage.sql src/sql/54_usage_periods.sql src/sql/60_access.sql \
               src/sql/95_object_comments.sql
 DATA_built  = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION)--0.1.0--0.2.0.sql
 DATA        = upgrade/$(EXTENSION)--0.1.0.sql

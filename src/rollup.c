@@ -507,7 +507,8 @@ HasEntitlementHook(const char *name)
 	if (strcmp(name, "_snapshot_queue") == 0)
 		return OidIsValid(LookupFuncName(qname, 0, NULL, true));
 	return OidIsValid(LookupFuncName(qname, 3,
-									 strcmp(name, "_snapshot_meter") == 0 ? types : types_changed,
+									 strcmp(name, "_snapshot_meter") == 0 || strcmp(name, "_usage_periods_add") == 0
+									 ? types : types_changed,
 									 true));
 }
 
@@ -704,7 +705,18 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 									2, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
-		/* what depends on the meter's events: the entitlements' snapshots */
+		/* what depends on the meter's events: the usage periods ... */
+		if (HasEntitlementHook("_usage_periods_add"))
+		{
+			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
+			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
+
+			ret = SPI_execute_with_args("SELECT metering._usage_periods_add($1, $2, $3)",
+										3, hooktypes, hookargs, NULL, false, 0);
+			if (ret != SPI_OK_SELECT)
+				elog(ERROR, "could not add to the usage periods of meter \"%s\"", m->slug);
+		}
+		/* ... and the entitlements' snapshots */
 		if (HasEntitlementHook("_snapshot_meter"))
 		{
 			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};

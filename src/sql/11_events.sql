@@ -107,11 +107,12 @@ LANGUAGE plpgsql AS $$
 BEGIN
   -- DELETE, not TRUNCATE: the same statement may be truncating the rollups too
   DELETE FROM metering.meter_rollups;
+  DELETE FROM metering.usage_periods;
   UPDATE metering.meter_rollup_state SET rolled_up_to = 0;
   DELETE FROM metering.entitlement_snapshots;
   RETURN NULL;
 END $$;
-COMMENT ON FUNCTION metering._events_truncate() IS 'internal: TRUNCATE of events empties the rollups and the snapshots, and resets the watermarks';
+COMMENT ON FUNCTION metering._events_truncate() IS 'internal: TRUNCATE of events empties the rollups, the usage periods and the snapshots, and resets the watermarks';
 
 CREATE TRIGGER events_deleted AFTER DELETE ON metering.events
   REFERENCING OLD TABLE AS old_events

@@ -69,35 +69,48 @@ CREATE FUNCTION metering._search_format(t timestamptz) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS') $$;
 COMMENT ON FUNCTION metering._search_format(timestamptz) IS 'internal: a time as search results write it';
 
--- Whether a row's attribute passes one condition.
-CREATE FUNCTION metering._search_match(attr text, operator text, actual jsonb, wanted jsonb) RETURNS boolean
+-- The conditions of a search (checked already) as SQL over columns
+-- start_time, end_time, subject, meter, kind and trial; values are quoted.
+CREATE FUNCTION metering._search_where(search jsonb) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-  a text := actual #>> '{}';
+  c record;
+  col text;
+  lit text;
+  parts text[] := ARRAY['true'];
 BEGIN
-  IF attr IN ('startTime', 'endTime') THEN
-    RETURN CASE operator
-      WHEN 'GREATER_THAN' THEN (a || '+00')::timestamptz > metering._search_time(wanted, attr)
-      WHEN 'GREATER_THAN_OR_EQUAL' THEN (a || '+00')::timestamptz >= metering._search_time(wanted, attr)
-      WHEN 'LESS_THAN' THEN (a || '+00')::timestamptz < metering._search_time(wanted, attr)
-      WHEN 'LESS_THAN_OR_EQUAL' THEN (a || '+00')::timestamptz <= metering._search_time(wanted, attr)
-      WHEN 'EQUALS' THEN (a || '+00')::timestamptz = metering._search_time(wanted, attr)
-      WHEN 'NOT_EQUALS' THEN (a || '+00')::timestamptz <> metering._search_time(wanted, attr)
-      WHEN 'EXISTS' THEN true WHEN 'NOT_EXISTS' THEN false END;
-  END IF;
-  RETURN CASE operator
-    WHEN 'EQUALS' THEN actual = wanted
-    WHEN 'NOT_EQUALS' THEN actual <> wanted
-    WHEN 'IN' THEN wanted @> jsonb_build_array(actual)
-    WHEN 'NOT_IN' THEN NOT wanted @> jsonb_build_array(actual)
-    WHEN 'CONTAINS' THEN strpos(a, wanted #>> '{}') > 0
-    WHEN 'NOT_CONTAINS' THEN strpos(a, wanted #>> '{}') = 0
-    WHEN 'STARTS_WITH' THEN starts_with(a, wanted #>> '{}')
-    WHEN 'ENDS_WITH' THEN right(a, length(wanted #>> '{}')) = wanted #>> '{}'
-    WHEN 'EXISTS' THEN true
-    WHEN 'NOT_EXISTS' THEN false END;
+  FOR c IN SELECT e ->> 'name' AS name, e ->> 'operator' AS op, e -> 'value' AS value
+             FROM jsonb_array_elements(search) e LOOP
+    col := CASE c.name WHEN 'startTime' THEN 'start_time' WHEN 'endTime' THEN 'end_time' WHEN 'tenantId' THEN 'subject'
+                       WHEN 'usageType' THEN 'meter' WHEN 'aggregationPeriod' THEN 'kind' WHEN 'isTrial' THEN 'trial' END;
+    IF c.op IN ('EXISTS', 'NOT_EXISTS') THEN
+      parts := parts || CASE c.op WHEN 'EXISTS' THEN 'true' ELSE 'false' END;
+      CONTINUE;
+    END IF;
+    -- times in ISO 8601 with their offset read back the same whatever DateStyle says
+    lit := CASE WHEN c.name IN ('startTime', 'endTime')
+                THEN format('%L::timestamptz', to_char(metering._search_time(c.value, c.name) AT TIME ZONE 'UTC',
+                                                      'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00')
+                WHEN c.name = 'isTrial' THEN format('%L::boolean', c.value #>> '{}')
+                WHEN c.op IN ('IN', 'NOT_IN') THEN format('%L::text[]', ARRAY(SELECT v #>> '{}' FROM jsonb_array_elements(c.value) v))
+                ELSE format('%L::text', c.value #>> '{}') END;
+    parts := parts || CASE c.op
+      WHEN 'GREATER_THAN' THEN format('%s > %s', col, lit)
+      WHEN 'GREATER_THAN_OR_EQUAL' THEN format('%s >= %s', col, lit)
+      WHEN 'LESS_THAN' THEN format('%s < %s', col, lit)
+      WHEN 'LESS_THAN_OR_EQUAL' THEN format('%s <= %s', col, lit)
+      WHEN 'EQUALS' THEN format('%s = %s', col, lit)
+      WHEN 'NOT_EQUALS' THEN format('%s <> %s', col, lit)
+      WHEN 'IN' THEN format('%s = ANY (%s)', col, lit)
+      WHEN 'NOT_IN' THEN format('NOT (%s = ANY (%s))', col, lit)
+      WHEN 'CONTAINS' THEN format('strpos(%s, %s) > 0', col, lit)
+      WHEN 'NOT_CONTAINS' THEN format('strpos(%s, %s) = 0', col, lit)
+      WHEN 'STARTS_WITH' THEN format('starts_with(%s, %s)', col, lit)
+      WHEN 'ENDS_WITH' THEN format('right(%s, length(%s)) = %s', col, lit, lit) END;
+  END LOOP;
+  RETURN array_to_string(parts, ' AND ');
 END $$;
-COMMENT ON FUNCTION metering._search_match(text, text, jsonb, jsonb) IS 'internal: one search condition on one row';
+COMMENT ON FUNCTION metering._search_where(jsonb) IS 'internal: the conditions of a search as SQL';
 
 CREATE FUNCTION metering.search_usage(request jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
@@ -123,6 +136,18 @@ DECLARE
   last_key jsonb;
   more_after boolean;
   more_before boolean;
+  more boolean;
+  fast_meters text[];
+  slow_meters text[];
+  fetch_asc boolean;
+  dir text;
+  cmp text;
+  where_sql text;
+  keyset_sql text;
+  base_sql text;
+  order_sql text;
+  key_ts timestamptz;
+  key_id uuid;
   ops jsonb := '{"startTime": ["GREATER_THAN", "GREATER_THAN_OR_EQUAL", "LESS_THAN", "LESS_THAN_OR_EQUAL", "EQUALS", "NOT_EQUALS", "EXISTS", "NOT_EXISTS"],
                  "endTime": ["GREATER_THAN", "GREATER_THAN_OR_EQUAL", "LESS_THAN", "LESS_THAN_OR_EQUAL", "EQUALS", "NOT_EQUALS", "EXISTS", "NOT_EXISTS"],
                  "tenantId": ["EQUALS", "IN", "NOT_EQUALS", "NOT_IN", "CONTAINS", "NOT_CONTAINS", "STARTS_WITH", "ENDS_WITH", "EXISTS", "NOT_EXISTS"],
@@ -260,83 +285,145 @@ BEGIN
   IF subjects IS NOT NULL THEN
     PERFORM metering._require_subject(s) FROM unnest(subjects) s;
   END IF;
-  -- a search with no lower bound starts at the first usage
-  IF start_lo IS NULL THEN
-    SELECT min(e.time) INTO start_lo FROM metering.events e;
-  END IF;
+  start_lo := coalesce(start_lo, '-infinity');
+  -- without an upper bound, periods that start after now are left out
   start_hi := coalesce(start_hi, metering.now());
-  -- no usage yet, or bounds that exclude each other: nothing to find
-  IF start_lo IS NULL OR start_lo > start_hi THEN
+  IF start_lo > start_hi THEN
     RETURN jsonb_build_object('paging', jsonb_build_object('limit', lim), 'results', '[]'::jsonb);
   END IF;
+  -- meters whose periods are kept (usage_periods), and UNIQUE_COUNT ones, read from their events
+  SELECT coalesce(array_agg(x.slug) FILTER (WHERE x.aggregation <> 'UNIQUE_COUNT'), '{}'),
+         coalesce(array_agg(x.slug) FILTER (WHERE x.aggregation = 'UNIQUE_COUNT'), '{}')
+    INTO fast_meters, slow_meters
+    FROM metering.meters x WHERE x.deleted_at IS NULL AND (meters IS NULL OR x.slug = ANY (meters));
 
-  -- every (subject, meter, period) with usage whose period starts in range
-  WITH m AS (
-    SELECT x.slug FROM metering.meters x
-     WHERE x.deleted_at IS NULL AND (meters IS NULL OR x.slug = ANY (meters))),
-  -- weekly and monthly periods, in UTC whatever the session's time zone
-  p AS (
-    SELECT kind, s AT TIME ZONE 'UTC' AS start_time,
-           (s + CASE kind WHEN 'WEEKLY' THEN interval '7 days' ELSE interval '1 month' END) AT TIME ZONE 'UTC' AS end_time
-      FROM unnest(periods) kind
-     CROSS JOIN LATERAL generate_series(
-             date_trunc(CASE kind WHEN 'WEEKLY' THEN 'week' ELSE 'month' END, start_lo AT TIME ZONE 'UTC'),
-             start_hi AT TIME ZONE 'UTC',
-             CASE kind WHEN 'WEEKLY' THEN interval '7 days' ELSE interval '1 month' END) s
-     WHERE kind IN ('WEEKLY', 'MONTHLY')),
-  v AS (
-    -- days: one windowed query per meter
-    SELECT 'DAILY' AS kind, q.window_start AS start_time, q.window_end AS end_time, m.slug, q.subject, q.value
-      FROM m CROSS JOIN LATERAL metering.query_meter(m.slug, date_trunc('day', start_lo, 'UTC'),
-                                                     date_trunc('day', start_hi, 'UTC') + interval '1 day',
-                                                     'DAY', 'UTC', subjects) q
-     WHERE 'DAILY' = ANY (periods)
-    UNION ALL
-    SELECT p.kind, p.start_time, p.end_time, m.slug, q.subject, q.value
-      FROM m CROSS JOIN p
-     CROSS JOIN LATERAL metering.query_meter(m.slug, p.start_time, p.end_time, NULL, 'UTC', subjects) q),
-  r AS (
-    SELECT jsonb_build_object(
-             'id', md5(v.subject || '|' || v.slug || '|' || v.kind || '|' || metering._search_format(v.start_time))::uuid,
-             'tenantId', v.subject, 'trial', coalesce(s.is_trial, false), 'usageType', v.slug,
-             'aggregationPeriod', v.kind, 'startTime', metering._search_format(v.start_time),
-             'endTime', metering._search_format(v.end_time), 'count', v.value) AS row
-      FROM v LEFT JOIN metering.subjects s ON s.key = v.subject),
-  f AS (
-    SELECT r.row, jsonb_build_array(CASE WHEN order_attr = 'isTrial' THEN r.row -> 'trial' ELSE r.row -> order_attr END,
-                                    r.row -> 'id') AS k
-      FROM r
-     WHERE NOT EXISTS (
-       SELECT 1 FROM jsonb_array_elements(q -> 'search') e
-        WHERE NOT metering._search_match(e ->> 'name', e ->> 'operator',
-                                         CASE WHEN e ->> 'name' = 'isTrial' THEN r.row -> 'trial' ELSE r.row -> (e ->> 'name') END,
-                                         e -> 'value')))
-  SELECT coalesce(jsonb_agg(f.row || jsonb_build_object('_k', f.k)
-                            ORDER BY CASE WHEN ascending THEN f.k END ASC, CASE WHEN NOT ascending THEN f.k END DESC), '[]')
-    INTO rows FROM f;
-
-  -- the page: after the key going forward, before it going back
-  IF key IS NULL THEN
-    SELECT coalesce(jsonb_agg(x ORDER BY n), '[]') INTO page
-      FROM jsonb_array_elements(rows) WITH ORDINALITY t(x, n) WHERE n <= lim;
-  ELSIF NOT backward THEN
-    SELECT coalesce(jsonb_agg(x ORDER BY n), '[]') INTO page FROM (
-      SELECT x, n FROM jsonb_array_elements(rows) WITH ORDINALITY t(x, n)
-       WHERE CASE WHEN ascending THEN x -> '_k' > key ELSE x -> '_k' < key END
-       ORDER BY n LIMIT lim) s;
+  -- the page is fetched in this order (the other way round going back)
+  fetch_asc := ascending <> backward;
+  dir := CASE WHEN fetch_asc THEN 'ASC' ELSE 'DESC' END;
+  cmp := CASE WHEN fetch_asc THEN '>' ELSE '<' END;
+  where_sql := metering._search_where(q -> 'search');
+  IF order_attr = 'startTime' THEN
+    -- in (start_time, id) order the kept periods are read by index, a page at a time
+    IF key IS NOT NULL THEN
+      IF jsonb_typeof(key) IS DISTINCT FROM 'array' OR jsonb_array_length(key) <> 2 THEN
+        RAISE EXCEPTION 'search_usage: cursor carries no position' USING ERRCODE = 'invalid_parameter_value';
+      END IF;
+      key_ts := metering._search_time(key -> 0, 'the cursor''s startTime');
+      key_id := (key ->> 1)::uuid;
+      keyset_sql := format('(start_time, id) %s ($7, $8)', cmp);
+    ELSE
+      keyset_sql := 'true';
+    END IF;
+    base_sql := format('AND %s AND %s ORDER BY p.start_time %s, p.id %s LIMIT $6', where_sql, keyset_sql, dir, dir);
+    order_sql := format('start_time %s, id %s', dir, dir);
   ELSE
-    SELECT coalesce(jsonb_agg(x ORDER BY n), '[]') INTO page FROM (
-      SELECT x, n FROM jsonb_array_elements(rows) WITH ORDINALITY t(x, n)
-       WHERE CASE WHEN ascending THEN x -> '_k' < key ELSE x -> '_k' > key END
-       ORDER BY n DESC LIMIT lim) s;
+    keyset_sql := CASE WHEN key IS NOT NULL THEN format('k %s $9', cmp) ELSE 'true' END;
+    base_sql := format('AND %s', where_sql);
+    order_sql := format('k %s', dir);
   END IF;
+
+  EXECUTE format($q$
+    WITH ms AS (
+      SELECT m.slug, m.event_type, m.aggregation, m.value_property, coalesce(s.rolled_up_to, 0) AS wm
+        FROM metering.meters m LEFT JOIN metering.meter_rollup_state s ON s.meter = m.slug
+       WHERE m.slug = ANY ($1)),
+    -- events above the watermark: not in usage_periods yet
+    tail AS (
+      SELECT ms.slug AS meter, e.subject, k.kind, k.start_time, min(k.end_time) AS end_time,
+             count(*) AS events, count(x.v) AS valued, sum(x.v) AS sum, min(x.v) AS min, max(x.v) AS max,
+             max(e.time) FILTER (WHERE x.v IS NOT NULL) AS latest_time,
+             (array_agg(x.v ORDER BY e.time DESC, x.v DESC) FILTER (WHERE x.v IS NOT NULL))[1] AS latest_value
+        FROM ms JOIN metering.events e ON e.type = ms.event_type AND e.seq > ms.wm
+       CROSS JOIN LATERAL (SELECT CASE WHEN ms.aggregation = 'COUNT' THEN NULL
+                                       ELSE metering._meter_number(e.data, ms.value_property) END AS v) x
+       CROSS JOIN LATERAL metering._usage_periods_of(e.time) k
+       WHERE k.kind = ANY ($2) AND k.start_time >= $3 AND k.start_time <= $4 AND ($5 IS NULL OR e.subject = ANY ($5))
+       GROUP BY 1, 2, 3, 4),
+    base AS (
+      SELECT p.meter, p.subject, p.kind, p.start_time
+        FROM metering.usage_periods p
+       CROSS JOIN LATERAL (SELECT coalesce((SELECT s.is_trial FROM metering.subjects s WHERE s.key = p.subject), false) AS trial) tr
+       WHERE p.meter = ANY ($1) AND p.kind = ANY ($2) AND p.start_time >= $3 AND p.start_time <= $4
+         AND ($5 IS NULL OR p.subject = ANY ($5)) %1$s),
+    keys AS (SELECT meter, subject, kind, start_time FROM base
+             UNION SELECT meter, subject, kind, start_time FROM tail),
+    merged AS (
+      SELECT k.meter, k.subject, k.kind, k.start_time, coalesce(p.end_time, t.end_time) AS end_time,
+             CASE ms.aggregation
+               WHEN 'SUM' THEN coalesce(p.sum, 0) + coalesce(t.sum, 0)
+               WHEN 'COUNT' THEN (coalesce(p.events, 0) + coalesce(t.events, 0))::numeric
+               WHEN 'AVG' THEN (coalesce(p.sum, 0) + coalesce(t.sum, 0)) / nullif(coalesce(p.valued, 0) + coalesce(t.valued, 0), 0)
+               WHEN 'MIN' THEN least(p.min, t.min)
+               WHEN 'MAX' THEN greatest(p.max, t.max)
+               WHEN 'LATEST' THEN CASE WHEN t.latest_time IS NOT NULL AND (p.latest_time IS NULL
+                                            OR (t.latest_time, t.latest_value) > (p.latest_time, p.latest_value))
+                                       THEN t.latest_value ELSE p.latest_value END
+             END AS value
+        FROM keys k JOIN ms ON ms.slug = k.meter
+        LEFT JOIN metering.usage_periods p
+               ON p.meter = k.meter AND p.subject = k.subject AND p.kind = k.kind AND p.start_time = k.start_time
+        LEFT JOIN tail t
+               ON t.meter = k.meter AND t.subject = k.subject AND t.kind = k.kind AND t.start_time = k.start_time),
+    -- UNIQUE_COUNT meters: from their events, day by day and period by period
+    slow_from AS (SELECT greatest($3, (SELECT min(e.time) FROM metering.events e
+                                    WHERE cardinality($10) > 0 AND e.type IN (SELECT m.event_type FROM metering.meters m
+                                                                                WHERE m.slug = ANY ($10)))) AS lo),
+    slow AS (
+      SELECT m.slug AS meter, q.subject, 'DAILY' AS kind, q.window_start AS start_time, q.window_end AS end_time, q.value
+        FROM unnest($10) m(slug), slow_from
+       CROSS JOIN LATERAL metering.query_meter(m.slug, date_trunc('day', slow_from.lo, 'UTC'),
+                                               date_trunc('day', $4, 'UTC') + interval '1 day', 'DAY', 'UTC', $5) q
+       WHERE 'DAILY' = ANY ($2) AND slow_from.lo IS NOT NULL
+      UNION ALL
+      SELECT m.slug, q.subject, p.kind, p.start_time, p.end_time, q.value
+        FROM unnest($10) m(slug), slow_from
+       CROSS JOIN LATERAL (
+         SELECT kind, s AT TIME ZONE 'UTC' AS start_time,
+                (s + CASE kind WHEN 'WEEKLY' THEN interval '7 days' ELSE interval '1 month' END) AT TIME ZONE 'UTC' AS end_time
+           FROM unnest($2) kind
+          CROSS JOIN LATERAL generate_series(date_trunc(CASE kind WHEN 'WEEKLY' THEN 'week' ELSE 'month' END, slow_from.lo AT TIME ZONE 'UTC'),
+                                             $4 AT TIME ZONE 'UTC',
+                                             CASE kind WHEN 'WEEKLY' THEN interval '7 days' ELSE interval '1 month' END) s
+          WHERE kind IN ('WEEKLY', 'MONTHLY')) p
+       CROSS JOIN LATERAL metering.query_meter(m.slug, p.start_time, p.end_time, NULL, 'UTC', $5) q
+       WHERE slow_from.lo IS NOT NULL),
+    all_rows AS (
+      SELECT r.*, metering._usage_period_id(r.subject, r.meter, r.kind, r.start_time) AS id,
+             coalesce((SELECT s.is_trial FROM metering.subjects s WHERE s.key = r.subject), false) AS trial
+        FROM (SELECT * FROM merged
+              UNION ALL
+              SELECT * FROM slow WHERE start_time >= $3 AND start_time <= $4) r),
+    f AS (
+      SELECT r.*, jsonb_build_array(%2$s, r.id::text) AS k FROM all_rows r WHERE %3$s)
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+             'id', x.id, 'tenantId', x.subject, 'trial', x.trial, 'usageType', x.meter, 'aggregationPeriod', x.kind,
+             'startTime', metering._search_format(x.start_time), 'endTime', metering._search_format(x.end_time),
+             'count', x.value, '_k', x.k) ORDER BY x.n), '[]')
+      FROM (SELECT f.*, row_number() OVER (ORDER BY %4$s) AS n FROM f WHERE %5$s ORDER BY %4$s LIMIT $6) x
+    $q$,
+    base_sql,
+    CASE order_attr
+      WHEN 'startTime' THEN 'to_jsonb(metering._search_format(r.start_time))'
+      WHEN 'endTime' THEN 'to_jsonb(metering._search_format(r.end_time))'
+      WHEN 'tenantId' THEN 'to_jsonb(r.subject)'
+      WHEN 'usageType' THEN 'to_jsonb(r.meter)'
+      WHEN 'aggregationPeriod' THEN 'to_jsonb(r.kind)'
+      WHEN 'isTrial' THEN 'to_jsonb(r.trial)'
+      WHEN 'count' THEN 'to_jsonb(r.value)'
+      ELSE 'to_jsonb(r.id::text)' END,
+    where_sql, order_sql, keyset_sql)
+  INTO rows
+  USING fast_meters, periods, start_lo, start_hi, subjects, lim + 1, key_ts, key_id, key, slow_meters;
+
+  -- one row more than the page says whether more follow in that direction
+  more := jsonb_array_length(rows) > lim;
+  SELECT coalesce(jsonb_agg(x ORDER BY CASE WHEN backward THEN -n ELSE n END), '[]') INTO page
+    FROM jsonb_array_elements(rows) WITH ORDINALITY t(x, n) WHERE n <= lim;
   total := jsonb_array_length(page);
   first_key := page -> 0 -> '_k';
   last_key := page -> (total - 1) -> '_k';
-  SELECT EXISTS (SELECT 1 FROM jsonb_array_elements(rows) x
-                  WHERE CASE WHEN ascending THEN x -> '_k' > last_key ELSE x -> '_k' < last_key END) INTO more_after;
-  SELECT EXISTS (SELECT 1 FROM jsonb_array_elements(rows) x
-                  WHERE CASE WHEN ascending THEN x -> '_k' < first_key ELSE x -> '_k' > first_key END) INTO more_before;
+  more_after := CASE WHEN backward THEN true ELSE more END;
+  more_before := CASE WHEN backward THEN more ELSE key IS NOT NULL END;
   RETURN jsonb_build_object(
     'paging', jsonb_strip_nulls(jsonb_build_object(
       'limit', lim,

@@ -84,7 +84,7 @@ DECLARE
   t record;
   visible text := '(SELECT metering._visible_subjects(current_user)) IS NULL OR %I = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))';
 BEGIN
-  FOR t IN SELECT * FROM (VALUES ('events', 'subject'), ('meter_rollups', 'subject'), ('entitlements', 'subject'),
+  FOR t IN SELECT * FROM (VALUES ('events', 'subject'), ('meter_rollups', 'subject'), ('usage_periods', 'subject'), ('entitlements', 'subject'),
                                  ('subjects', 'key'), ('usage_records', 'customer_identifier'),
                                  ('customers', 'customer_identifier'), ('registrations', 'customer_identifier')) v(tab, col) LOOP
     EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);

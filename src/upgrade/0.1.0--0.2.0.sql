@@ -37,11 +37,12 @@ LANGUAGE plpgsql AS $$
 BEGIN
   -- DELETE, not TRUNCATE: the same statement may be truncating the rollups too
   DELETE FROM metering.meter_rollups;
+  DELETE FROM metering.usage_periods;
   UPDATE metering.meter_rollup_state SET rolled_up_to = 0;
   DELETE FROM metering.entitlement_snapshots;
   RETURN NULL;
 END $$;
-COMMENT ON FUNCTION metering._events_truncate() IS 'internal: TRUNCATE of events empties the rollups and the snapshots, and resets the watermarks';
+COMMENT ON FUNCTION metering._events_truncate() IS 'internal: TRUNCATE of events empties the rollups, the usage periods and the snapshots, and resets the watermarks';
 -- its trigger's comment follows the function's (src/sql/95_object_comments.sql writes it again)
 COMMENT ON TRIGGER events_truncate ON metering.events IS NULL;
 

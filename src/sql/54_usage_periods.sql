@@ -1,0 +1,161 @@
+-- Usage per (meter, subject, UTC day, week and month), kept for search_usage.
+--
+-- Like the hourly rollups, and with their watermark, the rows hold the
+-- partial aggregates of a meter's events up to metering.meter_rollup_state.
+-- rolled_up_to: refresh_rollups() adds what it rolls up, the deletion of
+-- events recomputes the periods they were in.  search_usage adds the events
+-- above the watermark at query time, so its answers are exact whether the
+-- periods are current or not.  UNIQUE_COUNT meters have no rows here (their
+-- partial aggregates cannot be added up); search_usage reads their events.
+
+CREATE TABLE metering.usage_periods (
+  meter        text COLLATE "C" NOT NULL,
+  subject      text COLLATE "C" NOT NULL,
+  kind         text NOT NULL,
+  start_time   timestamptz NOT NULL,
+  end_time     timestamptz NOT NULL,
+  id           uuid NOT NULL,
+  events       bigint NOT NULL,
+  valued       bigint NOT NULL,
+  sum          numeric,
+  min          numeric,
+  max          numeric,
+  latest_time  timestamptz,
+  latest_value numeric,
+  PRIMARY KEY (meter, subject, kind, start_time)
+);
+-- search pages in (startTime, id) order, for everyone or for given subjects
+CREATE INDEX usage_periods_start_idx ON metering.usage_periods (start_time, id);
+CREATE INDEX usage_periods_subject_idx ON metering.usage_periods (subject, start_time, id);
+COMMENT ON TABLE metering.usage_periods IS
+  'derived: per meter, subject and UTC day, week (from Monday) and month, the partial aggregates of its events up to the meter''s rollup watermark (not UNIQUE_COUNT meters); written by refresh_rollups() and event deletion, never by hand; read by search_usage';
+COMMENT ON COLUMN metering.usage_periods.meter IS 'the meter slug';
+COMMENT ON COLUMN metering.usage_periods.subject IS 'the event subject';
+COMMENT ON COLUMN metering.usage_periods.kind IS 'DAILY, WEEKLY or MONTHLY';
+COMMENT ON COLUMN metering.usage_periods.start_time IS 'start of the period (UTC)';
+COMMENT ON COLUMN metering.usage_periods.end_time IS 'end of the period: the start of the next one';
+COMMENT ON COLUMN metering.usage_periods.id IS 'the search result id of the period';
+COMMENT ON COLUMN metering.usage_periods.events IS 'events in the period';
+COMMENT ON COLUMN metering.usage_periods.valued IS 'events whose value the meter could use';
+COMMENT ON COLUMN metering.usage_periods.sum IS 'sum of the values';
+COMMENT ON COLUMN metering.usage_periods.min IS 'smallest value';
+COMMENT ON COLUMN metering.usage_periods.max IS 'largest value';
+COMMENT ON COLUMN metering.usage_periods.latest_time IS 'time of the latest valued event';
+COMMENT ON COLUMN metering.usage_periods.latest_value IS 'its value (the largest of those at that time)';
+
+-- The three periods an instant is in.
+CREATE FUNCTION metering._usage_periods_of(t timestamptz) RETURNS TABLE(kind text, start_time timestamptz, end_time timestamptz)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  -- (interval arithmetic in UTC: in the session's zone a day may have 23 hours)
+  SELECT k.kind, k.s,
+         ((k.s AT TIME ZONE 'UTC') + CASE k.kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
+                                                 ELSE interval '1 month' END) AT TIME ZONE 'UTC'
+    FROM (VALUES ('DAILY', date_trunc('day', t, 'UTC')), ('WEEKLY', date_trunc('week', t, 'UTC')),
+                 ('MONTHLY', date_trunc('month', t, 'UTC'))) k(kind, s)
+$$;
+COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant';
+
+CREATE FUNCTION metering._usage_period_id(subject text, meter text, kind text, start_time timestamptz) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT md5(subject || '|' || meter || '|' || kind || '|' || metering._search_format(start_time))::uuid
+$$;
+COMMENT ON FUNCTION metering._usage_period_id(text, text, text, timestamptz) IS
+  'internal: the stable search result id of a (subject, meter, period)';
+
+-- Recomputes a meter's periods from its rollups: all of them, or those of
+-- the given (subject, instant) pairs.
+CREATE FUNCTION metering._usage_periods_rebuild(meter text, subjects text[] DEFAULT NULL, times timestamptz[] DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  touched jsonb;                -- [[subject, kind, start], ...], NULL for all
+BEGIN
+  IF subjects IS NULL THEN
+    DELETE FROM metering.usage_periods p WHERE p.meter = _usage_periods_rebuild.meter;
+  ELSE
+    SELECT jsonb_agg(DISTINCT jsonb_build_array(x.subject, k.kind, k.start_time)) INTO touched
+      FROM unnest(subjects, times) x(subject, t) CROSS JOIN LATERAL metering._usage_periods_of(x.t) k;
+    DELETE FROM metering.usage_periods p
+     WHERE p.meter = _usage_periods_rebuild.meter
+       AND touched @> jsonb_build_array(jsonb_build_array(p.subject, p.kind, p.start_time));
+  END IF;
+  IF (SELECT m.aggregation FROM metering.meters m WHERE m.slug = _usage_periods_rebuild.meter) = 'UNIQUE_COUNT' THEN
+    RETURN;
+  END IF;
+  INSERT INTO metering.usage_periods AS p
+    (meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value)
+  SELECT _usage_periods_rebuild.meter, r.subject, k.kind, k.start_time, min(k.end_time),
+         metering._usage_period_id(r.subject, _usage_periods_rebuild.meter, k.kind, k.start_time),
+         sum(r.events), sum(r.valued), sum(r.sum), min(r.min), max(r.max),
+         max(r.latest_time),
+         (array_agg(r.latest_value ORDER BY r.latest_time DESC, r.latest_value DESC) FILTER (WHERE r.latest_time IS NOT NULL))[1]
+    FROM metering.meter_rollups r CROSS JOIN LATERAL metering._usage_periods_of(r.bucket) k
+   WHERE r.meter = _usage_periods_rebuild.meter
+     AND (subjects IS NULL OR (r.subject = ANY (subjects)
+                               AND touched @> jsonb_build_array(jsonb_build_array(r.subject, k.kind, k.start_time))))
+   GROUP BY r.subject, k.kind, k.start_time;
+END $$;
+COMMENT ON FUNCTION metering._usage_periods_rebuild(text, text[], timestamptz[]) IS
+  'internal: recomputes a meter''s usage periods (all, or those of the given subjects and instants) from its rollups';
+
+-- refresh_rollups() calls this once it has rolled up a meter's events in
+-- (from_seq, to_seq]: a few events are added in, many rebuild from the rollups.
+CREATE FUNCTION metering._usage_periods_add(meter text, from_seq bigint, to_seq bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  m metering.meters;
+BEGIN
+  SELECT * INTO m FROM metering.meters x WHERE x.slug = _usage_periods_add.meter;
+  IF NOT FOUND OR m.aggregation = 'UNIQUE_COUNT' THEN
+    RETURN;
+  END IF;
+  IF to_seq - from_seq > 100000 THEN
+    PERFORM metering._usage_periods_rebuild(m.slug);
+    RETURN;
+  END IF;
+  INSERT INTO metering.usage_periods AS p
+    (meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value)
+  SELECT m.slug, e.subject, k.kind, k.start_time, min(k.end_time),
+         metering._usage_period_id(e.subject, m.slug, k.kind, k.start_time),
+         count(*), count(x.v), sum(x.v), min(x.v), max(x.v),
+         max(e.time) FILTER (WHERE x.v IS NOT NULL),
+         (array_agg(x.v ORDER BY e.time DESC, x.v DESC) FILTER (WHERE x.v IS NOT NULL))[1]
+    FROM metering.events e
+   CROSS JOIN LATERAL (SELECT CASE WHEN m.aggregation = 'COUNT' THEN NULL
+                                   ELSE metering._meter_number(e.data, m.value_property) END AS v) x
+   CROSS JOIN LATERAL metering._usage_periods_of(e.time) k
+   WHERE e.type = m.event_type AND e.seq > from_seq AND e.seq <= to_seq
+   GROUP BY e.subject, k.kind, k.start_time
+  ON CONFLICT ON CONSTRAINT usage_periods_pkey DO UPDATE SET
+    events = p.events + excluded.events,
+    valued = p.valued + excluded.valued,
+    sum = CASE WHEN p.sum IS NULL THEN excluded.sum WHEN excluded.sum IS NULL THEN p.sum ELSE p.sum + excluded.sum END,
+    min = least(p.min, excluded.min),
+    max = greatest(p.max, excluded.max),
+    latest_time = CASE WHEN p.latest_time IS NULL OR (excluded.latest_time, excluded.latest_value) > (p.latest_time, p.latest_value)
+                       THEN excluded.latest_time ELSE p.latest_time END,
+    latest_value = CASE WHEN p.latest_time IS NULL OR (excluded.latest_time, excluded.latest_value) > (p.latest_time, p.latest_value)
+                        THEN excluded.latest_value ELSE p.latest_value END;
+END $$;
+COMMENT ON FUNCTION metering._usage_periods_add(text, bigint, bigint) IS
+  'internal: adds a meter''s newly rolled-up events to its usage periods';
+
+-- Deleted events: their periods are recomputed from the rollups, which the
+-- events_deleted trigger (it fires first: triggers fire by name) rebuilt.
+CREATE FUNCTION metering._usage_periods_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN SELECT m.slug, array_agg(o.subject) AS subjects, array_agg(o.time) AS times
+             FROM old_events o
+             JOIN metering.meters m ON m.event_type = o.type
+             JOIN metering.meter_rollup_state s ON s.meter = m.slug AND o.seq <= s.rolled_up_to
+            GROUP BY m.slug LOOP
+    PERFORM metering._usage_periods_rebuild(r.slug, r.subjects, r.times);
+  END LOOP;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._usage_periods_deleted() IS 'internal: recomputes the usage periods of deleted events';
+CREATE TRIGGER events_periods_deleted AFTER DELETE ON metering.events
+  REFERENCING OLD TABLE AS old_events
+  FOR EACH STATEMENT EXECUTE FUNCTION metering._usage_periods_deleted();
