@@ -4,7 +4,7 @@
 -- and the events above it, so it is checked with no refresh, after one,
 -- with new events on top, after deletions, and after a full rebuild.
 BEGIN;
-SELECT plan(12);
+SELECT plan(16);
 SELECT setseed(0.42);
 SET LOCAL metering.now = '2024-04-01 00:00:00+00';
 SET LOCAL timezone = 'America/New_York';      -- the search is in UTC whatever the session says
@@ -75,20 +75,44 @@ CREATE FUNCTION pg_temp.differences(request jsonb) RETURNS bigint LANGUAGE sql A
   SELECT count(*) FROM ((SELECT * FROM o EXCEPT ALL SELECT * FROM w) UNION ALL (SELECT * FROM w EXCEPT ALL SELECT * FROM o)) d
 $$;
 
+-- usage_overview adds up kept days, rolled-up hours and events for SUM and
+-- COUNT meters: it must say what query_meter says, at any instant, for
+-- calendar months and for entitlement periods that start at odd instants
+-- (s1 and s2 have entitlements whose periods start at odd instants)
+SET LOCAL metering.now = '2024-02-01 00:00:00+00';
+SELECT ok(metering.create_feature('f-sum', 'Sum', 'sum') IS NOT NULL AND metering.create_feature('f-count', 'Count', 'count') IS NOT NULL
+          AND metering.create_entitlement('s1', 'f-sum', usage_period => '1 day', usage_period_anchor => '2024-02-01 07:30:15.5+00') IS NOT NULL
+          AND metering.create_entitlement('s2', 'f-count', usage_period => '7 days', usage_period_anchor => '2024-02-01 19:45:00+00') IS NOT NULL,
+          'entitlements with periods from odd instants');
+SET LOCAL metering.now = '2024-04-01 00:00:00+00';
+CREATE FUNCTION pg_temp.overview_differences() RETURNS bigint LANGUAGE sql AS $$
+  SELECT count(*)
+    FROM (SELECT 's' || (i % 5) AS subject, (ARRAY['sum', 'count'])[1 + i % 2] AS meter,
+                 CASE WHEN i % 4 = 0 THEN date_trunc('hour', at) WHEN i % 4 = 1 THEN date_trunc('day', at) ELSE at END AS at
+            FROM (SELECT i, timestamptz '2024-02-20 00:00:00+00' + random() * interval '45 days' AS at
+                    FROM generate_series(1, 160) i) r) c
+   CROSS JOIN LATERAL metering.usage_overview(c.subject, c.meter, c.at) o
+   WHERE o.used IS DISTINCT FROM (SELECT coalesce(sum(value), 0) FROM metering.query_meter(c.meter, o.period_start, c.at,
+                                                                                          subjects => ARRAY[c.subject]))
+$$;
+
 \set all '{"searchByAttributes": [{"name": "startTime", "operator": "EXISTS"}], "limit": 37}'
 \set by_count '{"searchByAttributes": [{"name": "startTime", "operator": "EXISTS"}], "orderByAttribute": {"name": "count", "ascending": false}}'
 
 SELECT is((SELECT sum(i.accepted) FROM metering.ingest_batch(pg_temp.events(1, 3000)) i), 3000::numeric, '3000 events stored');
 SELECT cmp_ok((SELECT count(*) FROM pg_temp.oracle()), '>', 1000::bigint, 'the oracle has rows for every kind of period');
 SELECT is(pg_temp.differences(:'all'), 0::bigint, 'no refresh yet: every row, from the events');
+SELECT is(pg_temp.overview_differences(), 0::bigint, 'no refresh yet: usage_overview says what query_meter says');
 SELECT ok(metering.refresh_rollups() > 0, 'rolled up');
 SELECT cmp_ok((SELECT count(*) FROM metering.usage_periods), '>', 0::bigint, 'periods kept');
 SELECT is(pg_temp.differences(:'all'), 0::bigint, 'after a refresh: every row, from the kept periods');
 SELECT is((SELECT sum(i.accepted) FROM metering.ingest_batch(pg_temp.events(5001, 1500)) i), 1500::numeric, 'more events');
 SELECT is(pg_temp.differences(:'all'), 0::bigint, 'kept periods and newer events add up');
 SELECT is(pg_temp.differences(:'by_count'), 0::bigint, 'the same rows in count order');
+SELECT is(pg_temp.overview_differences(), 0::bigint, 'kept days, rolled-up hours and newer events: usage_overview says what query_meter says');
 DELETE FROM metering.events WHERE id::integer % 7 = 0;
 SELECT is(pg_temp.differences(:'all'), 0::bigint, 'after deleting events');
+SELECT is(pg_temp.overview_differences(), 0::bigint, 'after deleting events: usage_overview says what query_meter says');
 SELECT ok(metering.refresh_rollups() > 0, 'rolled up again');
 DO $$ BEGIN PERFORM metering._usage_periods_rebuild(slug) FROM metering.meters; END $$;
 SELECT is(pg_temp.differences(:'all'), 0::bigint, 'after rebuilding every period from the rollups');

@@ -148,6 +148,12 @@ DECLARE
   order_sql text;
   key_ts timestamptz;
   key_id uuid;
+  slow_lo timestamptz;
+  tail_lo timestamptz;
+  tail_hi timestamptz;
+  page_lo timestamptz;
+  page_hi timestamptz;
+  n_base bigint;
   ops jsonb := '{"startTime": ["GREATER_THAN", "GREATER_THAN_OR_EQUAL", "LESS_THAN", "LESS_THAN_OR_EQUAL", "EQUALS", "NOT_EQUALS", "EXISTS", "NOT_EXISTS"],
                  "endTime": ["GREATER_THAN", "GREATER_THAN_OR_EQUAL", "LESS_THAN", "LESS_THAN_OR_EQUAL", "EQUALS", "NOT_EQUALS", "EXISTS", "NOT_EXISTS"],
                  "tenantId": ["EQUALS", "IN", "NOT_EQUALS", "NOT_IN", "CONTAINS", "NOT_CONTAINS", "STARTS_WITH", "ENDS_WITH", "EXISTS", "NOT_EXISTS"],
@@ -297,6 +303,12 @@ BEGIN
     INTO fast_meters, slow_meters
     FROM metering.meters x WHERE x.deleted_at IS NULL AND (meters IS NULL OR x.slug = ANY (meters));
 
+  -- UNIQUE_COUNT meters are read from their first event on
+  IF cardinality(slow_meters) > 0 THEN
+    slow_lo := greatest(start_lo, (SELECT min(e.time) FROM metering.events e
+                                    WHERE e.type IN (SELECT x.event_type FROM metering.meters x WHERE x.slug = ANY (slow_meters))));
+  END IF;
+
   -- the page is fetched in this order (the other way round going back)
   fetch_asc := ascending <> backward;
   dir := CASE WHEN fetch_asc THEN 'ASC' ELSE 'DESC' END;
@@ -316,8 +328,26 @@ BEGIN
     END IF;
     base_sql := format('AND %s AND %s ORDER BY p.start_time %s, p.id %s LIMIT $6', where_sql, keyset_sql, dir, dir);
     order_sql := format('start_time %s, id %s', dir, dir);
+    -- a page holds no row beyond the kept period that ends it (when there
+    -- are that many): newer events matter only up to its start
+    EXECUTE format('SELECT min(start_time), max(start_time), count(*) FROM (
+                      SELECT p.start_time FROM metering.usage_periods p
+                       CROSS JOIN LATERAL (SELECT coalesce((SELECT s.is_trial FROM metering.subjects s WHERE s.key = p.subject), false) AS trial) tr
+                       WHERE p.meter = ANY ($1) AND p.kind = ANY ($2) AND p.start_time >= $3 AND p.start_time <= $4
+                         AND ($5 IS NULL OR p.subject = ANY ($5)) %s) b', base_sql)
+      INTO page_lo, page_hi, n_base
+      USING fast_meters, periods, start_lo, start_hi, subjects, lim + 1, key_ts, key_id;
+    IF fetch_asc THEN
+      tail_lo := coalesce(key_ts, '-infinity');
+      tail_hi := CASE WHEN n_base > lim THEN page_hi ELSE 'infinity' END;
+    ELSE
+      tail_lo := CASE WHEN n_base > lim THEN page_lo ELSE '-infinity' END;
+      tail_hi := coalesce(key_ts, 'infinity');
+    END IF;
   ELSE
     keyset_sql := CASE WHEN key IS NOT NULL THEN format('k %s $9', cmp) ELSE 'true' END;
+    tail_lo := '-infinity';
+    tail_hi := 'infinity';
     base_sql := format('AND %s', where_sql);
     order_sql := format('k %s', dir);
   END IF;
@@ -327,18 +357,31 @@ BEGIN
       SELECT m.slug, m.event_type, m.aggregation, m.value_property, coalesce(s.rolled_up_to, 0) AS wm
         FROM metering.meters m LEFT JOIN metering.meter_rollup_state s ON s.meter = m.slug
        WHERE m.slug = ANY ($1)),
-    -- events above the watermark: not in usage_periods yet
-    tail AS (
-      SELECT ms.slug AS meter, e.subject, k.kind, k.start_time, min(k.end_time) AS end_time,
-             count(*) AS events, count(x.v) AS valued, sum(x.v) AS sum, min(x.v) AS min, max(x.v) AS max,
-             max(e.time) FILTER (WHERE x.v IS NOT NULL) AS latest_time,
-             (array_agg(x.v ORDER BY e.time DESC, x.v DESC) FILTER (WHERE x.v IS NOT NULL))[1] AS latest_value
-        FROM ms JOIN metering.events e ON e.type = ms.event_type AND e.seq > ms.wm
+    -- events above the watermark: not in usage_periods yet ($11: the lowest
+    -- watermark, which lets the BRIN index skip the rolled-up events; $12,
+    -- $13: the range of period starts the page can hold); LATEST meters
+    -- apart, as only they need their values in order
+    tail_raw AS MATERIALIZED (
+      SELECT e.type, e.seq, e.subject, e.time, e.data, k.kind, k.start_time, k.end_time
+        FROM metering.events e CROSS JOIN LATERAL metering._usage_periods_of(e.time) k
+       WHERE e.seq > $11 AND e.type IN (SELECT ms.event_type FROM ms)
+         AND k.kind = ANY ($2) AND k.start_time >= $3 AND k.start_time <= $4 AND ($5 IS NULL OR e.subject = ANY ($5))
+         AND k.start_time >= $12 AND k.start_time <= $13),
+    tail_events AS (
+      SELECT ms.slug AS meter, ms.aggregation, r.subject, r.time, r.kind, r.start_time, r.end_time, x.v
+        FROM tail_raw r JOIN ms ON ms.event_type = r.type AND r.seq > ms.wm
        CROSS JOIN LATERAL (SELECT CASE WHEN ms.aggregation = 'COUNT' THEN NULL
-                                       ELSE metering._meter_number(e.data, ms.value_property) END AS v) x
-       CROSS JOIN LATERAL metering._usage_periods_of(e.time) k
-       WHERE k.kind = ANY ($2) AND k.start_time >= $3 AND k.start_time <= $4 AND ($5 IS NULL OR e.subject = ANY ($5))
-       GROUP BY 1, 2, 3, 4),
+                                       ELSE metering._meter_number(r.data, ms.value_property) END AS v) x),
+    tail AS (
+      SELECT meter, subject, kind, start_time, min(end_time) AS end_time,
+             count(*) AS events, count(v) AS valued, sum(v) AS sum, min(v) AS min, max(v) AS max,
+             NULL::timestamptz AS latest_time, NULL::numeric AS latest_value
+        FROM tail_events WHERE aggregation <> 'LATEST' GROUP BY 1, 2, 3, 4
+      UNION ALL
+      SELECT meter, subject, kind, start_time, min(end_time), count(*), count(v), NULL, NULL, NULL,
+             max(time) FILTER (WHERE v IS NOT NULL),
+             (array_agg(v ORDER BY time DESC, v DESC) FILTER (WHERE v IS NOT NULL))[1]
+        FROM tail_events WHERE aggregation = 'LATEST' GROUP BY 1, 2, 3, 4),
     base AS (
       SELECT p.meter, p.subject, p.kind, p.start_time
         FROM metering.usage_periods p
@@ -365,9 +408,7 @@ BEGIN
         LEFT JOIN tail t
                ON t.meter = k.meter AND t.subject = k.subject AND t.kind = k.kind AND t.start_time = k.start_time),
     -- UNIQUE_COUNT meters: from their events, day by day and period by period
-    slow_from AS (SELECT greatest($3, (SELECT min(e.time) FROM metering.events e
-                                    WHERE cardinality($10) > 0 AND e.type IN (SELECT m.event_type FROM metering.meters m
-                                                                                WHERE m.slug = ANY ($10)))) AS lo),
+    slow_from AS (SELECT $14::timestamptz AS lo),
     slow AS (
       SELECT m.slug AS meter, q.subject, 'DAILY' AS kind, q.window_start AS start_time, q.window_end AS end_time, q.value
         FROM unnest($10) m(slug), slow_from
@@ -413,7 +454,10 @@ BEGIN
       ELSE 'to_jsonb(r.id::text)' END,
     where_sql, order_sql, keyset_sql)
   INTO rows
-  USING fast_meters, periods, start_lo, start_hi, subjects, lim + 1, key_ts, key_id, key, slow_meters;
+  USING fast_meters, periods, start_lo, start_hi, subjects, lim + 1, key_ts, key_id, key, slow_meters,
+        (SELECT coalesce(min(coalesce(st.rolled_up_to, 0)), 0) FROM unnest(fast_meters) f(slug)
+           LEFT JOIN metering.meter_rollup_state st ON st.meter = f.slug),
+        tail_lo, tail_hi, slow_lo;
 
   -- one row more than the page says whether more follow in that direction
   more := jsonb_array_length(rows) > lim;

@@ -46,12 +46,13 @@ COMMENT ON COLUMN metering.usage_periods.latest_value IS 'its value (the largest
 -- The three periods an instant is in.
 CREATE FUNCTION metering._usage_periods_of(t timestamptz) RETURNS TABLE(kind text, start_time timestamptz, end_time timestamptz)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  -- (interval arithmetic in UTC: in the session's zone a day may have 23 hours)
-  SELECT k.kind, k.s,
-         ((k.s AT TIME ZONE 'UTC') + CASE k.kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
-                                                 ELSE interval '1 month' END) AT TIME ZONE 'UTC'
-    FROM (VALUES ('DAILY', date_trunc('day', t, 'UTC')), ('WEEKLY', date_trunc('week', t, 'UTC')),
-                 ('MONTHLY', date_trunc('month', t, 'UTC'))) k(kind, s)
+  -- in UTC wall-clock time: whatever the session's zone, a day has 24 hours
+  SELECT k.kind, k.s AT TIME ZONE 'UTC',
+         (k.s + CASE k.kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
+                            ELSE interval '1 month' END) AT TIME ZONE 'UTC'
+    FROM (SELECT t AT TIME ZONE 'UTC' AS u) x,
+         LATERAL (VALUES ('DAILY', date_trunc('day', x.u)), ('WEEKLY', date_trunc('week', x.u)),
+                         ('MONTHLY', date_trunc('month', x.u))) k(kind, s)
 $$;
 COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant';
 
