@@ -126,7 +126,9 @@ SELECT regress.err(format('SELECT metering.search_usage(%L)', jsonb_build_object
   FROM unnest(ARRAY['{"q": {"order": {"name": "startTime"}, "search": [{"name": "startTime", "operator": "EXISTS"}]}}',
                     '{"q": {"limit": 5, "search": [{"name": "startTime", "operator": "EXISTS"}]}}',
                     '{"q": {"limit": 5, "order": {"name": "startTime"}}}',
-                    '{"k": [1]}']::jsonb[]) p;
+                    '{"k": [1]}',
+                    '{"q": {"limit": 5, "order": {"name": "startTime"}, "search": [{"name": "startTime", "operator": "EXISTS"}]}, "k": ["2024-06-01T00:00:00", "zz"]}',
+                    '{"q": {"limit": 5, "order": {"name": "startTime"}, "search": [{"name": "startTime", "operator": "EXISTS"}]}, "k": "x"}']::jsonb[]) p;
 -- bounds that leave nothing (after now, or crossed) find nothing
 SELECT metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2030-01-01T00:00:00"}]}');
 SELECT metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2024-06-10T00:00:00"},
@@ -138,6 +140,7 @@ SELECT regress.err(format('SELECT metering.search_usage(%L)', r)) FROM unnest(AR
   '{"searchByAttributes": [{"name": "tenantId", "operator": "EQUALS", "value": "acme"}]}',
   '{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN", "value": "2024-06-01"}]}',
   '{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN", "value": "yesterday"}]}',
+  '{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN", "value": "2024-06-01T24:00:00"}]}',
   '{"searchByAttributes": [{"name": "startTime", "operator": "CONTAINS", "value": "2024"}]}',
   '{"searchByAttributes": [{"name": "color", "operator": "EQUALS", "value": "red"}]}',
   '{"searchByAttributes": [{"name": "startTime"}]}',
@@ -150,3 +153,8 @@ SELECT regress.err(format('SELECT metering.search_usage(%L)', r)) FROM unnest(AR
   '{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN", "value": "2024-06-01T00:00:00"}], "orderByAttribute": {"name": "color"}}',
   '{"searchByAttributes": {"name": "startTime"}}'
 ]) r;
+
+-- a deleted meter's periods go with it
+SELECT count(*) > 0 AS periods_before FROM metering.usage_periods WHERE meter = 'logins';
+DELETE FROM metering.meters WHERE slug = 'logins';
+SELECT count(*) AS periods_after FROM metering.usage_periods WHERE meter = 'logins';

@@ -12,7 +12,7 @@ check() {  # description, got, expected
   n=$((n + 1))
 }
 n=1
-echo "1..11"
+echo "1..12"
 dropdb --if-exists $src >/dev/null 2>&1; dropdb --if-exists $dst >/dev/null 2>&1
 createdb $src; createdb $dst
 q $src "CREATE EXTENSION metering" >/dev/null
@@ -52,7 +52,13 @@ INSERT INTO metering.hashmap_mappings (field_id, value, cost, map_type) SELECT i
 INSERT INTO metering.hashmap_thresholds (service_id, group_id, level, cost, map_type, tenant_id)
 SELECT s.id, g.id, 10, 0.5, 'rate', 't' FROM metering.hashmap_services s, metering.hashmap_groups g WHERE s.name = 'e';
 INSERT INTO metering.hashmap_mappings (service_id, cost, map_type) SELECT id, 1, 'flat' FROM metering.hashmap_services WHERE name = 'gone';
-DELETE FROM metering.hashmap_services WHERE name = 'gone';" >/dev/null
+DELETE FROM metering.hashmap_services WHERE name = 'gone';
+SET metering.now = '2024-06-01 11:00:00+00';
+INSERT INTO metering.hashmap_groups (name) VALUES ('old');
+INSERT INTO metering.hashmap_mappings (field_id, group_id, value, cost, map_type)
+SELECT f.id, g.id, 'b', 3, 'flat' FROM metering.hashmap_fields f, metering.hashmap_groups g WHERE g.name = 'old';
+SET metering.now = '2024-06-01 12:00:00+00';
+SELECT metering.delete_hashmap_group(id) FROM metering.hashmap_groups WHERE name = 'old';" >/dev/null
 before=$(q $src "SELECT value FROM metering.query_meter('t')")
 answers="SELECT string_agg(format('%s %s/%s/%s', at, v.balance, v.usage, v.overage), ', ' ORDER BY at)
   FROM generate_series('2024-06-01 00:00+00'::timestamptz, '2024-06-01 12:00+00', '1 hour') at,
@@ -75,6 +81,9 @@ check "features (archived too), entitlements (deleted too) and resets come back"
   "$(q $dst "SELECT (SELECT count(*) FROM metering.features) || ' ' || (SELECT count(*) FROM metering.entitlements) || ' ' || (SELECT count(*) FROM metering.resets)")" \
   "$(q $src "SELECT (SELECT count(*) FROM metering.features) || ' ' || (SELECT count(*) FROM metering.entitlements) || ' ' || (SELECT count(*) FROM metering.resets)")"
 check "rating rules come back (deleted ones too) and price the same" "$(q $dst "$prices")" "$rated"
+check "every rating rule comes back, ended ones of a deleted group too" \
+  "$(q $dst "SELECT count(*) FROM metering.hashmap_mappings") $(q $dst "SELECT count(*) FROM metering.hashmap_thresholds")" \
+  "$(q $src "SELECT count(*) FROM metering.hashmap_mappings") $(q $src "SELECT count(*) FROM metering.hashmap_thresholds")"
 check "snapshots are not dumped" "$(q $dst "SELECT count(*) FROM metering.entitlement_snapshots")" "0"
 check "entitlements answer the same" "$(q $dst "$answers")" "$values"
 q $dst "SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"new\", \"source\": \"s\", \"type\": \"e\", \"subject\": \"acme\", \"time\": \"2024-06-01T10:00:00Z\", \"data\": {\"v\": 1000}}')" >/dev/null

@@ -21,8 +21,11 @@ CREATE FUNCTION pg_temp.events(first integer, n integer) RETURNS jsonb LANGUAGE 
   SELECT jsonb_agg(jsonb_build_object(
            'specversion', '1.0', 'id', i::text, 'source', 'oracle', 'type', 'o',
            'subject', 's' || floor(random() * 5)::int,
-           'time', to_char(timestamptz '2024-02-20 00:00:00+00' + floor(random() * 40 * 24 * 4) * interval '15 minutes',
-                           'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+           -- on a 15-minute grid (several at one instant), or anywhere
+           'time', to_char(timestamptz '2024-02-20 00:00:00+00'
+                           + CASE WHEN random() < 0.5 THEN floor(random() * 40 * 24 * 4) * interval '15 minutes'
+                                  ELSE random() * interval '40 days' END,
+                           'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
            'data', jsonb_strip_nulls(jsonb_build_object(
              'v', CASE WHEN r < 0.8 THEN to_jsonb(round((random() * 200 - 50)::numeric, 2))
                        WHEN r < 0.9 THEN to_jsonb(round((random() * 10)::numeric, 1)::text)
@@ -82,15 +85,17 @@ $$;
 SET LOCAL metering.now = '2024-02-01 00:00:00+00';
 SELECT ok(metering.create_feature('f-sum', 'Sum', 'sum') IS NOT NULL AND metering.create_feature('f-count', 'Count', 'count') IS NOT NULL
           AND metering.create_entitlement('s1', 'f-sum', usage_period => '1 day', usage_period_anchor => '2024-02-01 07:30:15.5+00') IS NOT NULL
-          AND metering.create_entitlement('s2', 'f-count', usage_period => '7 days', usage_period_anchor => '2024-02-01 19:45:00+00') IS NOT NULL,
+          AND metering.create_entitlement('s2', 'f-count', usage_period => '7 days', usage_period_anchor => '2024-02-01 19:45:00+00') IS NOT NULL
+          AND metering.create_entitlement('s3', 'f-sum', usage_period => '1 hour', usage_period_anchor => '2024-02-01 00:15:00+00') IS NOT NULL,
           'entitlements with periods from odd instants');
 SET LOCAL metering.now = '2024-04-01 00:00:00+00';
 CREATE FUNCTION pg_temp.overview_differences() RETURNS bigint LANGUAGE sql AS $$
   SELECT count(*)
     FROM (SELECT 's' || (i % 5) AS subject, (ARRAY['sum', 'count'])[1 + i % 2] AS meter,
-                 CASE WHEN i % 4 = 0 THEN date_trunc('hour', at) WHEN i % 4 = 1 THEN date_trunc('day', at) ELSE at END AS at
+                 CASE WHEN i % 5 = 0 THEN date_trunc('hour', at) WHEN i % 5 = 1 THEN date_trunc('day', at)
+                      WHEN i % 5 = 2 THEN date_trunc('hour', at) + random() * interval '20 minutes' ELSE at END AS at
             FROM (SELECT i, timestamptz '2024-02-20 00:00:00+00' + random() * interval '45 days' AS at
-                    FROM generate_series(1, 160) i) r) c
+                    FROM generate_series(1, 250) i) r) c
    CROSS JOIN LATERAL metering.usage_overview(c.subject, c.meter, c.at) o
    WHERE o.used IS DISTINCT FROM (SELECT coalesce(sum(value), 0) FROM metering.query_meter(c.meter, o.period_start, c.at,
                                                                                           subjects => ARRAY[c.subject]))

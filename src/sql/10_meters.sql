@@ -131,10 +131,11 @@ LANGUAGE plpgsql AS $$
 BEGIN
   DELETE FROM metering.meter_rollup_state WHERE meter = NEW.slug;
   DELETE FROM metering.meter_rollups WHERE meter = NEW.slug;
+  DELETE FROM metering.usage_periods WHERE meter = NEW.slug;
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._meters_after_delete_mark() IS
-  'internal: drops the rollups of a deleted meter';
+  'internal: drops the rollups and usage periods of a deleted meter';
 
 CREATE FUNCTION metering._soft_delete_meter() RETURNS trigger
 LANGUAGE plpgsql AS $$

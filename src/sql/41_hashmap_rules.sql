@@ -275,7 +275,20 @@ BEGIN
   -- a live rule needs a live service or field (and group), which must not be
   -- deleted meanwhile; writers of one parent take turns, so that the check
   -- below sees the others' rules: one rule per key and tenant at any
-  -- instant, or the price would depend on row order
+  -- instant, or the price would depend on row order.  The group is locked
+  -- first, as delete_hashmap_group locks it before the rules' parents.
+  -- (A group is checked when the rule joins it: ending a rule of a group
+  -- being deleted is part of that deletion.  A restored rule may belong to
+  -- a group deleted after it ended.)
+  IF NEW.group_id IS NOT NULL AND NEW.deleted_at IS NULL AND (TG_OP = 'INSERT' OR fresh) THEN
+    PERFORM 1 FROM metering.hashmap_groups g
+      WHERE g.id = NEW.group_id
+        AND (g.deleted_at IS NULL OR (NOT fresh AND least(NEW."end", NEW.deleted_at) <= g.deleted_at))
+      FOR SHARE;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'hashmap group % does not exist', NEW.group_id USING ERRCODE = 'foreign_key_violation';
+    END IF;
+  END IF;
   IF NEW.service_id IS NOT NULL THEN
     SELECT s.id INTO parent FROM metering.hashmap_services s
      WHERE s.id = NEW.service_id AND (s.deleted_at IS NULL OR NEW.deleted_at IS NOT NULL) FOR NO KEY UPDATE;
@@ -290,13 +303,7 @@ BEGIN
     END IF;
   END IF;
   PERFORM metering._hashmap_unchanged_since_snapshot(parent);
-  -- (a group is checked when the rule joins it: ending a rule of a group
-  -- being deleted is part of that deletion)
   IF NEW.group_id IS NOT NULL AND NEW.deleted_at IS NULL AND (TG_OP = 'INSERT' OR fresh) THEN
-    PERFORM 1 FROM metering.hashmap_groups g WHERE g.id = NEW.group_id AND g.deleted_at IS NULL FOR SHARE;
-    IF NOT FOUND THEN
-      RAISE EXCEPTION 'hashmap group % does not exist', NEW.group_id USING ERRCODE = 'foreign_key_violation';
-    END IF;
     PERFORM metering._hashmap_unchanged_since_snapshot(NEW.group_id);
   END IF;
 

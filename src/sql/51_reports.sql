@@ -141,7 +141,7 @@ BEGIN
     -- events below the watermark
     head_from := period_start;
     tail_to := t;
-    IF period_start < hour_from AND NOT EXISTS (
+    IF period_start < hour_from AND date_trunc('hour', hour_from, 'UTC') = hour_from AND NOT EXISTS (
          SELECT 1 FROM metering.meter_rollups r WHERE r.meter = m.slug AND r.subject = usage_overview.subject
             AND r.bucket = hour_from - interval '1 hour' AND r.first_time < period_start) THEN
       SELECT used + coalesce(sum(CASE WHEN m.aggregation = 'SUM' THEN coalesce(r.sum, 0) ELSE r.events END), 0) INTO used

@@ -52,7 +52,7 @@ LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
   s text := value #>> '{}';
 BEGIN
-  IF jsonb_typeof(value) <> 'string' OR s !~ '^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z?$' THEN
+  IF jsonb_typeof(value) <> 'string' OR s !~ '^\d{4}-\d{2}-\d{2}T([01]\d|2[0-3]):\d{2}:\d{2}(\.\d{1,6})?Z?$' THEN
     RAISE EXCEPTION 'search_usage: % must be a UTC time like 2018-08-04T18:15:30, got %', what, value
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -318,6 +318,10 @@ BEGIN
     -- in (start_time, id) order the kept periods are read by index, a page at a time
     IF key IS NOT NULL THEN
       IF jsonb_typeof(key) IS DISTINCT FROM 'array' OR jsonb_array_length(key) <> 2 THEN
+        RAISE EXCEPTION 'search_usage: cursor carries no position' USING ERRCODE = 'invalid_parameter_value';
+      END IF;
+      IF jsonb_typeof(key -> 1) IS DISTINCT FROM 'string'
+         OR key ->> 1 !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
         RAISE EXCEPTION 'search_usage: cursor carries no position' USING ERRCODE = 'invalid_parameter_value';
       END IF;
       key_ts := metering._search_time(key -> 0, 'the cursor''s startTime');

@@ -56,6 +56,13 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant';
 
+CREATE FUNCTION metering._usage_period_end(kind text, start_time timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT ((start_time AT TIME ZONE 'UTC') + CASE kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
+                                                      ELSE interval '1 month' END) AT TIME ZONE 'UTC'
+$$;
+COMMENT ON FUNCTION metering._usage_period_end(text, timestamptz) IS 'internal: the end of a usage period (the next one''s start)';
+
 CREATE FUNCTION metering._usage_period_id(subject text, meter text, kind text, start_time timestamptz) RETURNS uuid
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT md5(subject || '|' || meter || '|' || kind || '|' || metering._search_format(start_time))::uuid
@@ -68,20 +75,26 @@ COMMENT ON FUNCTION metering._usage_period_id(text, text, text, timestamptz) IS
 CREATE FUNCTION metering._usage_periods_rebuild(meter text, subjects text[] DEFAULT NULL, times timestamptz[] DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-  touched jsonb;                -- [[subject, kind, start], ...], NULL for all
+  -- the touched periods, as three parallel arrays (NULL: all of them)
+  t_subjects text[];
+  t_kinds text[];
+  t_starts timestamptz[];
 BEGIN
   IF subjects IS NULL THEN
     DELETE FROM metering.usage_periods p WHERE p.meter = _usage_periods_rebuild.meter;
   ELSE
-    SELECT jsonb_agg(DISTINCT jsonb_build_array(x.subject, k.kind, k.start_time)) INTO touched
-      FROM unnest(subjects, times) x(subject, t) CROSS JOIN LATERAL metering._usage_periods_of(x.t) k;
+    SELECT array_agg(d.subject), array_agg(d.kind), array_agg(d.start_time) INTO t_subjects, t_kinds, t_starts
+      FROM (SELECT DISTINCT x.subject, k.kind, k.start_time
+              FROM unnest(subjects, times) x(subject, t) CROSS JOIN LATERAL metering._usage_periods_of(x.t) k) d;
     DELETE FROM metering.usage_periods p
+     USING unnest(t_subjects, t_kinds, t_starts) k(subject, kind, start_time)
      WHERE p.meter = _usage_periods_rebuild.meter
-       AND touched @> jsonb_build_array(jsonb_build_array(p.subject, p.kind, p.start_time));
+       AND p.subject = k.subject AND p.kind = k.kind AND p.start_time = k.start_time;
   END IF;
   IF (SELECT m.aggregation FROM metering.meters m WHERE m.slug = _usage_periods_rebuild.meter) = 'UNIQUE_COUNT' THEN
     RETURN;
   END IF;
+  -- (each touched period reads its own hours of rollups)
   INSERT INTO metering.usage_periods AS p
     (meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value)
   SELECT _usage_periods_rebuild.meter, r.subject, k.kind, k.start_time, min(k.end_time),
@@ -89,10 +102,17 @@ BEGIN
          sum(r.events), sum(r.valued), sum(r.sum), min(r.min), max(r.max),
          max(r.latest_time),
          (array_agg(r.latest_value ORDER BY r.latest_time DESC, r.latest_value DESC) FILTER (WHERE r.latest_time IS NOT NULL))[1]
-    FROM metering.meter_rollups r CROSS JOIN LATERAL metering._usage_periods_of(r.bucket) k
-   WHERE r.meter = _usage_periods_rebuild.meter
-     AND (subjects IS NULL OR (r.subject = ANY (subjects)
-                               AND touched @> jsonb_build_array(jsonb_build_array(r.subject, k.kind, k.start_time))))
+    FROM (SELECT r.*, k.kind, k.start_time, k.end_time
+            FROM metering.meter_rollups r CROSS JOIN LATERAL metering._usage_periods_of(r.bucket) k
+           WHERE subjects IS NULL AND r.meter = _usage_periods_rebuild.meter
+          UNION ALL
+          SELECT r.*, t.kind, t.start_time, metering._usage_period_end(t.kind, t.start_time)
+            FROM unnest(t_subjects, t_kinds, t_starts) t(subject, kind, start_time)
+            JOIN metering.meter_rollups r
+              ON r.meter = _usage_periods_rebuild.meter AND r.subject = t.subject
+             AND r.bucket >= t.start_time AND r.bucket < metering._usage_period_end(t.kind, t.start_time)
+           WHERE subjects IS NOT NULL) r
+   CROSS JOIN LATERAL (SELECT r.kind, r.start_time, r.end_time) k
    GROUP BY r.subject, k.kind, k.start_time;
 END $$;
 COMMENT ON FUNCTION metering._usage_periods_rebuild(text, text[], timestamptz[]) IS

@@ -52,3 +52,17 @@ COMMENT ON TRIGGER events_truncate ON metering.events IS NULL;
 DELETE FROM metering.meter_rollups;
 UPDATE metering.meter_rollup_state SET rolled_up_to = 0;
 COMMENT ON COLUMN metering.meter_rollups.min IS 'smallest value (MIN and SUM meters)';
+
+-- a deleted meter drops its usage periods too
+CREATE OR REPLACE FUNCTION metering._meters_after_delete_mark() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM metering.meter_rollup_state WHERE meter = NEW.slug;
+  DELETE FROM metering.meter_rollups WHERE meter = NEW.slug;
+  DELETE FROM metering.usage_periods WHERE meter = NEW.slug;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._meters_after_delete_mark() IS
+  'internal: drops the rollups and usage periods of a deleted meter';
+-- its trigger's comment follows the function's (src/sql/95_object_comments.sql writes it again)
+COMMENT ON TRIGGER meters_after_delete_mark ON metering.meters IS NULL;
