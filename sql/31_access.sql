@@ -40,6 +40,7 @@ SET ROLE regress_alice;
 -- every table that names a subject shows only org-eu and its children
 SELECT 'events' AS source, string_agg(DISTINCT subject, ',' ORDER BY subject) AS subjects FROM metering.events
 UNION ALL SELECT 'meter_rollups', string_agg(DISTINCT subject, ',' ORDER BY subject) FROM metering.meter_rollups
+UNION ALL SELECT 'usage_periods', string_agg(DISTINCT subject, ',' ORDER BY subject) FROM metering.usage_periods
 UNION ALL SELECT 'entitlements', string_agg(DISTINCT subject, ',' ORDER BY subject) FROM metering.entitlements
 UNION ALL SELECT 'grants', string_agg(DISTINCT e.subject, ',' ORDER BY e.subject) FROM metering.grants g JOIN metering.entitlements e ON e.id = g.entitlement_id
 UNION ALL SELECT 'grants (count)', count(*)::text FROM metering.grants
