@@ -158,3 +158,9 @@ SELECT regress.err(format('SELECT metering.search_usage(%L)', r)) FROM unnest(AR
 SELECT count(*) > 0 AS periods_before FROM metering.usage_periods WHERE meter = 'logins';
 DELETE FROM metering.meters WHERE slug = 'logins';
 SELECT count(*) AS periods_after FROM metering.usage_periods WHERE meter = 'logins';
+
+-- a whole number written with decimals is a whole number; a cursor with a third part is not a cursor
+SELECT metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2024-06-01T00:00:00"}], "limit": 1.0}') -> 'paging' ->> 'limit' AS lim;
+SELECT regress.err(format('SELECT metering.search_usage(%L)', jsonb_build_object('cursor',
+  (metering.search_usage('{"searchByAttributes": [{"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2024-06-01T00:00:00"}], "limit": 1}')
+     -> 'paging' ->> 'nextCursor') || '..x')));

@@ -72,3 +72,16 @@ SELECT metering.units_usage('units', '2024-06-01', '2024-06-16', 'r&d team') -> 
 -- one function's cursor is not another's
 SELECT regress.err(format('SELECT metering.search_usage(%L)', jsonb_build_object('cursor',
   split_part(metering.units_usage('units', page_size => 1) -> '_links' -> 'next' ->> 'href', '&cursor=', 2))));
+-- what a cursor carries is checked as arguments are (anyone may sign one); times are of the years 1 to 9999
+SELECT regress.err(format('SELECT metering.units_usage(NULL, cursor => %L)', metering._sign_cursor(p)))
+  FROM unnest(ARRAY['{"kind": "units_usage", "q": {"meter": "units", "from": "garbage", "to": "2024-06-10", "size": 5}}',
+                    '{"kind": "units_usage", "q": {"meter": "units", "from": "2024-06-01", "to": 1e20, "size": 5}}',
+                    '{"kind": "units_usage", "q": {"meter": "units", "from": "2024-06-01", "to": "2024-06-10", "size": "x"}}',
+                    '{"kind": "units_usage", "q": {"meter": "units", "from": "2024-06-01", "to": "2024-06-10", "size": 1e20}}',
+                    '{"kind": "units_usage", "q": "units"}']::jsonb[]) p;
+SELECT jsonb_array_length(metering.units_usage(NULL, cursor => metering._sign_cursor(
+  '{"kind": "units_usage", "q": {"meter": "units", "from": "2024-06-01", "to": "2024-06-10", "size": 2.0}}')) -> 'breakdowns') AS rows_of_size_2;
+SELECT regress.err(s) FROM unnest(ARRAY[
+  $$SELECT metering.units_usage('units', '4714-11-24 00:00:00+00 BC', '2024-06-01')$$,
+  $$SELECT metering.units_usage('units', '9999-12-01', '10000-01-02')$$,
+  $$SELECT metering.usage_overview('eu', 'units', '0001-01-01 00:00:00+00 BC')$$]) s;

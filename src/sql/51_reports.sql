@@ -42,6 +42,19 @@ COMMENT ON COLUMN metering.daily_usage.day IS 'the UTC day''s start';
 COMMENT ON COLUMN metering.daily_usage.day_end IS 'the next day''s start';
 COMMENT ON COLUMN metering.daily_usage.value IS 'the meter''s value for the day';
 
+-- Report times are instants of the years 1 to 9999, as everywhere in the
+-- extension: calendar bounds around them stay representable.
+CREATE FUNCTION metering._report_time(t timestamptz, what text) RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF t IS NULL OR NOT isfinite(t) OR t < '0001-01-01 00:00:00+00' OR t >= '10000-01-01 00:00:00+00' THEN
+    RAISE EXCEPTION '%: must be a finite time in the years 1 to 9999, got %', what, coalesce(t::text, 'NULL')
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN t;
+END $$;
+COMMENT ON FUNCTION metering._report_time(timestamptz, text) IS 'internal: a report time, checked (22023 outside the years 1 to 9999)';
+
 CREATE FUNCTION metering.usage_overview(subject text, meter text, at timestamptz DEFAULT NULL,
   OUT period_start timestamptz, OUT period_end timestamptz, OUT included numeric, OUT used numeric,
   OUT projected numeric)
@@ -66,9 +79,7 @@ BEGIN
   IF subject IS NULL OR meter IS NULL THEN
     RAISE EXCEPTION 'usage_overview: subject and meter are required' USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT isfinite(t) THEN
-    RAISE EXCEPTION 'usage_overview: at must be a finite time' USING ERRCODE = 'invalid_parameter_value';
-  END IF;
+  PERFORM metering._report_time(t, 'usage_overview: at');
   PERFORM metering._require_subject(usage_overview.subject);
   SELECT * INTO m FROM metering.meters x WHERE x.slug = usage_overview.meter AND x.deleted_at IS NULL;
   IF NOT FOUND THEN

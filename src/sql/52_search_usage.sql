@@ -25,8 +25,7 @@ DECLARE
   payload jsonb;
   secret bytea;
 BEGIN
-  IF cursor IS NULL OR body = '' OR mac = '' OR split_part(cursor, '.', 3) <> '' OR length(cursor) > 100000
-     OR body !~ '^[A-Za-z0-9_-]+$' THEN
+  IF cursor IS NULL OR length(cursor) > 100000 OR cursor !~ '^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$' THEN
     RAISE EXCEPTION 'cursor is not a cursor of this database' USING ERRCODE = 'invalid_parameter_value';
   END IF;
   BEGIN
@@ -149,6 +148,7 @@ DECLARE
   key_ts timestamptz;
   key_id uuid;
   slow_lo timestamptz;
+  slow_hi timestamptz;
   tail_lo timestamptz;
   tail_hi timestamptz;
   page_lo timestamptz;
@@ -193,7 +193,7 @@ BEGIN
     RAISE EXCEPTION 'search_usage: limit must be an integer from 1 to 100, got %', q -> 'limit'
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  lim := (q ->> 'limit')::integer;
+  lim := (q ->> 'limit')::numeric::integer;
   -- the order
   IF jsonb_typeof(q -> 'order') IS DISTINCT FROM 'object'
      OR NOT coalesce(ops ? (q -> 'order' ->> 'name') OR (q -> 'order' ->> 'name') IN ('count', 'id'), false)
@@ -303,10 +303,12 @@ BEGIN
     INTO fast_meters, slow_meters
     FROM metering.meters x WHERE x.deleted_at IS NULL AND (meters IS NULL OR x.slug = ANY (meters));
 
-  -- UNIQUE_COUNT meters are read from their first event on
+  -- UNIQUE_COUNT meters are read period by period from their first event
+  -- to their last (not to a far bound: no period after it has usage)
   IF cardinality(slow_meters) > 0 THEN
-    slow_lo := greatest(start_lo, (SELECT min(e.time) FROM metering.events e
-                                    WHERE e.type IN (SELECT x.event_type FROM metering.meters x WHERE x.slug = ANY (slow_meters))));
+    SELECT greatest(start_lo, min(e.time)), least(start_hi, max(e.time)) INTO slow_lo, slow_hi
+      FROM metering.events e
+     WHERE e.type IN (SELECT x.event_type FROM metering.meters x WHERE x.slug = ANY (slow_meters));
   END IF;
 
   -- the page is fetched in this order (the other way round going back)
@@ -417,8 +419,8 @@ BEGIN
       SELECT m.slug AS meter, q.subject, 'DAILY' AS kind, q.window_start AS start_time, q.window_end AS end_time, q.value
         FROM unnest($10) m(slug), slow_from
        CROSS JOIN LATERAL metering.query_meter(m.slug, date_trunc('day', slow_from.lo, 'UTC'),
-                                               date_trunc('day', $4, 'UTC') + interval '1 day', 'DAY', 'UTC', $5) q
-       WHERE 'DAILY' = ANY ($2) AND slow_from.lo IS NOT NULL
+                                               date_trunc('day', $15, 'UTC') + interval '1 day', 'DAY', 'UTC', $5) q
+       WHERE 'DAILY' = ANY ($2) AND slow_from.lo IS NOT NULL AND slow_from.lo <= $15
       UNION ALL
       SELECT m.slug, q.subject, p.kind, p.start_time, p.end_time, q.value
         FROM unnest($10) m(slug), slow_from
@@ -427,11 +429,11 @@ BEGIN
                 (s + CASE kind WHEN 'WEEKLY' THEN interval '7 days' ELSE interval '1 month' END) AT TIME ZONE 'UTC' AS end_time
            FROM unnest($2) kind
           CROSS JOIN LATERAL generate_series(date_trunc(CASE kind WHEN 'WEEKLY' THEN 'week' ELSE 'month' END, slow_from.lo AT TIME ZONE 'UTC'),
-                                             $4 AT TIME ZONE 'UTC',
+                                             $15 AT TIME ZONE 'UTC',
                                              CASE kind WHEN 'WEEKLY' THEN interval '7 days' ELSE interval '1 month' END) s
           WHERE kind IN ('WEEKLY', 'MONTHLY')) p
        CROSS JOIN LATERAL metering.query_meter(m.slug, p.start_time, p.end_time, NULL, 'UTC', $5) q
-       WHERE slow_from.lo IS NOT NULL),
+       WHERE slow_from.lo IS NOT NULL AND slow_from.lo <= $15),
     all_rows AS (
       SELECT r.*, metering._usage_period_id(r.subject, r.meter, r.kind, r.start_time) AS id,
              coalesce((SELECT s.is_trial FROM metering.subjects s WHERE s.key = r.subject), false) AS trial
@@ -461,7 +463,7 @@ BEGIN
   USING fast_meters, periods, start_lo, start_hi, subjects, lim + 1, key_ts, key_id, key, slow_meters,
         (SELECT coalesce(min(coalesce(st.rolled_up_to, 0)), 0) FROM unnest(fast_meters) f(slug)
            LEFT JOIN metering.meter_rollup_state st ON st.meter = f.slug),
-        tail_lo, tail_hi, slow_lo;
+        tail_lo, tail_hi, slow_lo, slow_hi;
 
   -- one row more than the page says whether more follow in that direction
   more := jsonb_array_length(rows) > lim;

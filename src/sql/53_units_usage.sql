@@ -51,12 +51,21 @@ BEGIN
     q := c -> 'q';
     key := c -> 'k';
   ELSE
-    t_to := coalesce(end_date, metering.now());
-    t_from := coalesce(start_date, date_trunc('month', t_to, 'UTC'));
+    t_to := metering._report_time(coalesce(end_date, metering.now()), 'units_usage: end_date');
+    t_from := metering._report_time(coalesce(start_date, date_trunc('month', t_to, 'UTC')), 'units_usage: start_date');
     q := jsonb_build_object('meter', meter, 'from', t_from, 'to', t_to, 'group', account_group, 'size', page_size);
   END IF;
-  t_from := (q ->> 'from')::timestamptz;
-  t_to := (q ->> 'to')::timestamptz;
+  IF jsonb_typeof(q) IS DISTINCT FROM 'object' OR jsonb_typeof(q -> 'from') IS DISTINCT FROM 'string'
+     OR jsonb_typeof(q -> 'to') IS DISTINCT FROM 'string' THEN
+    RAISE EXCEPTION 'units_usage: cursor carries no query' USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  BEGIN
+    t_from := (q ->> 'from')::timestamptz;
+    t_to := (q ->> 'to')::timestamptz;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE EXCEPTION 'units_usage: cursor carries no query' USING ERRCODE = 'invalid_parameter_value';
+  END;
+  PERFORM metering._report_time(t_from, 'units_usage: start_date'), metering._report_time(t_to, 'units_usage: end_date');
   IF q ->> 'meter' IS NULL THEN
     RAISE EXCEPTION 'units_usage: meter is required' USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -72,7 +81,8 @@ BEGIN
     RAISE EXCEPTION 'units_usage: start_date (%) must be before end_date (%), both finite', t_from, t_to
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF (q ->> 'size') IS NULL OR (q ->> 'size')::integer NOT BETWEEN 1 AND 1000 THEN
+  IF jsonb_typeof(q -> 'size') IS DISTINCT FROM 'number' OR (q ->> 'size')::numeric NOT BETWEEN 1 AND 1000
+     OR (q ->> 'size')::numeric <> trunc((q ->> 'size')::numeric) THEN
     RAISE EXCEPTION 'units_usage: page_size must be from 1 to 1000, got %', coalesce(q ->> 'size', 'NULL')
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -121,7 +131,7 @@ BEGIN
 
   SELECT coalesce(jsonb_agg(x - '_k' ORDER BY i), '[]'), max(i) INTO page, n
     FROM (SELECT x, i FROM jsonb_array_elements(rows) WITH ORDINALITY r(x, i)
-           WHERE key IS NULL OR x -> '_k' > key ORDER BY i LIMIT (q ->> 'size')::integer) s;
+           WHERE key IS NULL OR x -> '_k' > key ORDER BY i LIMIT (q ->> 'size')::numeric::integer) s;
   href := format('units_usage?meter=%s&start_date=%s&end_date=%s%s', metering._url_encode(m.slug),
                  metering._search_format(t_from), metering._search_format(t_to),
                  CASE WHEN q ->> 'group' IS NOT NULL THEN '&account_group=' || metering._url_encode(q ->> 'group') ELSE '' END);
