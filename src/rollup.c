@@ -493,12 +493,12 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 }
 
 /*
- * Whether the installed SQL has the entitlement hooks: the library is
- * upgraded before ALTER EXTENSION metering UPDATE runs, and must keep
- * working with the SQL of 0.1.0 until then.
+ * Whether the installed SQL has a hook (entitlement snapshots, usage
+ * periods): the library is upgraded before ALTER EXTENSION metering UPDATE
+ * runs, and must keep working with the SQL of 0.1.0 until then.
  */
 static bool
-HasEntitlementHook(const char *name)
+HasHook(const char *name)
 {
 	Oid			types[3] = {TEXTOID, INT8OID, INT8OID};
 	Oid			types_changed[3] = {TEXTOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
@@ -522,7 +522,7 @@ static void
 RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 {
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT8OID};
-	bool		snapshots = HasEntitlementHook("_events_changed");
+	bool		snapshots = HasHook("_events_changed");
 
 	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
 		elog(ERROR, "could not register the transition table of metering.events");
@@ -706,7 +706,7 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
 		/* what depends on the meter's events: the usage periods ... */
-		if (HasEntitlementHook("_usage_periods_add"))
+		if (HasHook("_usage_periods_add"))
 		{
 			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
 			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
@@ -717,7 +717,7 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 				elog(ERROR, "could not add to the usage periods of meter \"%s\"", m->slug);
 		}
 		/* ... and the entitlements' snapshots */
-		if (HasEntitlementHook("_snapshot_meter"))
+		if (HasHook("_snapshot_meter"))
 		{
 			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
 			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
@@ -733,7 +733,7 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 	 * Entitlements whose snapshots a grant, void or reset removed get new
 	 * ones (otherwise they would wait for their subject's next event).
 	 */
-	if (HasEntitlementHook("_snapshot_queue"))
+	if (HasHook("_snapshot_queue"))
 	{
 		ret = SPI_execute("SELECT metering._snapshot_queue()", false, 0);
 		if (ret != SPI_OK_SELECT)

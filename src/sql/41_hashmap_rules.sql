@@ -150,6 +150,7 @@ DECLARE
   ov jsonb;
   dup uuid;
   parent uuid;
+  joins_group boolean;
 BEGIN
   IF TG_OP = 'UPDATE' THEN
     ov := to_jsonb(OLD);
@@ -280,7 +281,8 @@ BEGIN
   -- (A group is checked when the rule joins it: ending a rule of a group
   -- being deleted is part of that deletion.  A restored rule may belong to
   -- a group deleted after it ended.)
-  IF NEW.group_id IS NOT NULL AND NEW.deleted_at IS NULL AND (TG_OP = 'INSERT' OR fresh) THEN
+  joins_group := NEW.group_id IS NOT NULL AND NEW.deleted_at IS NULL AND (TG_OP = 'INSERT' OR fresh);
+  IF joins_group THEN
     PERFORM 1 FROM metering.hashmap_groups g
       WHERE g.id = NEW.group_id
         AND (g.deleted_at IS NULL OR (NOT fresh AND least(NEW."end", NEW.deleted_at) <= g.deleted_at))
@@ -303,7 +305,7 @@ BEGIN
     END IF;
   END IF;
   PERFORM metering._hashmap_unchanged_since_snapshot(parent);
-  IF NEW.group_id IS NOT NULL AND NEW.deleted_at IS NULL AND (TG_OP = 'INSERT' OR fresh) THEN
+  IF joins_group THEN
     PERFORM metering._hashmap_unchanged_since_snapshot(NEW.group_id);
   END IF;
 

@@ -335,7 +335,10 @@ BEGIN
     base_sql := format('AND %s AND %s ORDER BY p.start_time %s, p.id %s LIMIT $6', where_sql, keyset_sql, dir, dir);
     order_sql := format('start_time %s, id %s', dir, dir);
     -- a page holds no row beyond the kept period that ends it (when there
-    -- are that many): newer events matter only up to its start
+    -- are that many): newer events matter only up to its start.  (A query of
+    -- its own, run again below as the base: passed in as values, the bounds
+    -- let the planner see how few events remain; computed inside, they
+    -- made it pick a nested loop ten times slower.)
     EXECUTE format('SELECT min(start_time), max(start_time), count(*) FROM (
                       SELECT p.start_time FROM metering.usage_periods p
                        CROSS JOIN LATERAL (SELECT coalesce((SELECT s.is_trial FROM metering.subjects s WHERE s.key = p.subject), false) AS trial) tr
@@ -425,8 +428,7 @@ BEGIN
       SELECT m.slug, q.subject, p.kind, p.start_time, p.end_time, q.value
         FROM unnest($10) m(slug), slow_from
        CROSS JOIN LATERAL (
-         SELECT kind, s AT TIME ZONE 'UTC' AS start_time,
-                (s + CASE kind WHEN 'WEEKLY' THEN interval '7 days' ELSE interval '1 month' END) AT TIME ZONE 'UTC' AS end_time
+         SELECT kind, s AT TIME ZONE 'UTC' AS start_time, metering._usage_period_end(kind, s AT TIME ZONE 'UTC') AS end_time
            FROM unnest($2) kind
           CROSS JOIN LATERAL generate_series(date_trunc(CASE kind WHEN 'WEEKLY' THEN 'week' ELSE 'month' END, slow_from.lo AT TIME ZONE 'UTC'),
                                              $15 AT TIME ZONE 'UTC',

@@ -43,25 +43,24 @@ COMMENT ON COLUMN metering.usage_periods.max IS 'largest value';
 COMMENT ON COLUMN metering.usage_periods.latest_time IS 'time of the latest valued event';
 COMMENT ON COLUMN metering.usage_periods.latest_value IS 'its value (the largest of those at that time)';
 
+CREATE FUNCTION metering._usage_period_end(kind text, start_time timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  -- in UTC wall-clock time: in the session's zone a day may have 23 hours
+  SELECT ((start_time AT TIME ZONE 'UTC') + CASE kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
+                                                      ELSE interval '1 month' END) AT TIME ZONE 'UTC'
+$$;
+COMMENT ON FUNCTION metering._usage_period_end(text, timestamptz) IS 'internal: the end of a usage period (the next one''s start)';
+
 -- The three periods an instant is in.
 CREATE FUNCTION metering._usage_periods_of(t timestamptz) RETURNS TABLE(kind text, start_time timestamptz, end_time timestamptz)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  -- in UTC wall-clock time: whatever the session's zone, a day has 24 hours
-  SELECT k.kind, k.s AT TIME ZONE 'UTC',
-         (k.s + CASE k.kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
-                            ELSE interval '1 month' END) AT TIME ZONE 'UTC'
+  -- truncated in UTC wall-clock time, whatever the session's zone
+  SELECT k.kind, k.s AT TIME ZONE 'UTC', metering._usage_period_end(k.kind, k.s AT TIME ZONE 'UTC')
     FROM (SELECT t AT TIME ZONE 'UTC' AS u) x,
          LATERAL (VALUES ('DAILY', date_trunc('day', x.u)), ('WEEKLY', date_trunc('week', x.u)),
                          ('MONTHLY', date_trunc('month', x.u))) k(kind, s)
 $$;
 COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant';
-
-CREATE FUNCTION metering._usage_period_end(kind text, start_time timestamptz) RETURNS timestamptz
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT ((start_time AT TIME ZONE 'UTC') + CASE kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
-                                                      ELSE interval '1 month' END) AT TIME ZONE 'UTC'
-$$;
-COMMENT ON FUNCTION metering._usage_period_end(text, timestamptz) IS 'internal: the end of a usage period (the next one''s start)';
 
 CREATE FUNCTION metering._usage_period_id(subject text, meter text, kind text, start_time timestamptz) RETURNS uuid
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
