@@ -28,24 +28,26 @@ SELECT metering.now() = transaction_timestamp() AS still_fine;
 SET datestyle = 'ISO, YMD';
 SET timezone = 'UTC';
 
--- only a superuser or the extension owner may move the clock
+-- only a superuser, or a role granted SET on the setting, may move the clock
 CREATE ROLE regress_clock_user;
 GRANT USAGE ON SCHEMA metering, regress TO regress_clock_user;
 SET ROLE regress_clock_user;
 SELECT regress.err($$SET metering.now = '2024-01-01 00:00:00+00'$$);
 SELECT regress.err($$SET LOCAL metering.now = '2024-01-01 00:00:00+00'$$);
 SELECT regress.err($$SELECT set_config('metering.now', '2024-01-01 00:00:00+00', false)$$);
-RESET metering.now;           -- clearing it is allowed
+SELECT regress.err($$RESET metering.now$$);  -- nor clear it (RESET sets it)
 SELECT metering.now() = transaction_timestamp() AS reads_the_real_clock;
+-- nor may the setting that lets rows be restored and rules be backdated
+SELECT regress.err($$SET metering.allow_backdated_rules = on$$);
 RESET ROLE;
--- a member of the extension owner's role may
-GRANT postgres TO regress_clock_user;
+-- a role granted SET on it may
+GRANT SET ON PARAMETER metering.now TO regress_clock_user;
 SET ROLE regress_clock_user;
 SELECT regress.err($$SET metering.now = '2024-01-01 00:00:00+00'$$);
 SELECT metering.now();
-RESET ROLE;
 RESET metering.now;
-REVOKE postgres FROM regress_clock_user;
+RESET ROLE;
+REVOKE SET ON PARAMETER metering.now FROM regress_clock_user;
 REVOKE USAGE ON SCHEMA metering, regress FROM regress_clock_user;
 DROP ROLE regress_clock_user;
 

@@ -62,8 +62,11 @@ CalendarIndex(TimestampTz anchor, const Interval *step, TimestampTz t)
 		(double) step->day * USECS_PER_DAY + (double) step->time;
 	int64		n;
 
-	if (approx <= 0)
-		elog(ERROR, "calendar step must be positive");
+	if (approx <= 0 || step->month < 0 || step->day < 0 || step->time < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a calendar step must be positive and have no negative part, got %s",
+						DatumGetCString(DirectFunctionCall1(interval_out, IntervalPGetDatum(step))))));
 	if (TIMESTAMP_NOT_FINITE(t) || TIMESTAMP_NOT_FINITE(anchor))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
@@ -155,7 +158,10 @@ metering_interval_at_least(PG_FUNCTION_ARGS)
 	Interval   *min = PG_GETARG_INTERVAL_P(1);
 
 	if (min->month != 0 || min->day != 0)
-		elog(ERROR, "the minimum must be a time");
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the minimum must be a time without days or months, got %s",
+						DatumGetCString(DirectFunctionCall1(interval_out, IntervalPGetDatum(min))))));
 	PG_RETURN_BOOL(IntervalIsAtLeast(iv, min->time));
 }
 

@@ -1624,9 +1624,9 @@ Datum
 metering_unchanged_since_snapshot(PG_FUNCTION_ARGS)
 {
 	static const char *sql =
-	"SELECT (SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' "
-	"                          || coalesce(g.deleted_at::text, ''), ',' ORDER BY g.id) "
-	"          FROM metering.grants g WHERE g.entitlement_id = $1) || '|' || "
+	"SELECT coalesce((SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' "
+	"                                   || coalesce(g.deleted_at::text, ''), ',' ORDER BY g.id) "
+	"                   FROM metering.grants g WHERE g.entitlement_id = $1), '') || '|' || "
 	"       (SELECT coalesce(string_agg(r.effective_at::text, ',' ORDER BY r.effective_at), '') "
 	"          FROM metering.resets r WHERE r.entitlement_id = $1)";
 	Oid			types[1] = {UUIDOID};

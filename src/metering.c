@@ -4,7 +4,7 @@
  * metering.now() is the only clock of the extension: every rule that speaks
  * of "now" reads it, so tests, replays and backfills can pin the present by
  * setting metering.now.  Because moving the clock changes what the rules
- * accept, only a superuser or the extension owner may set it.
+ * accept, only a superuser (or a role granted SET on it) may set it.
  */
 #include "postgres.h"
 
@@ -140,10 +140,12 @@ MeteringExtensionOwner(void)
 }
 
 /*
- * Who may move the clock: superusers and members of the extension owner.
- * Values from the server's own configuration (file, command line, per-role
- * and per-database settings, which were vetted when they were stored) and
- * values a parallel worker inherits from its leader pass unchecked.
+ * Validates a metering.now value.  Who may set it is PostgreSQL's business:
+ * the setting is PGC_SUSET, so only superusers and roles granted SET ON
+ * PARAMETER metering.now may set it.  A value set before the library was
+ * loaded (a placeholder) is checked against the role that set it, not
+ * against the role the library happens to be loaded by (inside an
+ * owner-run function that would be the owner).
  */
 static bool
 check_metering_now(char **newval, void **extra, GucSource source)
@@ -159,19 +161,6 @@ check_metering_now(char **newval, void **extra, GucSource source)
 		GUC_check_errmsg("invalid value for metering.now: \"%s\"", *newval);
 		GUC_check_errdetail("metering.now takes a timestamp with time zone, such as 2024-01-01 00:00:00+00.");
 		return false;
-	}
-	if (source >= PGC_S_CLIENT && !InitializingParallelWorker &&
-		IsTransactionState() && !superuser())
-	{
-		Oid			owner = MeteringExtensionOwner();
-
-		if (!OidIsValid(owner) || !has_privs_of_role(GetUserId(), owner))
-		{
-			GUC_check_errcode(ERRCODE_INSUFFICIENT_PRIVILEGE);
-			GUC_check_errmsg("permission denied to set metering.now");
-			GUC_check_errdetail("Only a superuser or the owner of the extension metering may move its clock.");
-			return false;
-		}
 	}
 	/*
 	 * Keep the value in one canonical spelling, UTC with a numeric offset, so
@@ -231,10 +220,10 @@ _PG_init(void)
 {
 	DefineCustomStringVariable("metering.now",
 							   "Pins the present of the metering extension (metering.now()).",
-							   "Empty means the start of the current transaction. Only a superuser or the extension owner may set it.",
+							   "Empty means the start of the current transaction. Only superusers and roles granted SET on it may set it.",
 							   &metering_now_string,
 							   "",
-							   PGC_USERSET,
+							   PGC_SUSET,
 							   GUC_NOT_IN_SAMPLE,
 							   check_metering_now,
 							   assign_metering_now,
@@ -260,10 +249,10 @@ _PG_init(void)
 
 	DefineCustomBoolVariable("metering.allow_backdated_rules",
 							 "Lets rating rules start or end in the past.",
-							 "Off by default: a rule that starts in the past re-prices usage already rated. CloudKitty's force.",
+							 "Off by default: a rule that starts in the past re-prices usage already rated (CloudKitty's force), and a row with an earlier created_at is a restore. Only superusers and roles granted SET on it may set it.",
 							 &metering_allow_backdated_rules,
 							 false,
-							 PGC_USERSET,
+							 PGC_SUSET,
 							 0,
 							 NULL, NULL, NULL);
 

@@ -46,7 +46,7 @@ LANGUAGE sql AS $$
                                          CASE kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
                                                    ELSE interval '1 month' END) AS s
               FROM (VALUES ('DAILY', 'day'), ('WEEKLY', 'week'), ('MONTHLY', 'month')) v(kind, u)) k)
-  SELECT md5(q.subject || '|' || m.slug || '|' || p.kind || '|' || to_char(p.s AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS'))::uuid,
+  SELECT encode(substring(sha256(convert_to(q.subject || '|' || m.slug || '|' || p.kind || '|' || to_char(p.s AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS'), 'UTF8')) FROM 1 FOR 16), 'hex')::uuid,
          q.subject, coalesce(sb.is_trial, false), m.slug, p.kind,
          to_char(p.s AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS'), to_char(p.e AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS'),
          q.value

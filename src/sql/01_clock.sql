@@ -23,3 +23,29 @@ CREATE FUNCTION metering._valid_time_zone(zone text) RETURNS boolean
   LANGUAGE C STABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION metering._valid_time_zone(text) IS
   'internal: whether date_trunc and AT TIME ZONE accept this time zone name';
+
+-- A row that carries its own created_at (not metering.now()) is a restored
+-- one: pg_restore, a migration.  It skips the rules for new rows (it was
+-- checked when it was made) and keeps its place in time (a grant's burn
+-- order), so only who may move the clock brings it: a superuser, the
+-- extension owner, or a session in which one of them turned on
+-- metering.allow_backdated_rules.  True for a restored row, false for a
+-- new one; 22023 for a restored row from anyone else.
+CREATE FUNCTION metering._restored(what text, created_at timestamptz) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  IF created_at IS NOT DISTINCT FROM metering.now() THEN
+    RETURN false;
+  END IF;
+  IF coalesce(current_setting('metering.allow_backdated_rules', true), 'off')::boolean
+     OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), false)
+     OR pg_catalog.pg_has_role(current_user,
+          (SELECT x.extowner FROM pg_catalog.pg_extension x WHERE x.extname = 'metering'), 'USAGE') THEN
+    RETURN true;
+  END IF;
+  RAISE EXCEPTION '%: created_at (%) is not now: only a restore brings rows made earlier', what, created_at
+    USING ERRCODE = 'invalid_parameter_value',
+          HINT = 'Leave created_at to its default; a superuser, the extension owner or metering.allow_backdated_rules may restore.';
+END $$;
+COMMENT ON FUNCTION metering._restored(text, timestamptz) IS
+  'internal: whether a row is restored (created_at is not now); 22023 unless a superuser, the extension owner or metering.allow_backdated_rules brings it';

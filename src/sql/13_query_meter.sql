@@ -13,22 +13,24 @@ COMMENT ON TYPE metering.meter_value IS
 -- The start of the window containing instant `expr` (SQL text), for a
 -- window size and a time zone placeholder; NULL window: the whole range.
 CREATE FUNCTION metering._window_start_sql(window_size text, expr text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
   SELECT CASE WHEN window_size IS NULL THEN 'NULL::timestamptz'
-              ELSE format('date_trunc(%L, %s, $6)', lower(window_size), expr) END
-$$;
+              ELSE format('date_trunc(%L, %s, $6)', lower(window_size), expr) END;
+END;
 COMMENT ON FUNCTION metering._window_start_sql(text, text) IS
   'internal: SQL text of the window start of an instant';
 
 -- The end of a window is the start of the next one, found by truncating an
 -- instant safely inside it: this gives 23- and 25-hour days on DST changes.
 CREATE FUNCTION metering._window_end_sql(window_size text, expr text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
   SELECT format('date_trunc(%L, %s + interval %L, $6)', lower(window_size), expr,
                 CASE window_size WHEN 'MINUTE' THEN '90 seconds'
                                  WHEN 'HOUR' THEN '90 minutes'
-                                 ELSE '36 hours' END)
-$$;
+                                 ELSE '36 hours' END);
+END;
 COMMENT ON FUNCTION metering._window_end_sql(text, text) IS
   'internal: SQL text of the end of the window starting at an instant';
 

@@ -153,13 +153,14 @@ COMMENT ON FUNCTION metering._aws_check_allocations(jsonb, bigint, text) IS
   'internal: InvalidUsageAllocations or InvalidTag unless the allocations are valid for the quantity';
 
 CREATE FUNCTION metering._aws_subscribed(customer text, product text, at timestamptz) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+BEGIN ATOMIC
   SELECT EXISTS (
     SELECT 1 FROM metering.customers c
      WHERE c.customer_identifier = customer AND c.product_code = product
        AND (c.subscribed_at IS NULL OR c.subscribed_at <= at)
-       AND (c.unsubscribed_at IS NULL OR at < c.unsubscribed_at))
-$$;
+       AND (c.unsubscribed_at IS NULL OR at < c.unsubscribed_at));
+END;
 COMMENT ON FUNCTION metering._aws_subscribed(text, text, timestamptz) IS
   'internal: whether the customer is subscribed to the product at an instant';
 

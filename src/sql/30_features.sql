@@ -50,6 +50,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
   m metering.meters;
   f record;
+  restored boolean := metering._restored(format('feature %s', coalesce(quote_literal(NEW.key), 'NULL')), NEW.created_at);
 BEGIN
   IF NEW.key IS NULL OR NEW.key !~ '^[a-z0-9]+(-[a-z0-9]+)*$' OR length(NEW.key) > 64 THEN
     RAISE EXCEPTION 'feature key must be lowercase letters, digits and dashes (up to 64), got %',
@@ -70,7 +71,7 @@ BEGIN
   ELSE
     -- a restored feature (created earlier) may name a meter deleted since
     SELECT * INTO m FROM metering.meters WHERE slug = NEW.meter_slug
-       AND (deleted_at IS NULL OR NEW.created_at <> metering.now());
+       AND (deleted_at IS NULL OR restored);
     IF NOT FOUND THEN
       RAISE EXCEPTION 'feature "%": meter "%" does not exist', NEW.key, NEW.meter_slug
         USING ERRCODE = 'foreign_key_violation';
@@ -100,7 +101,7 @@ BEGIN
                                        FROM jsonb_each(NEW.meter_group_by_filters));
     END IF;
   END IF;
-  IF NEW.created_at = metering.now() THEN
+  IF NOT restored THEN
     NEW.updated_at := NEW.created_at;
     IF NEW.archived_at IS NOT NULL OR NEW.deleted_at IS NOT NULL THEN
       RAISE EXCEPTION 'feature "%": a new feature is neither archived nor deleted', NEW.key

@@ -48,6 +48,7 @@ CREATE FUNCTION metering._entitlements_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
   f metering.features;
+  fresh boolean := NOT metering._restored('entitlement', NEW.created_at);
 BEGIN
   SELECT * INTO f FROM metering.features WHERE id = NEW.feature_id;
   IF NOT FOUND THEN
@@ -55,12 +56,12 @@ BEGIN
   END IF;
   -- a row made now is new; one with an earlier created_at is being restored
   -- (pg_restore, a migration), and was checked when it was made
-  IF NEW.created_at = metering.now() AND (f.archived_at IS NOT NULL OR f.deleted_at IS NOT NULL) THEN
+  IF fresh AND (f.archived_at IS NOT NULL OR f.deleted_at IS NOT NULL) THEN
     RAISE EXCEPTION 'feature "%" is %: it takes no new entitlements', f.key,
       CASE WHEN f.deleted_at IS NOT NULL THEN 'deleted' ELSE 'archived' END
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
-  IF NEW.deleted_at IS NOT NULL AND (NEW.created_at = metering.now() OR NOT isfinite(NEW.deleted_at)
+  IF NEW.deleted_at IS NOT NULL AND (fresh OR NOT isfinite(NEW.deleted_at)
                                      OR NEW.deleted_at < NEW.created_at) THEN
     RAISE EXCEPTION 'entitlement: a new entitlement is not deleted (a restored one was deleted after its creation)'
       USING ERRCODE = 'invalid_parameter_value';

@@ -92,13 +92,14 @@ COMMENT ON TABLE metering.entitlement_snapshot_queue IS
 COMMENT ON COLUMN metering.entitlement_snapshot_queue.entitlement_id IS 'the entitlement';
 
 CREATE FUNCTION metering._forget_snapshots(entitlement uuid, since timestamptz) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql
+BEGIN ATOMIC
   WITH gone AS (
     DELETE FROM metering.entitlement_snapshots WHERE entitlement_id = entitlement AND at >= since RETURNING 1)
   INSERT INTO metering.entitlement_snapshot_queue
   SELECT entitlement WHERE EXISTS (SELECT 1 FROM gone)
-  ON CONFLICT DO NOTHING
-$$;
+  ON CONFLICT DO NOTHING;
+END;
 COMMENT ON FUNCTION metering._forget_snapshots(uuid, timestamptz) IS
   'internal: drops the snapshots a change at `since` reaches, and queues the entitlement for new ones';
 
@@ -108,7 +109,10 @@ CREATE FUNCTION metering._period_bound(entitlement uuid, at timestamptz, upper b
 COMMENT ON FUNCTION metering._period_bound(uuid, timestamptz, boolean) IS
   'internal: the start (or with upper, the exclusive end) of the usage period containing `at` (resets included)';
 CREATE FUNCTION metering._period_start(entitlement uuid, at timestamptz) RETURNS timestamptz
-LANGUAGE sql STABLE STRICT AS $$ SELECT metering._period_bound(entitlement, at, false) $$;
+LANGUAGE sql STABLE STRICT
+BEGIN ATOMIC
+ SELECT metering._period_bound(entitlement, at, false);
+END;
 COMMENT ON FUNCTION metering._period_start(uuid, timestamptz) IS
   'internal: the start of the usage period containing `at` (resets included)';
 
@@ -142,7 +146,7 @@ CREATE FUNCTION metering._grants_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
   e metering.entitlements := metering._lock_entitlement(NEW.entitlement_id);
-  fresh boolean := NEW.created_at = metering.now();
+  fresh boolean := NOT metering._restored('grant', NEW.created_at);
   period_start timestamptz;
 BEGIN
   IF e.id IS NULL THEN
@@ -283,7 +287,7 @@ CREATE FUNCTION metering._resets_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
   e metering.entitlements := metering._lock_entitlement(NEW.entitlement_id);
-  fresh boolean := NEW.created_at = metering.now();
+  fresh boolean := NOT metering._restored('reset', NEW.created_at);
   period_start timestamptz;
   last_reset timestamptz;
 BEGIN
@@ -457,14 +461,15 @@ COMMENT ON FUNCTION metering.balance_history(uuid, timestamptz, timestamptz, tex
 -- Hooks of the rollups: events that arrive late, or are deleted, reach the
 -- snapshots after them; a refresh also writes new snapshots.
 CREATE FUNCTION metering._events_changed(meter text, subjects text[], since timestamptz[]) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql
+BEGIN ATOMIC
   DELETE FROM metering.entitlement_snapshots s
    USING metering.entitlements e, metering.features f,
          (SELECT k.subject, min(k.since) AS since FROM unnest(subjects, since) AS k(subject, since)
            GROUP BY k.subject) k
    WHERE f.meter_slug = meter AND e.feature_id = f.id AND e.subject = k.subject
-     AND s.entitlement_id = e.id AND s.at > k.since
-$$;
+     AND s.entitlement_id = e.id AND s.at > k.since;
+END;
 COMMENT ON FUNCTION metering._events_changed(text, text[], timestamptz[]) IS
   'internal: drops the snapshots that events of these subjects, at these times, reach';
 

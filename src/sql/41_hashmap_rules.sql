@@ -2,21 +2,11 @@
 -- functions that change them.
 
 CREATE FUNCTION metering.hashmap_types() RETURNS SETOF text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ VALUES ('flat'), ('rate') $$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+ VALUES ('flat'), ('rate');
+END;
 COMMENT ON FUNCTION metering.hashmap_types() IS 'the kinds of rule: flat (a price) and rate (a factor)';
-
--- A row that carries its own created_at (not metering.now()) is a restored
--- one: pg_restore, a migration.  Only who may move the clock brings those,
--- or a session that re-rates the past on purpose.
-CREATE FUNCTION metering._hashmap_may_restore() RETURNS boolean
-LANGUAGE sql STABLE AS $$
-  SELECT current_setting('metering.allow_backdated_rules')::boolean
-      OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
-      OR pg_catalog.pg_has_role(current_user,
-           (SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'metering'), 'USAGE')
-$$;
-COMMENT ON FUNCTION metering._hashmap_may_restore() IS
-  'internal: whether this session may insert hashmap rows made earlier (superuser, extension owner, or metering.allow_backdated_rules)';
 
 CREATE FUNCTION metering._hashmap_unchanged_since_snapshot(parent uuid) RETURNS boolean
   AS 'MODULE_PATHNAME', 'metering_hashmap_unchanged_since_snapshot'
@@ -34,15 +24,11 @@ BEGIN
   IF NEW.name IS NULL OR btrim(NEW.name) = '' OR length(NEW.name) > 255 THEN
     RAISE EXCEPTION 'hashmap %: name is required (up to 255 characters)', what USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NEW.created_at = metering.now() THEN
+  IF NOT metering._restored('hashmap ' || what, NEW.created_at) THEN
     NEW.created_by := current_user;
     IF NEW.deleted_at IS NOT NULL OR NEW.deleted_by IS NOT NULL THEN
       RAISE EXCEPTION 'a new hashmap % is not deleted', what USING ERRCODE = 'invalid_parameter_value';
     END IF;
-  ELSIF NOT metering._hashmap_may_restore() THEN
-    RAISE EXCEPTION 'hashmap %: created_at (%) is not now: only a restore brings rows made earlier', what, NEW.created_at
-      USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Leave created_at to its default; a superuser, the extension owner or metering.allow_backdated_rules may restore.';
   END IF;
   -- a live field needs a live service, which must not be deleted meanwhile
   -- (through jsonb: services and groups have no service_id)
@@ -206,12 +192,7 @@ BEGIN
     NEW.updated_by := current_user;
   ELSE
     -- a row made now is new; one with another created_at is restored
-    fresh := NEW.created_at = now;
-    IF NOT fresh AND NOT metering._hashmap_may_restore() THEN
-      RAISE EXCEPTION 'hashmap %: created_at (%) is not now: only a restore brings rules made earlier', what, NEW.created_at
-        USING ERRCODE = 'invalid_parameter_value',
-              HINT = 'Leave created_at to its default; a superuser, the extension owner or metering.allow_backdated_rules may restore.';
-    END IF;
+    fresh := NOT metering._restored('hashmap ' || what, NEW.created_at);
     IF fresh THEN
       NEW.created_by := current_user;
       IF NEW.updated_at IS NOT NULL OR NEW.updated_by IS NOT NULL

@@ -82,13 +82,14 @@ CREATE TRIGGER subjects_soft_delete BEFORE DELETE ON metering.subjects
 
 -- a subject and everything below it
 CREATE FUNCTION metering.subject_tree(subject text) RETURNS SETOF text
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+BEGIN ATOMIC
   WITH RECURSIVE down(key) AS (
     SELECT subject COLLATE "C"
     UNION
     SELECT s.key FROM metering.subjects s JOIN down ON s.parent_key = down.key)
-  SELECT key FROM down
-$$;
+  SELECT key FROM down;
+END;
 COMMENT ON FUNCTION metering.subject_tree(text) IS 'a subject and its children, their children, and so on';
 
 CREATE VIEW metering.unknown_subjects WITH (security_invoker = true) AS

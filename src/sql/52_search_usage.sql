@@ -65,7 +65,10 @@ END $$;
 COMMENT ON FUNCTION metering._search_time(jsonb, text) IS 'internal: a search time value';
 
 CREATE FUNCTION metering._search_format(t timestamptz) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$ SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS') $$;
+LANGUAGE sql IMMUTABLE
+BEGIN ATOMIC
+ SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS');
+END;
 COMMENT ON FUNCTION metering._search_format(timestamptz) IS 'internal: a time as search results write it';
 
 -- The conditions of a search (checked already) as SQL over columns

@@ -5,23 +5,25 @@
 -- The allocations of an event (AWS UsageAllocations in data.allocations):
 -- each quantity, and the account group its tags name, if any.
 CREATE FUNCTION metering._allocations(data jsonb) RETURNS TABLE(qty numeric, account_group text)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
   SELECT (x ->> 'AllocatedUsageQuantity')::numeric,
          (SELECT t ->> 'Value' FROM jsonb_array_elements(CASE WHEN jsonb_typeof(x -> 'Tags') = 'array' THEN x -> 'Tags' ELSE '[]' END) t
            WHERE t ->> 'Key' = 'account_group' LIMIT 1)
     FROM jsonb_array_elements(CASE WHEN jsonb_typeof(data -> 'allocations') = 'array' THEN data -> 'allocations' ELSE '[]' END) x
-   WHERE jsonb_typeof(x -> 'AllocatedUsageQuantity') = 'number'
-$$;
+   WHERE jsonb_typeof(x -> 'AllocatedUsageQuantity') = 'number';
+END;
 COMMENT ON FUNCTION metering._allocations(jsonb) IS 'internal: the quantities and account groups of an event''s allocations';
 
 -- Percent-encoding of a query string value (RFC 3986 unreserved characters stay).
 CREATE FUNCTION metering._url_encode(value text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+BEGIN ATOMIC
   SELECT coalesce(string_agg(CASE WHEN c ~ '^[A-Za-z0-9_.~-]$' THEN c
                                   ELSE upper(regexp_replace(encode(convert_to(c, 'UTF8'), 'hex'), '(..)', '%\1', 'g')) END,
                              '' ORDER BY i), '')
-    FROM regexp_split_to_table(value, '') WITH ORDINALITY x(c, i)
-$$;
+    FROM regexp_split_to_table(value, '') WITH ORDINALITY x(c, i);
+END;
 COMMENT ON FUNCTION metering._url_encode(text) IS 'internal: percent-encodes a value for a link';
 
 CREATE FUNCTION metering.units_usage(meter text, start_date timestamptz DEFAULT NULL, end_date timestamptz DEFAULT NULL,

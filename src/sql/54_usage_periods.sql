@@ -44,28 +44,33 @@ COMMENT ON COLUMN metering.usage_periods.latest_time IS 'time of the latest valu
 COMMENT ON COLUMN metering.usage_periods.latest_value IS 'its value (the largest of those at that time)';
 
 CREATE FUNCTION metering._usage_period_end(kind text, start_time timestamptz) RETURNS timestamptz
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
   -- in UTC wall-clock time: in the session's zone a day may have 23 hours
   SELECT ((start_time AT TIME ZONE 'UTC') + CASE kind WHEN 'DAILY' THEN interval '1 day' WHEN 'WEEKLY' THEN interval '7 days'
-                                                      ELSE interval '1 month' END) AT TIME ZONE 'UTC'
-$$;
+                                                      ELSE interval '1 month' END) AT TIME ZONE 'UTC';
+END;
 COMMENT ON FUNCTION metering._usage_period_end(text, timestamptz) IS 'internal: the end of a usage period (the next one''s start)';
 
 -- The three periods an instant is in.
 CREATE FUNCTION metering._usage_periods_of(t timestamptz) RETURNS TABLE(kind text, start_time timestamptz, end_time timestamptz)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
   -- truncated in UTC wall-clock time, whatever the session's zone
   SELECT k.kind, k.s AT TIME ZONE 'UTC', metering._usage_period_end(k.kind, k.s AT TIME ZONE 'UTC')
     FROM (SELECT t AT TIME ZONE 'UTC' AS u) x,
          LATERAL (VALUES ('DAILY', date_trunc('day', x.u)), ('WEEKLY', date_trunc('week', x.u)),
-                         ('MONTHLY', date_trunc('month', x.u))) k(kind, s)
-$$;
+                         ('MONTHLY', date_trunc('month', x.u))) k(kind, s);
+END;
 COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant';
 
 CREATE FUNCTION metering._usage_period_id(subject text, meter text, kind text, start_time timestamptz) RETURNS uuid
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT md5(subject || '|' || meter || '|' || kind || '|' || metering._search_format(start_time))::uuid
-$$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+  -- (sha256, not md5: md5 is refused on FIPS builds)
+  SELECT encode(substring(sha256(convert_to(subject || '|' || meter || '|' || kind || '|' || metering._search_format(start_time), 'UTF8'))
+                          FROM 1 FOR 16), 'hex')::uuid;
+END;
 COMMENT ON FUNCTION metering._usage_period_id(text, text, text, timestamptz) IS
   'internal: the stable search result id of a (subject, meter, period)';
 

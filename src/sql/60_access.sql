@@ -24,11 +24,12 @@ COMMENT ON FUNCTION metering._outer_role() IS
 -- Whether a role sees every subject: superusers, roles that bypass row
 -- security, the extension owner's members and metering_admin's members.
 CREATE FUNCTION metering._sees_all_subjects(r oid) RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
   SELECT coalesce((SELECT a.rolsuper OR a.rolbypassrls FROM pg_roles a WHERE a.oid = r), false)
       OR pg_has_role(r, (SELECT extowner FROM pg_extension WHERE extname = 'metering'), 'MEMBER')
-      OR (to_regrole('metering_admin') IS NOT NULL AND pg_has_role(r, 'metering_admin', 'MEMBER'))
-$$;
+      OR (to_regrole('metering_admin') IS NOT NULL AND pg_has_role(r, 'metering_admin', 'MEMBER'));
+END;
 COMMENT ON FUNCTION metering._sees_all_subjects(oid) IS
   'internal: whether a role may see every subject';
 
@@ -103,7 +104,10 @@ BEGIN
 END $$;
 ALTER TABLE metering.subject_access ENABLE ROW LEVEL SECURITY;
 CREATE POLICY subject_access_own ON metering.subject_access
-  USING ((SELECT metering._visible_subjects(current_user)) IS NULL OR pg_has_role(role_name, 'MEMBER'))
+  -- (a row may name a role that was dropped since: it is nobody's)
+  USING ((SELECT metering._visible_subjects(current_user)) IS NULL
+         OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles g
+                     WHERE g.rolname = role_name AND pg_catalog.pg_has_role(g.oid, 'MEMBER')))
   WITH CHECK (true);
 COMMENT ON POLICY subject_access_own ON metering.subject_access IS 'a role sees its own assignments; admins see all';
 
@@ -113,13 +117,30 @@ ALTER VIEW metering.meter_rejected_values SET (security_invoker = true);
 -- Usage comes in through these functions, which run as the extension's
 -- owner: a writer may send usage for any subject without being allowed to
 -- read any (INSERT ... ON CONFLICT would need it).  Everything they touch is
--- schema-qualified; the search path is pinned.
-ALTER FUNCTION metering.ingest(jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION metering.ingest_batch(jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean)
-  SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION metering.batch_meter_usage(jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION metering.resolve_customer(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- schema-qualified; the search path is pinned (96_search_path.sql).
+ALTER FUNCTION metering.ingest(jsonb) SECURITY DEFINER;
+ALTER FUNCTION metering.ingest_batch(jsonb) SECURITY DEFINER;
+ALTER FUNCTION metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean) SECURITY DEFINER;
+ALTER FUNCTION metering.batch_meter_usage(jsonb) SECURITY DEFINER;
+ALTER FUNCTION metering.resolve_customer(text) SECURITY DEFINER;
+
+-- Derived data (rollups, watermarks, usage periods, snapshots and their
+-- queue) is written only by owner-run code, so no role needs, or gets, a
+-- right to write it: the refreshes, and what the triggers of the tables a
+-- role may write call to keep it right.  The refreshes run as the owner
+-- for a second reason: row security must hide nothing from them, or a
+-- watermark would move past events the caller cannot see.
+ALTER FUNCTION metering.refresh_rollups(text) SECURITY DEFINER;
+ALTER FUNCTION metering.refresh_snapshots(uuid) SECURITY DEFINER;
+ALTER FUNCTION metering._meters_after_insert() SECURITY DEFINER;
+ALTER FUNCTION metering._meters_after_delete_mark() SECURITY DEFINER;
+ALTER FUNCTION metering._meter_deleted() SECURITY DEFINER;
+ALTER FUNCTION metering._events_deleted() SECURITY DEFINER;
+ALTER FUNCTION metering._usage_periods_deleted() SECURITY DEFINER;
+ALTER FUNCTION metering._forget_snapshots(uuid, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION metering._events_changed(text, text[], timestamptz[]) SECURITY DEFINER;
+-- and the signing secret is read and written only by owner-run code
+ALTER FUNCTION metering.rotate_signing_key() SECURITY DEFINER;
 
 -- functions that change data are not for everyone
 REVOKE EXECUTE ON FUNCTION
@@ -129,6 +150,7 @@ REVOKE EXECUTE ON FUNCTION
   metering._current_signing_key(), metering.refresh_rollups(text), metering.refresh_snapshots(uuid),
   metering._snapshot_meter(text, bigint, bigint), metering._snapshot_queue(),
   metering._events_changed(text, text[], timestamptz[]), metering._forget_snapshots(uuid, timestamptz),
+  metering._usage_periods_rebuild(text, text[], timestamptz[]), metering._usage_periods_add(text, bigint, bigint),
   metering.create_feature(text, text, text, jsonb, jsonb), metering.archive_feature(text),
   metering.create_entitlement(text, text, metering.entitlement_type, interval, timestamptz, timestamptz, boolean, numeric, integer, boolean, jsonb, jsonb),
   metering.delete_entitlement(uuid),
@@ -141,6 +163,7 @@ CREATE FUNCTION metering.setup_roles() RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
   r text;
+  t record;
 BEGIN
   FOREACH r IN ARRAY ARRAY['metering_reader', 'metering_writer', 'metering_admin'] LOOP
     IF to_regrole(r) IS NULL THEN
@@ -154,6 +177,13 @@ BEGIN
   IF NOT pg_has_role('metering_admin', 'metering_writer', 'MEMBER') THEN
     GRANT metering_writer TO metering_admin;
   END IF;
+  -- Nobody but the owner holds TRIGGER, TRUNCATE or REFERENCES, a right on
+  -- a sequence, or CREATE in the schema: each would let a role's own code
+  -- run inside the owner-run functions, or the rows of the derived tables
+  -- disagree with the events.  (A second run takes back what 0.2.0 granted.)
+  REVOKE ALL ON ALL TABLES IN SCHEMA metering FROM metering_reader, metering_writer, metering_admin;
+  REVOKE ALL ON ALL SEQUENCES IN SCHEMA metering FROM metering_reader, metering_writer, metering_admin;
+  REVOKE CREATE ON SCHEMA metering FROM metering_reader, metering_writer, metering_admin;
   GRANT USAGE ON SCHEMA metering TO metering_reader;
   -- reader: every table and view (row security filters them), not the signing secret
   GRANT SELECT ON ALL TABLES IN SCHEMA metering TO metering_reader;
@@ -163,10 +193,20 @@ BEGIN
     metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean), metering.batch_meter_usage(jsonb),
     metering.register_usage(text, text, integer, text), metering.resolve_customer(text)
     TO metering_writer;
-  -- admin: configuration, grants, resets, rules, maintenance
-  GRANT ALL ON ALL TABLES IN SCHEMA metering TO metering_admin;
-  GRANT ALL ON ALL SEQUENCES IN SCHEMA metering TO metering_admin;
+  -- admin: configuration, grants, resets, rules, subjects, maintenance.  It
+  -- writes the tables that people write; derived tables, usage records,
+  -- registrations and the secret only change through owner-run functions.
+  FOR t IN SELECT c.oid::regclass AS rel, c.relname FROM pg_catalog.pg_class c
+            WHERE c.relnamespace = 'metering'::regnamespace AND c.relkind IN ('r', 'p')
+              AND c.relname <> ALL (ARRAY['meter_rollups', 'meter_rollup_state', 'usage_periods',
+                                          'entitlement_snapshots', 'entitlement_snapshot_queue',
+                                          'usage_records', 'registrations', 'signing_keys', 'events']) LOOP
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO metering_admin', t.rel);
+  END LOOP;
+  -- events: stored or deleted, never given their number (seq) by hand
+  GRANT INSERT (id, source, subject, type, time, data, ingested_at), DELETE ON metering.events TO metering_admin;
   GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA metering TO metering_admin;
+  REVOKE EXECUTE ON FUNCTION metering._current_signing_key() FROM metering_admin;
 END $$;
 COMMENT ON FUNCTION metering.setup_roles() IS
   'creates (if absent) metering_reader, metering_writer and metering_admin and grants them their rights; run it as a superuser or the extension owner with CREATEROLE, again after adding tables';
