@@ -13,7 +13,9 @@ OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 #  2. NEW_SQL: the src/sql files the previous release did not have;
 #  3. the current definitions of the functions and views listed in
 #     src/upgrade/PREV--THIS.objects, copied from src/sql by tools/sql-extract
-#     (CREATE OR REPLACE, with their COMMENT, ALTER, GRANT and REVOKE);
+#     (CREATE OR REPLACE, with their COMMENT, ALTER, GRANT and REVOKE); make
+#     warns of functions and views that differ from upgrade/PREV's script and
+#     are not listed (tools/sql-extract --unlisted);
 #  4. FINAL_SQL: idempotent files that every update runs again, last.
 # At a release: copy both built scripts into upgrade/ and add them to DATA,
 # set PREVVERSION to the release, empty NEW_SQL, start the next src/upgrade pair.
@@ -52,6 +54,8 @@ $(UPGRADE): $(UPGRADE_SRC).sql $(NEW_SQL) $(UPGRADE_SRC).objects $(SQL_SOURCES) 
 	  ./tools/sql-extract $(UPGRADE_SRC).objects $(SQL_SOURCES) && \
 	  cat $(FINAL_SQL); } > $@.tmp || { rm -f $@.tmp; exit 1; }
 	mv $@.tmp $@
+	@./tools/sql-extract --unlisted upgrade/$(EXTENSION)--$(PREVVERSION).sql $(UPGRADE_SRC).objects \
+	  $(filter-out $(NEW_SQL),$(SQL_SOURCES))
 
 .PHONY: deps demo test bench
 # Installs the Debian packages the build and the suites need (as root only).
