@@ -1,21 +1,33 @@
 # metering: PGXS build, plus the two commands of the README (make demo, make test).
 EXTENSION   = metering
-EXTVERSION  = 0.2.0
+EXTVERSION  = 0.3.0
 MODULE_big  = metering
 OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 
 # The install script is assembled from one file per concern in src/sql.
-# Upgrade scripts: the changes to what the previous version made
-# (src/upgrade/), then the files that version did not have.  The scripts of
-# released versions are kept as they shipped (upgrade/).
+# The scripts of released versions are kept as they shipped (upgrade/).
+# The update from the previous release (PREVVERSION) to this one is made of:
+#  1. src/upgrade/PREV--THIS.sql: hand-written changes to what the previous
+#     release made (ALTER TABLE, DROP of functions whose signature or result
+#     type changes, data fixes);
+#  2. NEW_SQL: the src/sql files the previous release did not have;
+#  3. the current definitions of the functions and views listed in
+#     src/upgrade/PREV--THIS.objects, copied from src/sql by tools/sql-extract
+#     (CREATE OR REPLACE, with their COMMENT, ALTER, GRANT and REVOKE); make
+#     warns of functions and views that differ from upgrade/PREV's script and
+#     are not listed (tools/sql-extract --unlisted);
+#  4. FINAL_SQL: idempotent files that every update runs again, last.
+# At a release: copy both built scripts into upgrade/ and add them to DATA,
+# set PREVVERSION to the release, empty NEW_SQL, start the next src/upgrade pair.
+PREVVERSION = 0.2.0
+NEW_SQL     =
+FINAL_SQL   = src/sql/95_object_comments.sql
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
-UPGRADE_0_2 = src/upgrade/0.1.0--0.2.0.sql src/sql/30_features.sql src/sql/31_entitlements.sql \
-              src/sql/32_grants.sql src/sql/39_entitlements_dump.sql src/sql/40_hashmap_tables.sql \
-              src/sql/41_hashmap_rules.sql src/sql/42_hashmap_rating.sql src/sql/43_hashmap_dump.sql \
-              src/sql/50_subjects.sql src/sql/51_reports.sql src/sql/52_search_usage.sql src/sql/53_units_usage.sql src/sql/54_usage_periods.sql src/sql/60_access.sql \
-              src/sql/95_object_comments.sql
-DATA_built  = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION)--0.1.0--0.2.0.sql
-DATA        = upgrade/$(EXTENSION)--0.1.0.sql
+UPGRADE     = $(EXTENSION)--$(PREVVERSION)--$(EXTVERSION).sql
+UPGRADE_SRC = src/upgrade/$(PREVVERSION)--$(EXTVERSION)
+DATA_built  = $(EXTENSION)--$(EXTVERSION).sql $(UPGRADE)
+DATA        = upgrade/$(EXTENSION)--0.1.0.sql upgrade/$(EXTENSION)--0.2.0.sql \
+              upgrade/$(EXTENSION)--0.1.0--0.2.0.sql
 
 # pg_regress suites (sql/ + expected/) and isolation specs (specs/ + expected/).
 REGRESS      = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
@@ -37,8 +49,13 @@ endif
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_SOURCES)
 	cat $(SQL_SOURCES) > $@
 
-$(EXTENSION)--0.1.0--0.2.0.sql: $(UPGRADE_0_2)
-	cat $(UPGRADE_0_2) > $@
+$(UPGRADE): $(UPGRADE_SRC).sql $(NEW_SQL) $(UPGRADE_SRC).objects $(SQL_SOURCES) tools/sql-extract
+	{ cat $(UPGRADE_SRC).sql $(NEW_SQL) && \
+	  ./tools/sql-extract $(UPGRADE_SRC).objects $(SQL_SOURCES) && \
+	  cat $(FINAL_SQL); } > $@.tmp || { rm -f $@.tmp; exit 1; }
+	mv $@.tmp $@
+	@./tools/sql-extract --unlisted upgrade/$(EXTENSION)--$(PREVVERSION).sql $(UPGRADE_SRC).objects \
+	  $(filter-out $(NEW_SQL),$(SQL_SOURCES))
 
 .PHONY: deps demo test bench
 # Installs the Debian packages the build and the suites need (as root only).

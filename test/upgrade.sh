@@ -1,11 +1,16 @@
 #!/bin/sh
-# The upgrade path: a database made with 0.1.0 and updated with ALTER
-# EXTENSION metering UPDATE has exactly the objects, definitions and comments
-# of a fresh install of the current version, keeps its data, and works.
+# The upgrade paths: a database made with any earlier release and updated
+# with ALTER EXTENSION metering UPDATE has exactly the objects, definitions
+# and comments of a fresh install of the current version, keeps its data, and
+# works.  Walks 0.1.0 -> 0.2.0 -> 0.3.0 (one UPDATE walks the chain) and
+# 0.2.0 -> 0.3.0, and checks that the kept 0.1.0 -> 0.2.0 script still makes
+# what the kept 0.2.0 install script makes.
 # Emits TAP; needs PGHOST/PGPORT/PGUSER of a running server.
 set -e
-old=metering_upgrade_old
-new=metering_upgrade_new
+old=metering_upgrade_old      # 0.1.0, updated
+old2=metering_upgrade_old2    # 0.2.0, updated
+mid=metering_upgrade_mid      # 0.1.0, updated to 0.2.0 only
+new=metering_upgrade_new      # fresh install of the current version
 q() { psql -X -A -t -q -v ON_ERROR_STOP=1 -d "$1" -c "$2"; }
 n=1
 check() {  # description, got, expected
@@ -51,41 +56,71 @@ SELECT line FROM (
   UNION ALL
   SELECT 'acl ' || c.relname || ' ' || coalesce(c.relacl::text, '') FROM pg_class c WHERE c.relnamespace = 'metering'::regnamespace
 ) facts ORDER BY line"
-echo "1..5"
-dropdb --if-exists $old >/dev/null 2>&1; dropdb --if-exists $new >/dev/null 2>&1
-createdb $old; createdb $new
-q $old "CREATE EXTENSION metering VERSION '0.1.0'"
-q $old "
+# compare_catalogs description updated-db fresh-db
+compare_catalogs() {
+  got=$(q $2 "$catalog")
+  want=$(q $3 "$catalog")
+  check "$1" "$(echo "$got" | md5sum)" "$(echo "$want" | md5sum)"
+  if [ "$got" != "$want" ]; then
+    echo "# differences (< updated, > fresh):"
+    echo "$got" > /tmp/upgrade_got.$$; echo "$want" > /tmp/upgrade_want.$$
+    diff /tmp/upgrade_got.$$ /tmp/upgrade_want.$$ | sed 's/^/# /' | head -40 || true
+    rm -f /tmp/upgrade_got.$$ /tmp/upgrade_want.$$
+  fi
+}
+events="
 SET metering.now = '2024-06-01 12:00:00+00';
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property) VALUES ('t', 'e', 'SUM', '\$.v');
 SELECT metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object('specversion', '1.0', 'id', n::text, 'source', 's',
          'type', 'e', 'subject', 'acme', 'time', '2024-06-01T10:00:00Z', 'data', jsonb_build_object('v', n)))
          FROM generate_series(1, 100) n));
-SELECT metering.refresh_rollups();" >/dev/null
-q $old "ALTER EXTENSION metering UPDATE"
-q $new "CREATE EXTENSION metering"
-check "the update reaches the current version" "$(q $old "SELECT extversion FROM pg_extension WHERE extname = 'metering'")" \
-  "$(q $new "SELECT extversion FROM pg_extension WHERE extname = 'metering'")"
-got=$(q $old "$catalog")
-want=$(q $new "$catalog")
-check "updated and fresh installs have the same objects, definitions and comments" \
-  "$(echo "$got" | md5sum)" "$(echo "$want" | md5sum)"
-if [ "$got" != "$want" ]; then
-  echo "# differences (< updated, > fresh):"
-  echo "$got" > /tmp/upgrade_got.$$; echo "$want" > /tmp/upgrade_want.$$
-  diff /tmp/upgrade_got.$$ /tmp/upgrade_want.$$ | sed 's/^/# /' | head -40 || true
-  rm -f /tmp/upgrade_got.$$ /tmp/upgrade_want.$$
-fi
-check "the data of 0.1.0 is kept" "$(q $old "SELECT value FROM metering.query_meter('t')")" "5050"
-q $old "
+SELECT metering.refresh_rollups();"
+entitlement="
 SET metering.now = '2024-06-01 12:00:00+00';
 SELECT metering.create_feature('f', 'F', 't');
 SELECT metering.create_entitlement('acme', 'f', usage_period => '1 day', measure_usage_from => '2024-06-01');
-SELECT metering.create_grant(id, 10000, '2024-06-01') FROM metering.entitlements;" >/dev/null
-check "entitlements work after the update" \
-  "$(q $old "SELECT balance || ' ' || usage FROM metering.entitlement_value('acme', 'f', '2024-06-01 11:00+00')")" "4950 5050"
-q $old "SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"late\", \"source\": \"s\", \"type\": \"e\", \"subject\": \"acme\", \"time\": \"2024-06-01T11:00:00Z\", \"data\": {\"v\": 50}}')" >/dev/null
+SELECT metering.create_grant(id, 10000, '2024-06-01') FROM metering.entitlements;"
+late="SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"late\", \"source\": \"s\", \"type\": \"e\", \"subject\": \"acme\", \"time\": \"2024-06-01T11:00:00Z\", \"data\": {\"v\": 50}}')"
+value() {  # db, instant: balance and usage of acme's entitlement to f
+  q $1 "SELECT balance || ' ' || usage FROM metering.entitlement_value('acme', 'f', '$2')"
+}
+version() { q $1 "SELECT extversion FROM pg_extension WHERE extname = 'metering'"; }
+
+echo "1..10"
+for db in $old $old2 $mid $new; do dropdb --if-exists $db >/dev/null 2>&1; createdb $db; done
+q $new "CREATE EXTENSION metering"
+
+# 0.1.0 -> 0.2.0 -> 0.3.0
+q $old "CREATE EXTENSION metering VERSION '0.1.0'"
+q $old "$events" >/dev/null
+q $old "ALTER EXTENSION metering UPDATE"
+check "the update from 0.1.0 reaches the current version" "$(version $old)" "$(version $new)"
+compare_catalogs "0.1.0 updated and fresh installs have the same objects, definitions and comments" $old $new
+check "the data of 0.1.0 is kept" "$(q $old "SELECT value FROM metering.query_meter('t')")" "5050"
+q $old "$entitlement" >/dev/null
+check "entitlements work after the update from 0.1.0" "$(value $old '2024-06-01 11:00+00')" "4950 5050"
+q $old "$late" >/dev/null
 check "the first refresh rebuilds the rollups (all 101 events) and saves their snapshots" \
   "$(q $old "SET metering.now = '2024-06-01 12:00:00+00'; SELECT metering.refresh_rollups(); SELECT count(*) FROM metering.entitlement_snapshots")" "101
 1"
-dropdb $old; dropdb $new
+
+# the kept scripts of 0.2.0 agree: 0.1.0 updated to 0.2.0 is a fresh 0.2.0
+q $mid "CREATE EXTENSION metering VERSION '0.1.0'"
+q $mid "ALTER EXTENSION metering UPDATE TO '0.2.0'"
+q $old2 "CREATE EXTENSION metering VERSION '0.2.0'"
+compare_catalogs "0.1.0 updated to 0.2.0 and a fresh 0.2.0 have the same objects, definitions and comments" $mid $old2
+
+# 0.2.0 -> 0.3.0, with entitlements made in 0.2.0
+q $old2 "$events" >/dev/null
+q $old2 "$entitlement" >/dev/null
+q $old2 "ALTER EXTENSION metering UPDATE"
+check "the update from 0.2.0 reaches the current version" "$(version $old2)" "$(version $new)"
+compare_catalogs "0.2.0 updated and fresh installs have the same objects, definitions and comments" $old2 $new
+check "the data of 0.2.0 is kept" \
+  "$(q $old2 "SELECT value FROM metering.query_meter('t')") $(value $old2 '2024-06-01 11:00+00')" "5050 4950 5050"
+q $old2 "$late" >/dev/null
+check "usage and entitlements work after the update from 0.2.0" \
+  "$(q $old2 "SET metering.now = '2024-06-01 12:00:00+00'; SELECT metering.refresh_rollups(); SELECT value FROM metering.query_meter('t')") $(value $old2 '2024-06-01 11:30+00')" \
+  "1
+5100 4900 5100"
+for db in $old $old2 $mid $new; do dropdb $db; done

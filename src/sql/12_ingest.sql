@@ -26,7 +26,7 @@ BEGIN
   RETURN n = 1;
 END $$;
 COMMENT ON FUNCTION metering.ingest(jsonb) IS
-  'stores one CloudEvents 1.0 event; true when stored, false when (source, id) was already stored';
+  'stores one CloudEvents 1.0 event; true when stored, false when (source, id) was already stored (also by a concurrent session)';
 
 CREATE FUNCTION metering.ingest_batch(events jsonb)
   RETURNS TABLE(accepted bigint, duplicates bigint)
