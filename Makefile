@@ -16,15 +16,18 @@ OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 #     (CREATE OR REPLACE, with their COMMENT, ALTER, GRANT and REVOKE); make
 #     warns of functions and views that differ from upgrade/PREV's script and
 #     are not listed (tools/sql-extract --unlisted);
-#  4. FINAL_SQL: idempotent files that every update runs again, last.
+#  4. src/upgrade/PREV--THIS.post.sql, if there is one: data fixes that need
+#     the new definitions;
+#  5. FINAL_SQL: idempotent files that every update runs again, last.
 # At a release: copy both built scripts into upgrade/ and add them to DATA,
 # set PREVVERSION to the release, empty NEW_SQL, start the next src/upgrade pair.
 PREVVERSION = 0.2.0
 NEW_SQL     =
-FINAL_SQL   = src/sql/95_object_comments.sql
+FINAL_SQL   = src/sql/95_object_comments.sql src/sql/96_search_path.sql
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 UPGRADE     = $(EXTENSION)--$(PREVVERSION)--$(EXTVERSION).sql
 UPGRADE_SRC = src/upgrade/$(PREVVERSION)--$(EXTVERSION)
+UPGRADE_POST = $(wildcard $(UPGRADE_SRC).post.sql)
 DATA_built  = $(EXTENSION)--$(EXTVERSION).sql $(UPGRADE)
 DATA        = upgrade/$(EXTENSION)--0.1.0.sql upgrade/$(EXTENSION)--0.2.0.sql \
               upgrade/$(EXTENSION)--0.1.0--0.2.0.sql
@@ -49,10 +52,10 @@ endif
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_SOURCES)
 	cat $(SQL_SOURCES) > $@
 
-$(UPGRADE): $(UPGRADE_SRC).sql $(NEW_SQL) $(UPGRADE_SRC).objects $(SQL_SOURCES) tools/sql-extract
+$(UPGRADE): $(UPGRADE_SRC).sql $(NEW_SQL) $(UPGRADE_SRC).objects $(UPGRADE_POST) $(SQL_SOURCES) tools/sql-extract
 	{ cat $(UPGRADE_SRC).sql $(NEW_SQL) && \
 	  ./tools/sql-extract $(UPGRADE_SRC).objects $(SQL_SOURCES) && \
-	  cat $(FINAL_SQL); } > $@.tmp || { rm -f $@.tmp; exit 1; }
+	  cat $(UPGRADE_POST) $(FINAL_SQL); } > $@.tmp || { rm -f $@.tmp; exit 1; }
 	mv $@.tmp $@
 	@./tools/sql-extract --unlisted upgrade/$(EXTENSION)--$(PREVVERSION).sql $(UPGRADE_SRC).objects \
 	  $(filter-out $(NEW_SQL),$(SQL_SOURCES))

@@ -6,3 +6,15 @@
 -- the current definitions of the functions and views listed in
 -- 0.2.0--0.3.0.objects (tools/sql-extract) and the files every update runs
 -- again (FINAL_SQL) to build metering--0.2.0--0.3.0.sql.
+
+-- restored rows of every table are checked by metering._restored now
+DROP FUNCTION metering._hashmap_may_restore();
+
+-- a subject_access row may name a role dropped since
+DROP POLICY subject_access_own ON metering.subject_access;
+CREATE POLICY subject_access_own ON metering.subject_access
+  USING ((SELECT metering._visible_subjects(current_user)) IS NULL
+         OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles g
+                     WHERE g.rolname = role_name AND pg_catalog.pg_has_role(g.oid, 'MEMBER')))
+  WITH CHECK (true);
+COMMENT ON POLICY subject_access_own ON metering.subject_access IS 'a role sees its own assignments; admins see all';
