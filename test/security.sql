@@ -178,6 +178,10 @@ DELETE FROM metering.subject_access WHERE role_name = 'sec_gone';
 -- 6c. refresh_rollups() run by a role that sees only some subjects moves the
 -- watermarks past events it never read.  Fixed: it rolls up everything (or
 -- is refused with 42501); the meter answers what the raw events say.
+-- (A bare reader granted EXECUTE on refresh_rollups fails earlier on 0.2.0,
+-- 42501 on events_seq and _snapshot_meter; so the role here holds every
+-- right of metering_admin but not its membership, which is what makes an
+-- admin see all subjects.)
 ------------------------------------------------------------------------------
 -- a maintenance role with every right of metering_admin but not its membership,
 -- assigned to one subject
