@@ -100,5 +100,5 @@ pg_restore -d $dst "$dump"
 check "and the restore has no secret" "$(q $dst "SELECT count(*) FROM metering.signing_keys")" "0"
 q $dst "SELECT (metering._current_signing_key()).version" >/dev/null
 check "until the first use makes a new one" \
-  "$(q $dst "SELECT count(*) || ' ' || bool_and(encode(secret, 'hex') <> '$secret') FROM metering.signing_keys")" "1 t"
+  "$(q $dst "SELECT count(*) || ' ' || bool_and(encode(secret, 'hex') <> '$secret') FROM metering.signing_keys")" "1 true"
 dropdb $src; dropdb $dst; rm -f "$dump"
