@@ -27,6 +27,7 @@
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 
 #include "metering.h"
@@ -113,6 +114,44 @@ ParseClockValue(const char *str, TimestampTz *result)
 	}
 	PG_END_TRY();
 	return ok;
+}
+
+/*
+ * The version of the installed SQL, as major * 10000 + minor * 100 + patch
+ * (0 when the extension is not installed): the library is installed before
+ * ALTER EXTENSION metering UPDATE runs, and works with older SQL until then.
+ */
+int
+MeteringInstalledVersion(void)
+{
+	Oid			extoid = get_extension_oid("metering", true);
+	int			version = 0;
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	if (!OidIsValid(extoid))
+		return 0;
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(extoid));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, Anum_pg_extension_extversion, RelationGetDescr(rel), &isnull);
+		int			major = 0,
+					minor = 0,
+					patch = 0;
+
+		if (!isnull && sscanf(TextDatumGetCString(d), "%d.%d.%d", &major, &minor, &patch) >= 2)
+			version = major * 10000 + minor * 100 + patch;
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
 }
 
 Oid

@@ -21,6 +21,9 @@ extern TimestampTz MeteringNow(void);
 struct pg_uuid_t;
 extern void MeteringUuidV7(struct pg_uuid_t *out);
 
+/* The installed SQL's version (0.2.0 is 200), 0 when not installed. */
+extern int	MeteringInstalledVersion(void);
+
 /* The extension owner, or InvalidOid when the extension is not installed. */
 extern Oid	MeteringExtensionOwner(void);
 

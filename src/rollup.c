@@ -47,6 +47,8 @@
 #include "utils/timestamp.h"
 
 #include "meter_value.h"
+#include "metering.h"
+#include "refresh.h"
 
 /* entries buffered before they are written out */
 #define FLUSH_EVERY 65536
@@ -493,23 +495,15 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 }
 
 /*
- * Whether the installed SQL has a hook (entitlement snapshots, usage
- * periods): the library is upgraded before ALTER EXTENSION metering UPDATE
- * runs, and must keep working with the SQL of 0.1.0 until then.
+ * Whether the installed SQL keeps what depends on the events (entitlement
+ * snapshots and usage periods, 0.2.0 and later): the library is upgraded
+ * before ALTER EXTENSION metering UPDATE runs, and must keep working with
+ * the SQL of 0.1.0 until then.
  */
 static bool
-HasHook(const char *name)
+HasDerivedData(void)
 {
-	Oid			types[3] = {TEXTOID, INT8OID, INT8OID};
-	Oid			types_changed[3] = {TEXTOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
-	List	   *qname = list_make2(makeString("metering"), makeString(pstrdup(name)));
-
-	if (strcmp(name, "_snapshot_queue") == 0)
-		return OidIsValid(LookupFuncName(qname, 0, NULL, true));
-	return OidIsValid(LookupFuncName(qname, 3,
-									 strcmp(name, "_snapshot_meter") == 0 || strcmp(name, "_usage_periods_add") == 0
-									 ? types : types_changed,
-									 true));
+	return MeteringInstalledVersion() >= 200;
 }
 
 /*
@@ -522,12 +516,12 @@ static void
 RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 {
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT8OID};
-	bool		snapshots = HasHook("_events_changed");
+	bool		derived = HasDerivedData();
 
 	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
 		elog(ERROR, "could not register the transition table of metering.events");
 	/* deleted meters have no rollups, but their entitlements may have snapshots */
-	if (snapshots)
+	if (derived)
 	{
 		int			ret = SPI_execute("SELECT metering._events_changed(f.meter_slug, array_agg(o.subject), array_agg(o.time)) "
 									  "FROM old_events o JOIN metering.meters m ON m.event_type = o.type AND m.deleted_at IS NOT NULL "
@@ -548,7 +542,7 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 		args[1] = CStringGetTextDatum(m->event_type);
 		args[2] = Int64GetDatum(m->watermark);
 		/* the entitlements' snapshots after the deleted events */
-		ret = !snapshots ? SPI_OK_SELECT : SPI_execute_with_args("SELECT metering._events_changed($1, array_agg(o.subject), array_agg(o.time)) "
+		ret = !derived ? SPI_OK_SELECT : SPI_execute_with_args("SELECT metering._events_changed($1, array_agg(o.subject), array_agg(o.time)) "
 									"FROM old_events o WHERE o.type = $2 AND $3 IS NOT NULL",
 									3, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_SELECT)
@@ -573,6 +567,15 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 					   "  AND (e.subject, date_trunc('hour', e.time, 'UTC')) IN (SELECT subject, bucket FROM k)",
 					   3, argtypes, args);
 		RollupFlush(buf);
+		/* ... and then the usage periods, from the rebuilt rollups */
+		if (derived)
+		{
+			ret = SPI_execute_with_args("SELECT metering._usage_periods_rebuild($1, array_agg(o.subject), array_agg(o.time)) "
+										"FROM old_events o WHERE o.type = $2 AND o.seq <= $3 HAVING count(*) > 0",
+										3, argtypes, args, NULL, false, 0);
+			if (ret != SPI_OK_SELECT)
+				elog(ERROR, "could not rebuild the usage periods of meter \"%s\"", m->slug);
+		}
 	}
 }
 
@@ -624,20 +627,16 @@ LastEventNumber(void)
 }
 
 /*
- * metering.refresh_rollups(meter text DEFAULT NULL): rolls up, for every live
- * meter (or one), the events stored since its watermark; returns how many
- * (meter, event) pairs it added.
+ * A refresh, in steps (see refresh.h): the SQL function runs them all in
+ * one transaction; the background worker commits after each, so that one
+ * meter's failure or lock does not hold up the others.
  */
-PG_FUNCTION_INFO_V1(metering_refresh_rollups);
-Datum
-metering_refresh_rollups(PG_FUNCTION_ARGS)
+int64
+MeteringRefreshBegin(void)
 {
-	char	   *slug = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
 	Oid			events_oid;
 	LOCKTAG		tag;
 	int64		upto;
-	int64		added = 0;
-	RollupBuffer *buf;
 	int			ret;
 
 	if (IsolationUsesXactSnapshot())
@@ -646,8 +645,6 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 				 errmsg("metering.refresh_rollups must run at READ COMMITTED"),
 				 errdetail("It waits for concurrent writers and then needs a snapshot that sees their events."),
 				 errhint("Call it in its own READ COMMITTED transaction.")));
-
-	SPI_connect();
 
 	/* 1. the last number handed out */
 	upto = LastEventNumber();
@@ -662,103 +659,167 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 	SET_LOCKTAG_RELATION(tag, MyDatabaseId, events_oid);
 	WaitForLockers(tag, ShareLock, false);
 
-	/*
-	 * 3. a meter restored without its triggers has no watermark row yet: it
-	 * gets one at 0.  Then serialize with other refreshes and roll up each
-	 * meter's new events.
-	 */
+	/* 3. a meter restored without its triggers has no watermark row yet: it gets one at 0 */
 	ret = SPI_execute("INSERT INTO metering.meter_rollup_state (meter) "
 					  "SELECT slug FROM metering.meters WHERE deleted_at IS NULL "
 					  "ON CONFLICT (meter) DO NOTHING", false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not add missing watermarks: %s", SPI_result_code_string(ret));
-	buf = RollupBufferCreate();
+	return upto;
+}
+
+List *
+MeteringRefreshMeters(const char *only_slug)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1] = {only_slug ? CStringGetTextDatum(only_slug) : (Datum) 0};
+	char		nulls[1] = {only_slug ? ' ' : 'n'};
+	List	   *slugs = NIL;
+	int			ret = SPI_execute_with_args("SELECT slug FROM metering.meters WHERE deleted_at IS NULL "
+											"AND ($1 IS NULL OR slug = $1) ORDER BY slug COLLATE \"C\"",
+											1, argtypes, args, nulls, true, 0);
+
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read metering.meters: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopTransactionContext);
+
+		slugs = lappend(slugs, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
+		MemoryContextSwitchTo(old);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return slugs;
+}
+
+int64
+MeteringRefreshMeter(const char *slug, int64 upto, MeteringRefreshCounts *counts)
+{
+	RollupBuffer *buf = RollupBufferCreate();
+	RollupMeter *m;
+	Oid			argtypes[3] = {TEXTOID, INT8OID, INT8OID};
+	Datum		args[3];
+	int64		added;
+	int			ret;
+
+	/* its watermark, locked: refreshes and the rebuilds of DELETE take turns */
 	LoadMeters(buf, slug);
-	/* a TRUNCATE ... RESTART IDENTITY (or a setval) while we waited */
+	if (buf->nmeters == 0)
+		return 0;				/* deleted meanwhile */
+	/* a TRUNCATE ... RESTART IDENTITY (or a setval) since the refresh began */
 	if (LastEventNumber() < upto)
 		ereport(ERROR,
 				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
 				 errmsg("metering.events_seq went backwards during the refresh"),
 				 errhint("Run metering.refresh_rollups() again.")));
-	for (int i = 0; i < buf->nmeters; i++)
+	m = &buf->meters[0];
+	if (m->watermark >= upto)
+		return 0;
+	args[0] = CStringGetTextDatum(m->event_type);
+	args[1] = Int64GetDatum(m->watermark);
+	args[2] = Int64GetDatum(upto);
+	AddQueryEvents(buf, 0,
+				   "SELECT subject, type, time, data FROM metering.events "
+				   "WHERE type = $1 AND seq > $2 AND seq <= $3",
+				   3, argtypes, args);
+	added = buf->added;
+	RollupFlush(buf);
+	args[0] = CStringGetTextDatum(m->slug);
+	args[1] = Int64GetDatum(upto);
+	ret = SPI_execute_with_args("UPDATE metering.meter_rollup_state SET rolled_up_to = $2, refreshed_at = metering.now() "
+								"WHERE meter = $1",
+								2, argtypes, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
+	counts->events += added;
+	counts->rows += buf->written;
+	if (HasDerivedData())
 	{
-		RollupMeter *m = &buf->meters[i];
-		Oid			argtypes[3] = {TEXTOID, INT8OID, INT8OID};
-		Datum		args[3];
+		Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
+		bool		isnull;
 
-		if (m->watermark >= upto)
-			continue;
-		args[0] = CStringGetTextDatum(m->event_type);
-		args[1] = Int64GetDatum(m->watermark);
-		args[2] = Int64GetDatum(upto);
-		buf->added = 0;
-		AddQueryEvents(buf, i,
-					   "SELECT subject, type, time, data FROM metering.events "
-					   "WHERE type = $1 AND seq > $2 AND seq <= $3",
-					   3, argtypes, args);
-		added += buf->added;
-		RollupFlush(buf);
-		args[0] = CStringGetTextDatum(m->slug);
-		args[1] = Int64GetDatum(upto);
-		ret = SPI_execute_with_args("UPDATE metering.meter_rollup_state SET rolled_up_to = $2, refreshed_at = metering.now() "
-									"WHERE meter = $1",
-									2, argtypes, args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
 		/* what depends on the meter's events: the usage periods ... */
-		if (HasHook("_usage_periods_add"))
-		{
-			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
-			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
-
-			ret = SPI_execute_with_args("SELECT metering._usage_periods_add($1, $2, $3)",
-										3, hooktypes, hookargs, NULL, false, 0);
-			if (ret != SPI_OK_SELECT)
-				elog(ERROR, "could not add to the usage periods of meter \"%s\"", m->slug);
-		}
+		ret = SPI_execute_with_args("SELECT metering._usage_periods_add($1, $2, $3)",
+									3, argtypes, hookargs, NULL, false, 0);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not add to the usage periods of meter \"%s\"", m->slug);
 		/* ... and the entitlements' snapshots */
-		if (HasHook("_snapshot_meter"))
-		{
-			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
-			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
-
-			ret = SPI_execute_with_args("SELECT metering._snapshot_meter($1, $2, $3)",
-										3, hooktypes, hookargs, NULL, false, 0);
-			if (ret != SPI_OK_SELECT)
-				elog(ERROR, "could not refresh the snapshots of meter \"%s\"", m->slug);
-		}
+		ret = SPI_execute_with_args("SELECT metering._snapshot_meter($1, $2, $3)",
+									3, argtypes, hookargs, NULL, false, 0);
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "could not refresh the snapshots of meter \"%s\"", m->slug);
+		counts->snapshots += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	}
+	return added;
+}
+
+int64
+MeteringRefreshQueue(void)
+{
+	bool		isnull;
+	int			ret;
 
 	/*
 	 * Entitlements whose snapshots a grant, void or reset removed get new
 	 * ones (otherwise they would wait for their subject's next event).
 	 */
-	if (HasHook("_snapshot_queue"))
-	{
-		ret = SPI_execute("SELECT metering._snapshot_queue()", false, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "could not save the queued snapshots: %s", SPI_result_code_string(ret));
-	}
+	if (!HasDerivedData())
+		return 0;
+	ret = SPI_execute("SELECT metering._snapshot_queue()", false, 0);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not save the queued snapshots: %s", SPI_result_code_string(ret));
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+void
+MeteringRefreshAnalyze(int64 written)
+{
+	int			ret;
 
 	/*
 	 * A refresh that grew the rollups by much (the first one of a meter, or
 	 * after a long pause) leaves the planner's statistics behind, and readers
 	 * choose bad plans until autovacuum catches up: analyze at once.
 	 */
-	if (buf->written > 0)
+	if (written <= 0)
+		return;
+	ret = SPI_execute("SELECT reltuples FROM pg_class WHERE oid = 'metering.meter_rollups'::regclass",
+					  true, 1);
+	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
-		ret = SPI_execute("SELECT reltuples FROM pg_class WHERE oid = 'metering.meter_rollups'::regclass",
-						  true, 1);
-		if (ret == SPI_OK_SELECT && SPI_processed == 1)
-		{
-			bool		isnull;
-			float4		reltuples = DatumGetFloat4(SPI_getbinval(SPI_tuptable->vals[0],
-																 SPI_tuptable->tupdesc, 1, &isnull));
+		bool		isnull;
+		float4		reltuples = DatumGetFloat4(SPI_getbinval(SPI_tuptable->vals[0],
+															 SPI_tuptable->tupdesc, 1, &isnull));
 
-			if (reltuples < 0 || buf->written > reltuples * 0.1 + 1000)
-				SPI_execute("ANALYZE metering.meter_rollups", false, 0);
-		}
+		if (reltuples < 0 || written > reltuples * 0.1 + 1000)
+			SPI_execute("ANALYZE metering.meter_rollups", false, 0);
 	}
+}
+
+/*
+ * metering.refresh_rollups(meter text DEFAULT NULL): rolls up, for every live
+ * meter (or one), the events stored since its watermark; returns how many
+ * (meter, event) pairs it added.  All in the caller's transaction: each
+ * meter's watermark is locked when its turn comes (in slug order, as
+ * deleters lock them) and stays locked until the caller commits.
+ */
+PG_FUNCTION_INFO_V1(metering_refresh_rollups);
+Datum
+metering_refresh_rollups(PG_FUNCTION_ARGS)
+{
+	char	   *slug = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	MeteringRefreshCounts counts = {0, 0, 0};
+	int64		upto;
+	ListCell   *lc;
+	List	   *slugs;
+
+	SPI_connect();
+	upto = MeteringRefreshBegin();
+	slugs = MeteringRefreshMeters(slug);
+	foreach(lc, slugs)
+		MeteringRefreshMeter((const char *) lfirst(lc), upto, &counts);
+	counts.snapshots += MeteringRefreshQueue();
+	MeteringRefreshAnalyze(counts.rows);
 	SPI_finish();
-	PG_RETURN_INT64(added);
+	PG_RETURN_INT64(counts.events);
 }

@@ -10,7 +10,8 @@
 # SET after the library is loaded fails with 42501, and a superuser can still
 # set both settings.
 # Emits TAP; needs PGHOST/PGPORT/PGUSER (a superuser) of a running server.
-# Makes its own database and LOGIN roles and drops them at the end.
+# Makes its own database and LOGIN roles (with the password of PGPASSWORD,
+# as pg_virtualenv asks for one) and drops them at the end.
 db=metering_sec_session
 reader=metering_sec_reader
 writer=metering_sec_writer
@@ -40,8 +41,8 @@ createdb $db
 psql -X -q -v ON_ERROR_STOP=1 -d $db >/dev/null 2>&1 <<SQL
 CREATE EXTENSION metering;
 SELECT metering.setup_roles();
-CREATE ROLE $reader LOGIN IN ROLE metering_reader;
-CREATE ROLE $writer LOGIN IN ROLE metering_writer;
+CREATE ROLE $reader LOGIN PASSWORD '${PGPASSWORD:-unused}' IN ROLE metering_reader;
+CREATE ROLE $writer LOGIN PASSWORD '${PGPASSWORD:-unused}' IN ROLE metering_writer;
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property) VALUES ('t', 'e', 'SUM', '\$.v');
 INSERT INTO metering.subject_access (role_name, subject) VALUES ('$reader', 'acme');
 -- a row for the row-security helper to be asked about (an empty table asks nothing)

@@ -164,23 +164,5 @@ END $$;
 COMMENT ON FUNCTION metering._usage_periods_add(text, bigint, bigint) IS
   'internal: adds a meter''s newly rolled-up events to its usage periods';
 
--- Deleted events: their periods are recomputed from the rollups, which the
--- events_deleted trigger (it fires first: triggers fire by name) rebuilt.
-CREATE FUNCTION metering._usage_periods_deleted() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-  r record;
-BEGIN
-  FOR r IN SELECT m.slug, array_agg(o.subject) AS subjects, array_agg(o.time) AS times
-             FROM old_events o
-             JOIN metering.meters m ON m.event_type = o.type
-             JOIN metering.meter_rollup_state s ON s.meter = m.slug AND o.seq <= s.rolled_up_to
-            GROUP BY m.slug LOOP
-    PERFORM metering._usage_periods_rebuild(r.slug, r.subjects, r.times);
-  END LOOP;
-  RETURN NULL;
-END $$;
-COMMENT ON FUNCTION metering._usage_periods_deleted() IS 'internal: recomputes the usage periods of deleted events';
-CREATE TRIGGER events_periods_deleted AFTER DELETE ON metering.events
-  REFERENCING OLD TABLE AS old_events
-  FOR EACH STATEMENT EXECUTE FUNCTION metering._usage_periods_deleted();
+-- Deleted events: their periods are recomputed from the rollups, right after
+-- the rollups of their hours, by the events_deleted trigger (rollup.c).

@@ -136,7 +136,6 @@ ALTER FUNCTION metering._meters_after_insert() SECURITY DEFINER;
 ALTER FUNCTION metering._meters_after_delete_mark() SECURITY DEFINER;
 ALTER FUNCTION metering._meter_deleted() SECURITY DEFINER;
 ALTER FUNCTION metering._events_deleted() SECURITY DEFINER;
-ALTER FUNCTION metering._usage_periods_deleted() SECURITY DEFINER;
 ALTER FUNCTION metering._forget_snapshots(uuid, timestamptz) SECURITY DEFINER;
 ALTER FUNCTION metering._events_changed(text, text[], timestamptz[]) SECURITY DEFINER;
 -- and the signing secret is read and written only by owner-run code
