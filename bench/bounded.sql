@@ -39,7 +39,7 @@ DECLARE
   outcome text;
 BEGIN
   BEGIN
-    EXECUTE 'SELECT count(*) FROM (' || q || ') s' INTO n;
+    EXECUTE 'SELECT count(*) FROM (' || q || ') s WHERE s::text IS NOT NULL' INTO n;
     outcome := n || ' rows';
   EXCEPTION WHEN program_limit_exceeded THEN
     outcome := '54000: ' || SQLERRM;
