@@ -133,13 +133,15 @@ extern Numeric BdRollover(Numeric balance, Numeric min, Numeric max);
  * limits, with a cheap lower-bound estimate up front (a hopeless call fails
  * at once) and a hard count as it runs (nothing runs long); all are errors
  * 54000.  The limits were measured on a 2-core machine so that the slowest
- * accepted call takes about 2-3 seconds.
+ * accepted call takes about 2 seconds.
  */
 /* instants the engine stops at (README: "more than 1,000,000 instants") */
 #define BD_MAX_CUTS 1000000
-/* steps: one grant (or the state) at one stop, ~60 ns each: 30M is ~2 s */
-#define BD_MAX_WORK INT64CONST(30000000)
-/* a numeric this many bytes long costs one more step per operation (measured: a 64 KB overage, ~200 us a cut) */
+/* steps: one grant (or the state) at one stop, 30-60 ns each (measured): 50M is at most ~2 s */
+#define BD_MAX_WORK INT64CONST(50000000)
+/* the snapshot writer (refresh_rollups, not for readers) may replay 10x more, so that readers can start from its snapshots */
+#define BD_MAX_WRITER_WORK (10 * BD_MAX_WORK)
+/* a numeric this many bytes long costs one more step (measured: a 64 KB overage costs ~130 us a cut) */
 #define BD_NUMERIC_UNIT 64
 /* rows of burndown_history (segments) and balance_history (windows): a reply, not a dump */
 #define BD_MAX_ROWS 100000

@@ -1518,7 +1518,7 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		/* too long a history to replay: no snapshot (queries say why) */
 		CHECK_FOR_INTERRUPTS();
 		budget.work += BdStopCost(&e);
-		if (++budget.cuts > BD_MAX_CUTS || budget.work > BD_MAX_WORK)
+		if (++budget.cuts > BD_MAX_CUTS || budget.work > BD_MAX_WRITER_WORK)
 		{
 			MemoryContextSwitchTo(outer);
 			return false;
@@ -1531,7 +1531,7 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	if (x == e.plan->measure_from || (from_snapshot && x <= snap.at))
 		return false;
 
-	/* the writer: bounded by the loop above (its usage may cost more steps than a reader may take) */
+	/* the writer: bounded by the loop above, not by a reader's budget */
 	Evaluate(&ent, &e, x, x, NULL, 0, NULL, true);
 	{
 		Oid			itypes[8] = {UUIDOID, TIMESTAMPTZOID, NUMERICOID, NUMERICOID, NUMERICOID,
