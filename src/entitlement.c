@@ -691,12 +691,6 @@ StartFromSnapshot(BdEngine *e, Entitlement *ent, EntSnapshot *snap)
 
 /* ---- evaluation ---- */
 
-/*
- * Runs the engine of a metered entitlement up to `to`, from the latest
- * usable snapshot at or before `start` (or from the beginning), stopping at
- * every cut and at the `obs` instants; `to` must not be before
- * measure_usage_from.  The observer sees every stop.
- */
 static void
 KeepObserver(void *arg)
 {
@@ -707,10 +701,16 @@ KeepObserver(void *arg)
 }
 
 /*
+ * Runs the engine of a metered entitlement up to `to`, from the latest
+ * usable snapshot at or before `start` (or from the beginning), stopping at
+ * every cut and at the `obs` instants; `to` must not be before
+ * measure_usage_from.  The observer sees every stop.
+ *
  * The engine's state and arithmetic live in an arena (BdArena), so that the
- * memory does not grow with the cuts; the work is counted against the
- * limits of burndown.h, estimated first.  The state the engine ends in is
- * valid until the caller's memory context goes.
+ * memory does not grow with the cuts; the state it ends in is valid until
+ * the caller's memory context goes.  The work is counted against the limits
+ * of burndown.h (into the observer's budget), estimated first; the snapshot
+ * writer, which bounds its own replay, is not held to a reader's budget.
  */
 static void
 Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
