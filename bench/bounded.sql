@@ -30,6 +30,12 @@ SELECT metering.create_grant(:'hourly', 100, '2024-06-01') IS NOT NULL AS g \gse
 SELECT count(metering.create_grant(:'grants', 5, '2024-06-01', recurrence => '1 hour',
                                    recurrence_anchor => timestamptz '2024-06-01' + n * interval '7 seconds')) AS g
   FROM generate_series(0, 399) n \gset
+-- near the limits: 60 hourly grants on the 60 minute grids (anchors are kept to the minute)
+SELECT metering.create_feature('m', 'Minutes', 'u') IS NOT NULL AS feature \gset
+SELECT metering.create_entitlement('acme', 'm', usage_period => '1000 years', usage_period_anchor => '2024-06-01') AS minutes \gset
+SELECT count(metering.create_grant(:'minutes', 5, '2024-06-01', recurrence => '1 hour',
+                                   recurrence_anchor => timestamptz '2024-06-01' + n * interval '1 minute')) AS g
+  FROM generate_series(0, 59) n \gset
 
 CREATE TEMP TABLE timings (input text, seconds numeric, outcome text);
 CREATE FUNCTION pg_temp.timed(input text, q text) RETURNS void LANGUAGE plpgsql AS $$
@@ -70,6 +76,23 @@ SELECT pg_temp.timed('aggregate 400 hourly grants (distinct anchors), 100 days',
       FROM (VALUES (timestamptz '2024-06-01 00:30+00')) v(t)$$);
 SELECT pg_temp.timed('entitlement_value 400 hourly grants, 100 days',
   format($$SELECT * FROM metering.entitlement_value('acme', 'g', '2024-09-09')$$));
+-- the slowest accepted: just inside 50,000,000 steps
+SELECT pg_temp.timed('near the limit: aggregate 100 grants on distinct grids, 194 days',
+  $$SELECT metering.burndown(t, 1, (SELECT jsonb_agg(jsonb_build_object('amount', 5, 'effective_at', '2024-06-01T00:00:00Z',
+            'recurrence', '1 hour', 'recurrence_anchor', to_char(timestamptz '2024-06-01' + n * interval '7 seconds', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')))
+            FROM generate_series(0, 99) n), '2024-12-12')
+      FROM (VALUES (timestamptz '2024-06-01 00:30+00')) v(t)$$);
+SELECT pg_temp.timed('near the limit: aggregate 1e131071 overage, hourly refill, 530 days',
+  $$SELECT metering.burndown(t, 1e131071, '[{"amount": 5, "effective_at": "2024-06-01T00:00:00Z", "recurrence": "1 hour"}]', timestamptz '2024-06-01' + interval '530 days')
+      FROM (VALUES (timestamptz '2024-06-01 00:30+00')) v(t)$$);
+SELECT pg_temp.timed('near the limit: entitlement_value 60 minute grids, 264 days',
+  format($$SELECT * FROM metering.entitlement_value('acme', 'm', '2025-02-20')$$));
+SELECT pg_temp.timed('near the limit: balance_history 60 minute grids, 6,096 HOUR windows',
+  format($$SELECT * FROM metering.balance_history(%L, '2024-06-01', '2025-02-10', 'HOUR')$$, :'minutes'));
+SELECT pg_temp.timed('near the limit: burndown_history 60 minute grids, 22 days',
+  format($$SELECT * FROM metering.burndown_history(%L, '2024-06-01', '2024-06-23')$$, :'minutes'));
+SELECT pg_temp.timed('near the limit: balance_history 99,000 HOUR windows',
+  format($$SELECT * FROM metering.balance_history(%L, '2024-06-01', timestamptz '2024-06-01' + interval '99000 hours', 'HOUR')$$, :'hourly'));
 
 SELECT input, round(seconds, 3) AS seconds,
        round(seconds / nullif((SELECT seconds FROM timings WHERE input LIKE 'baseline%'), 0)) AS ratio, outcome
