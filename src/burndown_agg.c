@@ -37,7 +37,8 @@ typedef struct BurndownState
 	TimestampTz until;			/* rows at or after it are ignored */
 	TimestampTz last;			/* the latest row */
 	TimestampTz next_cut;
-	int64		cuts;			/* instants stopped at so far (BdCountCut) */
+	BdBudget	budget;			/* cuts and steps so far (BdCountCut) */
+	BdArena		arena;			/* the engine's state and arithmetic */
 	/* the usage of the current phase: an int64 part and a numeric part */
 	int64		int_acc;
 	Numeric		num_acc;		/* in the aggregate context, or NULL */
@@ -241,12 +242,14 @@ ResetPhase(BurndownState *st)
 static void
 CloseTo(BurndownState *st, TimestampTz to, bool cut)
 {
-	MemoryContext old = MemoryContextSwitchTo(st->cxt);
+	MemoryContext old = MemoryContextSwitchTo(st->arena.cxt);
 
 	BdPhase(&st->engine, PhaseUsage(st), to);
 	if (cut)
 		BdApplyCut(&st->engine, NULL);
 	ResetPhase(st);
+	/* the phase's garbage goes; the state survives (memory does not grow with cuts) */
+	BdArenaKeep(&st->arena, &st->engine, NULL, NULL);
 	MemoryContextSwitchTo(old);
 }
 
@@ -266,11 +269,17 @@ Accumulate(BurndownState *st, Numeric amount)
 	 */
 	if (DatumGetInt32(DirectFunctionCall1(numeric_scale, NumericGetDatum(amount))) == 0)
 	{
+		int64		sum;
+
 		i = numeric_int4_opt_error(amount, &error);
 		if (!error && i < 0)
 			return;
-		if (!error && !pg_add_s64_overflow(st->int_acc, (int64) i, &st->int_acc))
+		/* on overflow the accumulator stays as it was and the amount goes to num_acc */
+		if (!error && !pg_add_s64_overflow(st->int_acc, (int64) i, &sum))
+		{
+			st->int_acc = sum;
 			return;
+		}
 	}
 	if (BdCmp(amount, st->engine.zero) < 0)
 		return;
@@ -327,6 +336,7 @@ metering_burndown_trans(PG_FUNCTION_ARGS)
 		st->plan.measure_from = start;
 		st->plan.anchor = start;
 		BdInit(&st->engine, &st->plan, st->grants, st->ngrants);
+		BdArenaInit(&st->arena, aggcxt);
 		st->next_cut = BdNextCut(&st->engine);
 		st->started = true;
 		st->last = at;
@@ -338,11 +348,17 @@ metering_burndown_trans(PG_FUNCTION_ARGS)
 				 errmsg("burndown usage must come in time order"),
 				 errhint("Give it rows in time order: FROM (SELECT ... ORDER BY time) s, or metering.burndown(time, amount, grants ORDER BY time).")));
 	st->last = at;
-	while (st->next_cut <= at)
+	for (bool checked = false; st->next_cut <= at;)
 	{
-		BdCountCut(&st->cuts);
+		BdCountCut(&st->engine, &st->budget);
 		CloseTo(st, st->next_cut, true);
 		st->next_cut = BdNextCut(&st->engine);
+		/* more than one cut before this row: refuse a hopeless gap at once */
+		if (st->next_cut <= at && !checked)
+		{
+			BdCheckCuts(&st->engine, at, &st->budget, 1, 0);
+			checked = true;
+		}
 	}
 	Accumulate(st, PG_GETARG_NUMERIC(2));
 	PG_RETURN_POINTER(st);
@@ -357,7 +373,10 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 	StringInfoData buf;
 	BdEngine	e;
 	BdGrant    *grants;
-	int64		cuts = st ? st->cuts : 0;
+	BdBudget	budget;
+	BdArena		arena;
+	MemoryContext caller = CurrentMemoryContext;
+	Datum		result;
 
 	if (st == NULL || !st->started)
 		PG_RETURN_NULL();
@@ -366,6 +385,9 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 	grants = palloc(sizeof(BdGrant) * Max(st->ngrants, 1));
 	memcpy(grants, st->grants, sizeof(BdGrant) * st->ngrants);
 	e.grants = grants;
+	budget = st->budget;
+	BdArenaInit(&arena, caller);
+	MemoryContextSwitchTo(arena.cxt);
 	if (st->until == DT_NOEND)
 		BdPhase(&e, PhaseUsage(st), Max(e.state.at, st->last));
 	else
@@ -373,15 +395,17 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 		/* every row is before both the next cut and `until` */
 		BdPhase(&e, PhaseUsage(st), Min(st->until, st->next_cut));
 		BdApplyCut(&e, NULL);
+		BdCheckCuts(&e, st->until, &budget, 1, 0);
 		for (;;)
 		{
 			TimestampTz c = BdNextCut(&e);
 
 			if (c > st->until)
 				break;
-			BdCountCut(&cuts);
+			BdCountCut(&e, &budget);
 			BdPhase(&e, e.zero, c);
 			BdApplyCut(&e, NULL);
+			BdArenaKeep(&arena, &e, NULL, NULL);
 		}
 		if (e.state.at < st->until)
 			BdPhase(&e, e.zero, st->until);
@@ -398,5 +422,8 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 	appendStringInfo(&buf, "}, \"overage\": %s, \"usage\": %s}",
 					 DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(e.state.overage))),
 					 DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(e.state.usage))));
-	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	MemoryContextSwitchTo(caller);
+	result = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
+	MemoryContextDelete(arena.cxt);
+	PG_RETURN_DATUM(result);
 }

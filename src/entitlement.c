@@ -19,6 +19,8 @@
  */
 #include "postgres.h"
 
+#include <math.h>
+
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -88,6 +90,10 @@ struct Observer
 	void		(*before_cut) (Observer *o, BdEngine *e, Numeric phase_usage);
 	/* after the cut at `at` */
 	void		(*after_cut) (Observer *o, BdEngine *e, BdCut *cut);
+	/* copies what it holds of the engine's memory into the current context (BdArenaKeep) */
+	void		(*keep) (Observer *o);
+	/* the evaluation's budget (Evaluate counts into it) */
+	BdBudget   *budget;
 };
 
 static bool
@@ -685,16 +691,33 @@ StartFromSnapshot(BdEngine *e, Entitlement *ent, EntSnapshot *snap)
 
 /* ---- evaluation ---- */
 
+static void
+KeepObserver(void *arg)
+{
+	Observer   *o = (Observer *) arg;
+
+	if (o && o->keep)
+		o->keep(o);
+}
+
 /*
  * Runs the engine of a metered entitlement up to `to`, from the latest
  * usable snapshot at or before `start` (or from the beginning), stopping at
  * every cut and at the `obs` instants; `to` must not be before
  * measure_usage_from.  The observer sees every stop.
+ *
+ * The engine's state and arithmetic live in an arena (BdArena), so that the
+ * memory does not grow with the cuts; the state it ends in is valid until
+ * the caller's memory context goes.  The work is counted against the limits
+ * of burndown.h (into the observer's budget), estimated first; the snapshot
+ * writer, which bounds its own replay, is not held to a reader's budget.
  */
 static void
 Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
-		 TimestampTz *obs, int nobs, Observer *observer)
+		 TimestampTz *obs, int nobs, Observer *observer, bool writer)
 {
+	BdBudget	own = {0};
+	BdBudget   *budget = observer ? observer->budget : &own;
 	UsageList	tail = {0};
 	UsageList	usage = {0};
 	TimestampTz earliest_tail = DT_NOEND;
@@ -705,8 +728,11 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 				cap;
 	TimestampTz begin;
 	int			next = 0;
-	int64		cuts = 0;
+	BdArena		arena;
+	MemoryContext outer = CurrentMemoryContext;
 
+	if (writer)
+		budget->work = PG_INT64_MIN / 2;
 	/* the tail: events not rolled up yet */
 	ReadPoints(OpenUsage(ent, 0, ent->plan.measure_from, to, NULL), &tail,
 			   ent->plan.measure_from, to, &earliest_tail);
@@ -720,16 +746,18 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 	begin = e->state.at;
 
 	/* where the engine stops: the cuts (a dry run), the observations, `to` */
-	BdCheckCuts(e, to);
+	BdCheckCuts(e, to, budget, 2, nobs);
 	cap = 64 + nobs;
 	stops = palloc(sizeof(TimestampTz) * cap);
+	BdArenaInit(&arena, outer);
+	MemoryContextSwitchTo(arena.cxt);
 	for (;;)
 	{
 		TimestampTz c = BdNextCut(e);
 
 		if (c > to)
 			break;
-		BdCountCut(&cuts);
+		BdCountCut(e, budget);
 		BdAdvance(e, e->zero, c, NULL);
 		if (nstops == cap)
 		{
@@ -737,7 +765,9 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 			stops = repalloc_huge(stops, sizeof(TimestampTz) * cap);
 		}
 		stops[nstops++] = c;
+		BdArenaKeep(&arena, e, NULL, NULL);
 	}
+	MemoryContextSwitchTo(outer);
 	if (nstops + nobs + 1 > cap)
 		stops = repalloc_huge(stops, sizeof(TimestampTz) * (nstops + nobs + 1));
 	for (int i = 0; i < nobs; i++)
@@ -754,9 +784,12 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 				stops[u++] = stops[i];
 		nstops = u;
 	}
+	/* the real run stops at each of them (the dry run's state is as cheap as the real one's start) */
+	BdCheckWork(budget, (double) nstops * BdStopCost(e));
 
 	/* the usage between the stops, then the real run */
 	ReadUsage(ent, begin, to, stops, nstops, &tail, &usage);
+	MemoryContextSwitchTo(arena.cxt);
 	if (from_snapshot)
 		StartFromSnapshot(e, ent, &snap);
 	else
@@ -768,7 +801,7 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 		Numeric		phase = e->zero;
 		BdCut		cut;
 
-		CHECK_FOR_INTERRUPTS();
+		BdCountStop(e, budget);
 		while (next < usage.n && usage.points[next].time < stops[i])
 			phase = BdAdd(phase, usage.points[next++].amount);
 		BdPhase(e, phase, stops[i]);
@@ -777,7 +810,9 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 		BdApplyCut(e, &cut);
 		if (observer && observer->after_cut)
 			observer->after_cut(observer, e, &cut);
+		BdArenaKeep(&arena, e, KeepObserver, observer);
 	}
+	MemoryContextSwitchTo(outer);
 }
 
 /* ---- SQL functions ---- */
@@ -883,7 +918,7 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 			BdEngine	e;
 			Numeric		balance;
 
-			Evaluate(&ent, &e, at, at, NULL, 0, NULL);
+			Evaluate(&ent, &e, at, at, NULL, 0, NULL, false);
 			balance = BdBalance(&e);
 			values[0] = BoolGetDatum(ent.soft_limit || BdCmp(balance, e.zero) > 0);
 			values[1] = NumericGetDatum(balance);
@@ -935,7 +970,7 @@ metering_grant_balances(PG_FUNCTION_ARGS)
 	LoadMetered(&ent, id);
 	if (EntActive(&ent, at))
 	{
-		Evaluate(&ent, &e, at, at, NULL, 0, NULL);
+		Evaluate(&ent, &e, at, at, NULL, 0, NULL, false);
 		for (int i = 0; i < e.ngrants; i++)
 		{
 			Datum		values[2];
@@ -990,12 +1025,22 @@ typedef struct HistoryObserver
 	Numeric		overage_at_start;
 	Datum		balances_at_start;
 	Numeric		usage;
-	Numeric    *used_at_start;
+	Numeric    *used_at_start;	/* of ngrants */
+	int			ngrants;
+	int64		rows;
 } HistoryObserver;
+
+/* The steps of one GrantsJson */
+static void
+CountJson(HistoryObserver *h, BdEngine *e)
+{
+	BdCountWork(h->base.budget, (int64) (e->ngrants + 1) * BD_ROW_GRANT_WORK);
+}
 
 static void
 OpenSegment(HistoryObserver *h, BdEngine *e)
 {
+	CountJson(h, e);
 	h->open = true;
 	h->seg_start = e->state.at;
 	h->balance_at_start = BdBalance(e);
@@ -1003,6 +1048,7 @@ OpenSegment(HistoryObserver *h, BdEngine *e)
 	h->balances_at_start = GrantsJson(e, NULL, false);
 	h->usage = e->zero;
 	h->used_at_start = palloc(sizeof(Numeric) * Max(e->ngrants, 1));
+	h->ngrants = e->ngrants;
 	for (int i = 0; i < e->ngrants; i++)
 		h->used_at_start[i] = e->grants[i].used;
 }
@@ -1016,6 +1062,7 @@ EmitSegment(HistoryObserver *h, TimestampTz end, Numeric balance_at_start, Numer
 	Datum		terms[3];
 	int			nterms = 0;
 
+	BdCheckRows(++h->rows, "burndown history");
 	memset(nulls, 0, sizeof(nulls));
 	if (reasons & BD_END_PRIORITY)
 		terms[nterms++] = CStringGetTextDatum("priority_change");
@@ -1040,6 +1087,7 @@ UsedSince(HistoryObserver *h, BdEngine *e)
 {
 	Numeric    *d = palloc(sizeof(Numeric) * Max(e->ngrants, 1));
 
+	CountJson(h, e);
 	for (int i = 0; i < e->ngrants; i++)
 		d[i] = BdSub(e->grants[i].used, h->used_at_start[i]);
 	return GrantsJson(e, d, true);
@@ -1083,6 +1131,8 @@ HistoryAfterCut(Observer *o, BdEngine *e, BdCut *cut)
 			Datum		balances;
 
 			/* the balances after rollover, as the segment's opening */
+			CountJson(h, e);
+			CountJson(h, e);
 			memcpy(saved, e->grants, sizeof(BdGrant) * e->ngrants);
 			for (int i = 0; i < e->ngrants; i++)
 				e->grants[i].balance = cut->balances_after_rollover[i];
@@ -1094,6 +1144,25 @@ HistoryAfterCut(Observer *o, BdEngine *e, BdCut *cut)
 		}
 	}
 	OpenSegment(h, e);
+}
+
+/* What a segment being collected holds of the engine's memory */
+static void
+HistoryKeep(Observer *o)
+{
+	HistoryObserver *h = (HistoryObserver *) o;
+	Numeric    *used;
+
+	if (!h->open)
+		return;
+	h->balance_at_start = DatumGetNumericCopy(NumericGetDatum(h->balance_at_start));
+	h->overage_at_start = DatumGetNumericCopy(NumericGetDatum(h->overage_at_start));
+	h->usage = DatumGetNumericCopy(NumericGetDatum(h->usage));
+	h->balances_at_start = datumCopy(h->balances_at_start, false, -1);
+	used = palloc(sizeof(Numeric) * Max(h->ngrants, 1));
+	for (int i = 0; i < h->ngrants; i++)
+		used[i] = DatumGetNumericCopy(NumericGetDatum(h->used_at_start[i]));
+	h->used_at_start = used;
 }
 
 static void
@@ -1119,6 +1188,7 @@ metering_burndown_history(PG_FUNCTION_ARGS)
 	Entitlement ent;
 	BdEngine	e;
 	HistoryObserver h;
+	BdBudget	budget = {0};
 	TimestampTz from,
 				to;
 
@@ -1135,12 +1205,22 @@ metering_burndown_history(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("from_time is after to_time")));
+	/* a segment at least per cut in (from, to], each with its grants' JSON */
+	{
+		double		rows = BdEstimateCuts(&ent.plan, ent.grants, ent.ngrants, from, to);
+		BdBudget	b = {0};
+
+		BdCheckRows(rows, "burndown history");
+		BdCheckWork(&b, rows * 2 * (ent.ngrants + 1) * BD_ROW_GRANT_WORK);
+	}
 	memset(&h, 0, sizeof(h));
 	h.base.before_cut = HistoryBeforeCut;
 	h.base.after_cut = HistoryAfterCut;
+	h.base.keep = HistoryKeep;
+	h.base.budget = &budget;
 	h.rsinfo = rsinfo;
 	h.from = from;
-	Evaluate(&ent, &e, from, to, &from, 1, &h.base);
+	Evaluate(&ent, &e, from, to, &from, 1, &h.base, false);
 	if (h.open && to > h.seg_start)
 		EmitSegment(&h, to, h.balance_at_start, h.overage_at_start, h.balances_at_start,
 					h.usage, e.state.overage, UsedSince(&h, &e), 0);
@@ -1168,6 +1248,9 @@ Windows(text *unit, text *zone, TimestampTz from, TimestampTz to, int *n)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("window_size must be HOUR or DAY, not \"%s\"", u)));
+	/* at least one window per 90 minutes or 25 hours */
+	BdCheckRows(floor(((double) to - (double) from) / (strcmp(u, "hour") == 0 ? 90 * USECS_PER_MINUTE : 25 * USECS_PER_HOUR)),
+				"balance history");
 	w = palloc(sizeof(TimestampTz) * cap);
 	*n = 0;
 	t = from;
@@ -1176,7 +1259,8 @@ Windows(text *unit, text *zone, TimestampTz from, TimestampTz to, int *n)
 		TimestampTz base,
 					next;
 
-		BdCountCut(&count);
+		CHECK_FOR_INTERRUPTS();
+		BdCheckRows(++count, "balance history");
 		if (*n == cap)
 		{
 			cap *= 2;
@@ -1206,7 +1290,18 @@ typedef struct WindowObserver
 	Numeric    *overage;		/* at each start, and at `to` */
 	int			cur;			/* the window the engine is in, -1 before */
 	TimestampTz to;
+	MemoryContext cxt;			/* of the arrays: the finished windows' numbers */
 } WindowObserver;
+
+/* The current window's usage is the only number it holds of the engine's memory */
+static void
+WindowKeep(Observer *o)
+{
+	WindowObserver *w = (WindowObserver *) o;
+
+	if (w->cur >= 0)
+		w->usage[w->cur] = DatumGetNumericCopy(NumericGetDatum(w->usage[w->cur]));
+}
 
 static void
 WindowBeforeCut(Observer *o, BdEngine *e, Numeric phase_usage)
@@ -1225,12 +1320,23 @@ WindowAfterCut(Observer *o, BdEngine *e, BdCut *cut)
 
 	if (w->cur + 1 < w->n && w->starts[w->cur + 1] == at)
 	{
+		Numeric		balance = BdBalance(e);
+		MemoryContext old = MemoryContextSwitchTo(w->cxt);
+
+		if (w->cur >= 0)
+			w->usage[w->cur] = DatumGetNumericCopy(NumericGetDatum(w->usage[w->cur]));
 		w->cur++;
-		w->balance[w->cur] = BdBalance(e);
-		w->overage[w->cur] = e->state.overage;
+		w->balance[w->cur] = DatumGetNumericCopy(NumericGetDatum(balance));
+		w->overage[w->cur] = DatumGetNumericCopy(NumericGetDatum(e->state.overage));
+		MemoryContextSwitchTo(old);
 	}
 	if (at == w->to)
-		w->overage[w->n] = e->state.overage;
+	{
+		MemoryContext old = MemoryContextSwitchTo(w->cxt);
+
+		w->overage[w->n] = DatumGetNumericCopy(NumericGetDatum(e->state.overage));
+		MemoryContextSwitchTo(old);
+	}
 }
 
 /* metering.balance_history(entitlement, from_time, to_time, window_size, window_time_zone) */
@@ -1243,6 +1349,7 @@ metering_balance_history(PG_FUNCTION_ARGS)
 	Entitlement ent;
 	BdEngine	e;
 	WindowObserver w;
+	BdBudget	budget = {0};
 	TimestampTz from,
 				to;
 	text	   *unit;
@@ -1270,6 +1377,9 @@ metering_balance_history(PG_FUNCTION_ARGS)
 	memset(&w, 0, sizeof(w));
 	w.base.before_cut = WindowBeforeCut;
 	w.base.after_cut = WindowAfterCut;
+	w.base.keep = WindowKeep;
+	w.base.budget = &budget;
+	w.cxt = CurrentMemoryContext;
 	w.starts = Windows(unit, zone, from, to, &w.n);
 	w.usage = palloc(sizeof(Numeric) * (w.n + 1));
 	w.balance = palloc(sizeof(Numeric) * (w.n + 1));
@@ -1278,7 +1388,7 @@ metering_balance_history(PG_FUNCTION_ARGS)
 		w.usage[i] = w.balance[i] = w.overage[i] = int64_to_numeric(0);
 	w.cur = -1;
 	w.to = to;
-	Evaluate(&ent, &e, from, to, w.starts, w.n, &w.base);
+	Evaluate(&ent, &e, from, to, w.starts, w.n, &w.base, false);
 	/* the engine started exactly at the first window when that is its start */
 	for (int i = 0; i < w.n; i++)
 	{
@@ -1382,7 +1492,9 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	EntSnapshot snap;
 	bool		from_snapshot = false;
 	TimestampTz x;
-	int64		cuts = 0;
+	BdBudget	budget = {0};
+	BdArena		arena;
+	MemoryContext outer = CurrentMemoryContext;
 	int			ret;
 
 	if (!LoadEntitlement(&ent, id, CurrentMemoryContext, true) || ent.type != 'm' ||
@@ -1395,6 +1507,8 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	if (!from_snapshot)
 		BdInit(&e, &ent.plan, ent.grants, ent.ngrants);
 	x = e.state.at;
+	BdArenaInit(&arena, outer);
+	MemoryContextSwitchTo(arena.cxt);
 	for (;;)
 	{
 		TimestampTz c = BdNextCut(&e);
@@ -1403,15 +1517,22 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 			break;
 		/* too long a history to replay: no snapshot (queries say why) */
 		CHECK_FOR_INTERRUPTS();
-		if (++cuts > BD_MAX_CUTS)
+		budget.work += BdStopCost(&e);
+		if (++budget.cuts > BD_MAX_CUTS || budget.work > BD_MAX_WRITER_WORK)
+		{
+			MemoryContextSwitchTo(outer);
 			return false;
+		}
 		BdAdvance(&e, e.zero, c, NULL);
+		BdArenaKeep(&arena, &e, NULL, NULL);
 		x = c;
 	}
+	MemoryContextSwitchTo(outer);
 	if (x == e.plan->measure_from || (from_snapshot && x <= snap.at))
 		return false;
 
-	Evaluate(&ent, &e, x, x, NULL, 0, NULL);
+	/* the writer: bounded by the loop above, not by a reader's budget */
+	Evaluate(&ent, &e, x, x, NULL, 0, NULL, true);
 	{
 		Oid			itypes[8] = {UUIDOID, TIMESTAMPTZOID, NUMERICOID, NUMERICOID, NUMERICOID,
 		UUIDARRAYOID, NUMERICARRAYOID, INT8OID};
