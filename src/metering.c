@@ -295,6 +295,8 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
+	MeteringWorkerInit();
+
 	MarkGUCPrefixReserved("metering");
 }
 

@@ -39,4 +39,7 @@ extern void MeteringRandomBytes(void *buf, size_t len);
 extern void MeteringErrorIfChangedSinceSnapshot(const char *sql, int nargs, Oid *types, Datum *args,
 												const char *what);
 
+/* The refresh_interval setting and, when preloaded, the background refresh (worker.c). */
+extern void MeteringWorkerInit(void);
+
 #endif

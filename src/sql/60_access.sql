@@ -197,7 +197,7 @@ BEGIN
   -- registrations and the secret only change through owner-run functions.
   FOR t IN SELECT c.oid::regclass AS rel, c.relname FROM pg_catalog.pg_class c
             WHERE c.relnamespace = 'metering'::regnamespace AND c.relkind IN ('r', 'p')
-              AND c.relname <> ALL (ARRAY['meter_rollups', 'meter_rollup_state', 'usage_periods',
+              AND c.relname <> ALL (ARRAY['meter_rollups', 'meter_rollup_state', 'usage_periods', 'refresh_rounds',
                                           'entitlement_snapshots', 'entitlement_snapshot_queue',
                                           'usage_records', 'registrations', 'signing_keys', 'events']) LOOP
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO metering_admin', t.rel);
