@@ -67,6 +67,16 @@ COMMENT ON COLUMN metering.prices.deleted_at IS 'when it was deleted: periods th
 COMMENT ON COLUMN metering.prices.deleted_by IS 'who deleted it';
 SELECT pg_catalog.pg_extension_config_dump('metering.prices', '');
 
+-- row security as on the other tables that name a subject: a role sees the
+-- general prices and those of its subjects (admins see all)
+ALTER TABLE metering.prices ENABLE ROW LEVEL SECURITY;
+CREATE POLICY prices_by_subject ON metering.prices
+  USING (subject IS NULL OR (SELECT metering._visible_subjects(current_user)) IS NULL
+         OR subject = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[])))
+  WITH CHECK (true);
+COMMENT ON POLICY prices_by_subject ON metering.prices IS
+  'a role sees the general prices and those of its subjects and their children (metering.subject_access); admins see all';
+
 -- the engine (src/price.c, src/price_fn.c)
 CREATE FUNCTION metering._price_check(price metering.prices) RETURNS void
   AS 'MODULE_PATHNAME', 'metering_price_check'
