@@ -5,7 +5,7 @@
 -- price_usage over random events, from rollups and from raw events, against
 -- the oracle fed with the events themselves.
 BEGIN;
-SELECT plan(9);
+SELECT plan(11);
 SELECT setseed(0.12);
 SET LOCAL timezone = 'UTC';
 SET LOCAL metering.now = '2024-01-01 00:00:00+00';
@@ -133,13 +133,13 @@ CREATE TEMP TABLE ingested_2 AS SELECT count(*) FROM (SELECT metering.ingest(jso
          'subject', c.m || c.c, 'type', 'o', 'time', to_char(timestamptz '2024-01-01' + (random() * 45) * interval '1 day', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
          'data', jsonb_build_object('n', floor(random() * 100), 'k', CASE WHEN random() < 0.5 THEN 'a' ELSE 'b' END)))
   FROM cases c, generate_series(1, floor(random() * 20)::integer) i WHERE c.c <= 15) e;
-CREATE FUNCTION pg_temp.mismatches() RETURNS bigint
+CREATE FUNCTION pg_temp.mismatches(f timestamptz DEFAULT '2024-01-01', t timestamptz DEFAULT '2024-02-01') RETURNS bigint
 LANGUAGE sql AS $$
   SELECT count(*) FROM metering.prices p,
-         LATERAL (SELECT u.quantity, u.amount FROM metering.price_usage(p.subject, '2024-01-01', '2024-02-01') u
+         LATERAL (SELECT u.quantity, u.amount FROM metering.price_usage(p.subject, f, t) u
                    WHERE u.price_id = p.id AND u.model <> 'minimum') u,
          LATERAL (SELECT coalesce(sum((e.data->>'n')::numeric), 0) AS q FROM metering.events e
-                   WHERE e.subject = p.subject AND e.type = 'o' AND e.time >= '2024-01-01' AND e.time < '2024-02-01') e
+                   WHERE e.subject = p.subject AND e.type = 'o' AND e.time >= f AND e.time < t) e
    WHERE p.meter_slug = 'o' AND (u.quantity <> e.q OR u.amount <> pg_temp.oracle(p, e.q))
 $$;
 SELECT is(pg_temp.mismatches(), 0::bigint, 'price_usage from raw events agrees with the oracle');
@@ -148,6 +148,11 @@ CREATE TEMP TABLE ingested_3 AS SELECT count(*) FROM (SELECT metering.ingest(jso
          'subject', c.m || c.c, 'type', 'o', 'time', '2024-01-20T10:00:00Z', 'data', jsonb_build_object('n', 7)))
   FROM cases c WHERE c.c <= 15) e;
 SELECT is(pg_temp.mismatches(), 0::bigint, 'price_usage from rollups plus events above the watermark agrees with the oracle');
+SELECT is(pg_temp.mismatches('2024-01-03 10:17:00+00', '2024-01-20 10:30:05+00'), 0::bigint,
+          'a period that starts and ends within hours: rollups, partial hours and late events agree with the oracle');
+SELECT is((SELECT sum(pg_temp.mismatches(d + interval '10 minutes', d + interval '50 minutes'))
+             FROM generate_series(timestamptz '2024-01-01', '2024-01-31', interval '1 day 1 hour') d), 0::numeric,
+          'periods within one hour agree with the oracle');
 
 SELECT * FROM finish();
 ROLLBACK;

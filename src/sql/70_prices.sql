@@ -328,6 +328,18 @@ END $$;
 COMMENT ON FUNCTION metering._price_overage(text, text, jsonb, timestamptz, timestamptz) IS
   'internal: the usage above what the subject''s grants covered in [from_time, to_time), from the burndown of its entitlement to the meter''s feature; NULL without one';
 
+-- Whether any event was numbered after `seq`: when none was, a meter whose
+-- watermark is `seq` has no events above it and price_usage reads the
+-- rollups alone.  SECURITY DEFINER: the roles may not read the sequence;
+-- this tells them no more than how many events were numbered so far.
+CREATE FUNCTION metering._events_numbered_after(seq bigint) RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+  SELECT coalesce(pg_catalog.pg_sequence_last_value('metering.events_seq'::pg_catalog.regclass) > seq, false);
+END;
+COMMENT ON FUNCTION metering._events_numbered_after(bigint) IS
+  'internal: whether metering.events_seq has handed out a number above seq (an event may be stored above a watermark)';
+
 CREATE FUNCTION metering.price_usage(subject text, from_time timestamptz, to_time timestamptz)
   RETURNS TABLE(price_id uuid, meter text, model text, currency text, quantity numeric,
                 amount numeric, rounded numeric, details jsonb)
@@ -343,6 +355,9 @@ DECLARE
   digits integer;
   n bigint;
   nfree bigint;
+  wm bigint;
+  lo timestamptz;               -- rollups cover the whole UTC hours [lo, hi)
+  hi timestamptz;
 BEGIN
   IF subject IS NULL OR from_time IS NULL OR to_time IS NULL OR NOT isfinite(from_time) OR NOT isfinite(to_time) THEN
     RAISE EXCEPTION 'price_usage: subject, from_time and to_time are required (finite times)' USING ERRCODE = 'invalid_parameter_value';
@@ -351,6 +366,15 @@ BEGIN
     RAISE EXCEPTION 'price_usage: to_time (%) must be after from_time (%)', to_time, from_time USING ERRCODE = 'invalid_parameter_value';
   END IF;
   PERFORM metering._require_subject(subject);
+  lo := date_trunc('hour', from_time, 'UTC');
+  IF lo < from_time THEN
+    lo := lo + interval '1 hour';
+  END IF;
+  hi := date_trunc('hour', to_time, 'UTC');
+  IF lo >= hi THEN              -- within one hour: the events only
+    lo := to_time;
+    hi := to_time;
+  END IF;
   FOR p IN
     SELECT pp.* FROM metering.prices pp
      WHERE (pp.subject = price_usage.subject OR pp.subject IS NULL)
@@ -363,8 +387,8 @@ BEGIN
      ORDER BY pp.meter_slug, pp.meter_group_by_filters::text NULLS FIRST, pp.id
   LOOP
     digits := metering.currency_minor_unit(p.currency);
+    SELECT * INTO m FROM metering.meters mm WHERE mm.slug = p.meter_slug;
     IF p.model = 'percentage' THEN
-      SELECT * INTO m FROM metering.meters mm WHERE mm.slug = p.meter_slug;
       SELECT count(*), coalesce(sum(x.v), 0), count(*) FILTER (WHERE x.rn <= coalesce(p.free_events, 0)),
              coalesce(sum(metering._price_fee(p.rate, p.fixed_amount_per_event, p.min_per_event, p.max_per_event, x.v))
                         FILTER (WHERE x.rn > coalesce(p.free_events, 0)), 0)
@@ -381,8 +405,24 @@ BEGIN
                                 'min_per_event', p.min_per_event, 'max_per_event', p.max_per_event,
                                 'fees', amt, 'amount', amt);
     ELSE
-      qty := coalesce((SELECT sum(q.value) FROM metering.query_meter(p.meter_slug, from_time, to_time,
-                         subjects => ARRAY[price_usage.subject], filter_group_by => p.meter_group_by_filters) q), 0);
+      -- the meter's value over the period, as metering.query_meter reads it
+      -- (one window) but in a statement whose plan is kept: whole UTC hours
+      -- from the rollups (events up to the meter's watermark), the events
+      -- above the watermark and those of the partial hours at either end
+      wm := coalesce((SELECT s.rolled_up_to FROM metering.meter_rollup_state s WHERE s.meter = m.slug), 0);
+      qty := coalesce((SELECT CASE WHEN m.aggregation = 'COUNT' THEN sum(r.events)::numeric ELSE sum(r.sum) END
+                         FROM metering.meter_rollups r
+                        WHERE r.meter = m.slug AND r.subject = price_usage.subject AND r.bucket >= lo AND r.bucket < hi
+                          AND (p.meter_group_by_filters IS NULL OR r.groups @> p.meter_group_by_filters)), 0)
+           + CASE WHEN lo = from_time AND hi = to_time AND NOT metering._events_numbered_after(wm) THEN 0 ELSE
+             coalesce((SELECT CASE WHEN m.aggregation = 'COUNT' THEN count(*)::numeric
+                                   ELSE sum(metering._meter_number(e.data, m.value_property)) END
+                         FROM metering.events e
+                        WHERE e.type = m.event_type AND e.subject = price_usage.subject
+                          AND ((e.time >= from_time AND e.time < lo) OR (e.time >= hi AND e.time < to_time)
+                               OR (e.seq > wm AND e.time >= lo AND e.time < hi))
+                          AND (p.meter_group_by_filters IS NULL
+                               OR metering._meter_groups(e.data, m.group_by) @> p.meter_group_by_filters)), 0) END;
       IF p.bill = 'overage' THEN
         usage := qty;
         over := metering._price_overage(price_usage.subject, p.meter_slug, p.meter_group_by_filters, from_time, to_time);
