@@ -24,7 +24,7 @@ DECLARE
     '_jwt_hs256', '_random_bytes', '_rfc3339', '_usage_max_age', '_made_by_us', '_outer_role',
     'calendar_step', '_calendar_index', '_minute', '_interval_at_least', 'rollover',
     '_burndown_trans', '_burndown_final', 'rate', 'rate_explain', '_rated_total_trans',
-    '_hashmap_invalidate'];
+    '_hashmap_invalidate', '_price_fee'];
 BEGIN
   FOR f IN SELECT p.oid::regprocedure AS fn, l.lanname, p.proname, p.prosqlbody IS NOT NULL AS parsed
              FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang
