@@ -10,8 +10,6 @@
  */
 #include "postgres.h"
 
-#include <ctype.h>
-
 #include "common/int.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
@@ -25,6 +23,7 @@
 
 #include "burndown.h"
 #include "calendar.h"
+#include "metering.h"
 #include "timeparse.h"
 
 typedef struct BurndownState
@@ -90,23 +89,9 @@ static pg_uuid_t
 GrantId(const char *s, int i)
 {
 	pg_uuid_t	id;
-	int			k = 0;
 
-	for (int j = 0; s[j] != '\0'; j++)
-	{
-		if (j == 8 || j == 13 || j == 18 || j == 23)
-		{
-			if (s[j] != '-')
-				BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
-			continue;
-		}
-		if (k == 2 * UUID_LEN || !isxdigit((unsigned char) s[j]))
-			BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
-		k++;
-	}
-	if (k != 2 * UUID_LEN)
+	if (!MeteringParseUuid(s, strlen(s), &id))
 		BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
-	id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in, CStringGetDatum(s)));
 	return id;
 }
 

@@ -817,36 +817,6 @@ Evaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 
 /* ---- SQL functions ---- */
 
-static bool
-ParseUuid(text *t, pg_uuid_t *out)
-{
-	char	   *s = text_to_cstring(t);
-	int			j = 0;
-
-	for (int i = 0; s[i] && j < 32; i++)
-	{
-		char		c = s[i];
-		int			v;
-
-		if (c == '-' && (i == 8 || i == 13 || i == 18 || i == 23))
-			continue;
-		if (c >= '0' && c <= '9')
-			v = c - '0';
-		else if (c >= 'a' && c <= 'f')
-			v = c - 'a' + 10;
-		else if (c >= 'A' && c <= 'F')
-			v = c - 'A' + 10;
-		else
-			return false;
-		if (j % 2 == 0)
-			out->data[j / 2] = v << 4;
-		else
-			out->data[j / 2] |= v;
-		j++;
-	}
-	return j == 32 && strlen(s) == 36;
-}
-
 /*
  * The entitlement of (subject, feature) active at `at`; feature is a key or
  * an entitlement id.
@@ -857,7 +827,7 @@ FindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[4] = {TEXTOID, TEXTOID, UUIDOID, TIMESTAMPTZOID};
 	pg_uuid_t	id;
-	bool		is_id = ParseUuid(feature, &id);
+	bool		is_id = MeteringParseUuid(VARDATA_ANY(feature), VARSIZE_ANY_EXHDR(feature), &id);
 	Datum		args[4] = {PointerGetDatum(subject), PointerGetDatum(feature),
 	UUIDPGetDatum(&id), TimestampTzGetDatum(at)};
 	char		nulls[4] = {' ', ' ', is_id ? ' ' : 'n', ' '};

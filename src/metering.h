@@ -21,6 +21,12 @@ extern TimestampTz MeteringNow(void);
 struct pg_uuid_t;
 extern void MeteringUuidV7(struct pg_uuid_t *out);
 
+/*
+ * A uuid in exactly the canonical 8-4-4-4-12 hex spelling (either case);
+ * false otherwise, so that callers raise errors naming their own field.
+ */
+extern bool MeteringParseUuid(const char *s, int len, struct pg_uuid_t *out);
+
 /* The installed SQL's version (0.2.0 is 200), 0 when not installed. */
 extern int	MeteringInstalledVersion(void);
 
