@@ -113,10 +113,8 @@ static TimestampTz
 NowOr(FunctionCallInfo fcinfo, int arg, const char *name)
 {
 	TimestampTz t = PG_ARGISNULL(arg) ? MeteringNow() : PG_GETARG_TIMESTAMPTZ(arg);
-	TimestampTz lo = (TimestampTz) (date2j(1, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
-	TimestampTz hi = (TimestampTz) (date2j(10000, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
 
-	if (TIMESTAMP_NOT_FINITE(t) || t < lo || t >= hi)
+	if (!MeteringTimeInRange(t))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must be a finite time in the years 1 to 9999", name)));

@@ -30,6 +30,7 @@
 #include "utils/rel.h"
 #include "utils/timestamp.h"
 
+#include "calendar.h"
 #include "metering.h"
 
 PG_MODULE_MAGIC;
@@ -103,8 +104,7 @@ ParseClockValue(const char *str, TimestampTz *result)
 			tm2timestamp(&tt, fsec, &tz, result) == 0 &&
 			IS_VALID_TIMESTAMP(*result) &&
 			/* years 1 to 9999 in UTC (the canonical spelling has no BC) */
-			*result >= (TimestampTz) (date2j(1, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY &&
-			*result < (TimestampTz) (date2j(10000, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
+			MeteringTimeInRange(*result);
 	}
 	PG_CATCH();
 	{
