@@ -1,5 +1,5 @@
 /*
- * refresh.h: a refresh of the rollups, in steps (rollup.c).
+ * refresh.h: a refresh of the rollups, in steps (refresh.c).
  *
  * metering.refresh_rollups() runs every step in the caller's transaction;
  * the background worker (worker.c) runs each step in a transaction of its
