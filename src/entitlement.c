@@ -43,6 +43,37 @@ NowOr(FunctionCallInfo fcinfo, int arg, const char *name)
 }
 
 /*
+ * The entitlement of (subject, feature) active at `at`; feature is a key or
+ * an entitlement id.
+ */
+static bool
+FindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[4] = {TEXTOID, TEXTOID, UUIDOID, TIMESTAMPTZOID};
+	pg_uuid_t	id;
+	bool		is_id = MeteringParseUuid(VARDATA_ANY(feature), VARSIZE_ANY_EXHDR(feature), &id);
+	Datum		args[4] = {PointerGetDatum(subject), PointerGetDatum(feature),
+	UUIDPGetDatum(&id), TimestampTzGetDatum(at)};
+	char		nulls[4] = {' ', ' ', is_id ? ' ' : 'n', ' '};
+	bool		isnull;
+	int			ret = SPI_execute_plan(EntPrepare(&plan,
+											   "SELECT id FROM metering.entitlements "
+											   "WHERE subject = $1 AND (feature_key = $2 OR id = $3) "
+											   "  AND CASE WHEN type = 'metered' THEN measure_usage_from ELSE created_at END <= $4 "
+											   "  AND (deleted_at IS NULL OR $4 < deleted_at) "
+											   "ORDER BY created_at DESC LIMIT 1", 4, types),
+									   args, nulls, true, 1);
+
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not look up the entitlement: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		return false;
+	*out = *DatumGetUUIDP(EntGetCol(0, 1, &isnull));
+	return true;
+}
+
+/*
  * metering.entitlement_value(subject, feature, at): has_access, balance,
  * usage, overage, total_available_grant_amount, start_of_period, config.
  */
@@ -68,7 +99,7 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 		PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
 
 	SPI_connect();
-	if (EntFindEntitlement(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), at, &id) &&
+	if (FindEntitlement(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), at, &id) &&
 		EntLoadEntitlement(&ent, &id, CurrentMemoryContext, true) && EntActive(&ent, at))
 	{
 		values[0] = BoolGetDatum(true);

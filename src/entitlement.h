@@ -83,7 +83,6 @@ extern SPIPlanPtr EntPrepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid 
 extern Datum EntGetCol(int row, int col, bool *isnull);
 extern Datum EntCopyCol(int row, int col, bool *isnull);
 extern bool EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with_grants);
-extern bool EntFindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out);
 
 /* entitlement_usage.c: which is 0 (events above the watermark), 1 (rollups), 2 (split buckets) */
 extern Portal EntOpenUsage(Entitlement *ent, int which, TimestampTz from, TimestampTz to, ArrayType *buckets);

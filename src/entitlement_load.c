@@ -1,7 +1,6 @@
 /*
  * entitlement_load.c: reading an entitlement, its feature's meter, its
- * resets and its grants, and finding the entitlement of a subject and
- * feature; with the SPI helpers the entitlement files share.
+ * resets and its grants; with the SPI helpers the entitlement files share.
  */
 #include "postgres.h"
 
@@ -160,38 +159,5 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with
 		g->created_at = DatumGetTimestampTz(EntGetCol(i, 11, &isnull));
 	}
 	MemoryContextSwitchTo(old);
-	return true;
-}
-
-/* ---- SQL functions ---- */
-
-/*
- * The entitlement of (subject, feature) active at `at`; feature is a key or
- * an entitlement id.
- */
-bool
-EntFindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
-{
-	static SPIPlanPtr plan = NULL;
-	Oid			types[4] = {TEXTOID, TEXTOID, UUIDOID, TIMESTAMPTZOID};
-	pg_uuid_t	id;
-	bool		is_id = MeteringParseUuid(VARDATA_ANY(feature), VARSIZE_ANY_EXHDR(feature), &id);
-	Datum		args[4] = {PointerGetDatum(subject), PointerGetDatum(feature),
-	UUIDPGetDatum(&id), TimestampTzGetDatum(at)};
-	char		nulls[4] = {' ', ' ', is_id ? ' ' : 'n', ' '};
-	bool		isnull;
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
-											   "SELECT id FROM metering.entitlements "
-											   "WHERE subject = $1 AND (feature_key = $2 OR id = $3) "
-											   "  AND CASE WHEN type = 'metered' THEN measure_usage_from ELSE created_at END <= $4 "
-											   "  AND (deleted_at IS NULL OR $4 < deleted_at) "
-											   "ORDER BY created_at DESC LIMIT 1", 4, types),
-									   args, nulls, true, 1);
-
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not look up the entitlement: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
-		return false;
-	*out = *DatumGetUUIDP(EntGetCol(0, 1, &isnull));
 	return true;
 }
