@@ -60,6 +60,7 @@
 #define LAUNCHER_NAP_MS 10000	/* how often the launcher looks at the databases */
 #define RETRY_AFTER_MS 60000	/* before a database whose worker exited is tried again */
 #define ROUNDS_KEPT 1000		/* rows of metering.refresh_rounds per database */
+#define STEP_LOCK_TIMEOUT "10s"	/* a meter locked longer (a long DELETE) waits for the next round */
 
 int			metering_refresh_interval = 60000;	/* ms; 0: no background refresh */
 
@@ -242,7 +243,7 @@ typedef struct Round
 typedef void (*Step) (Round *r, void *arg);
 
 static bool
-RunStep(Round *r, Oid owner, const char *what, Step step, void *arg)
+RunStep(Round *r, Oid owner, const char *what, Step step, void *arg, bool lock_timeout)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool ok = true;
@@ -256,6 +257,9 @@ RunStep(Round *r, Oid owner, const char *what, Step step, void *arg)
 		Oid			saved_user;
 		int			saved_sec;
 
+		if (lock_timeout)
+			(void) set_config_option("lock_timeout", STEP_LOCK_TIMEOUT, PGC_SUSET, PGC_S_SESSION,
+									 GUC_ACTION_LOCAL, true, 0, false);
 		GetUserIdAndSecContext(&saved_user, &saved_sec);
 		SetUserIdAndSecContext(owner, saved_sec | SECURITY_LOCAL_USERID_CHANGE);
 		SPI_connect();
@@ -358,18 +362,18 @@ RunRound(Oid owner)
 	memset(&r, 0, sizeof(r));
 	r.started = GetCurrentTimestamp();
 	round_meters = NIL;
-	if (RunStep(&r, owner, "metering refresh: begin", StepBegin, NULL))
+	if (RunStep(&r, owner, "metering refresh: begin", StepBegin, NULL, false))
 	{
 		foreach(lc, round_meters)
 		{
 			CHECK_FOR_INTERRUPTS();
 			r.meters++;
 			RunStep(&r, owner, psprintf("metering refresh of meter \"%s\"", (char *) lfirst(lc)),
-					StepMeter, lfirst(lc));
+					StepMeter, lfirst(lc), true);
 		}
-		RunStep(&r, owner, "metering refresh: queued snapshots", StepQueue, NULL);
+		RunStep(&r, owner, "metering refresh: queued snapshots", StepQueue, NULL, true);
 	}
-	RunStep(&r, owner, "metering refresh: record the round", StepRecord, NULL);
+	RunStep(&r, owner, "metering refresh: record the round", StepRecord, NULL, false);
 	list_free_deep(round_meters);
 	round_meters = NIL;
 	if (r.last_error)

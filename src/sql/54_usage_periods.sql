@@ -56,13 +56,16 @@ COMMENT ON FUNCTION metering._usage_period_end(text, timestamptz) IS 'internal: 
 CREATE FUNCTION metering._usage_periods_of(t timestamptz) RETURNS TABLE(kind text, start_time timestamptz, end_time timestamptz)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
-  -- truncated in UTC wall-clock time, whatever the session's zone
+  -- truncated in UTC wall-clock time, whatever the session's zone; only in
+  -- the years 1 to 9999, those of the reports (an event at 294276-12-31
+  -- has no month to end in, and must not stop the refresh)
   SELECT k.kind, k.s AT TIME ZONE 'UTC', metering._usage_period_end(k.kind, k.s AT TIME ZONE 'UTC')
     FROM (SELECT t AT TIME ZONE 'UTC' AS u) x,
          LATERAL (VALUES ('DAILY', date_trunc('day', x.u)), ('WEEKLY', date_trunc('week', x.u)),
-                         ('MONTHLY', date_trunc('month', x.u))) k(kind, s);
+                         ('MONTHLY', date_trunc('month', x.u))) k(kind, s)
+   WHERE metering._time_in_range(t);
 END;
-COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant';
+COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant (none outside the years 1 to 9999)';
 
 CREATE FUNCTION metering._usage_period_id(subject text, meter text, kind text, start_time timestamptz) RETURNS uuid
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
