@@ -10,8 +10,12 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
+
 #include "common/hashfn.h"
 #include "miscadmin.h"
+#include "utils/fmgrprotos.h"
+#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -336,6 +340,23 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 }
 
 /* Writes the snapshots of the entitlements in SPI_tuptable (ids in column 1). */
+/* Puts an entitlement in the snapshot queue (inside the caller's SPI connection). */
+static void
+QueueSnapshot(pg_uuid_t *id)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {UUIDOID};
+	Datum		args[1] = {UUIDPGetDatum(id)};
+	int			ret = SPI_execute_plan(EntPrepare(&plan,
+												  "INSERT INTO metering.entitlement_snapshot_queue "
+												  "SELECT $1 WHERE EXISTS (SELECT 1 FROM metering.entitlements WHERE id = $1) "
+												  "ON CONFLICT DO NOTHING", 1, types),
+									   args, NULL, false, 0);
+
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "could not queue the entitlement: %s", SPI_result_code_string(ret));
+}
+
 static int64
 SnapshotFound(void)
 {
@@ -343,7 +364,7 @@ SnapshotFound(void)
 	pg_uuid_t  *ids = palloc(sizeof(pg_uuid_t) * Max(n, 1));
 	MemoryContext per_entitlement;
 	MemoryContext old;
-	int64		written = 0;
+	volatile int64 written = 0;
 
 	for (int i = 0; i < n; i++)
 	{
@@ -357,13 +378,47 @@ SnapshotFound(void)
 											ALLOCSET_DEFAULT_SIZES);
 	for (int i = 0; i < n; i++)
 	{
-		/* a connection of its own, so that its query results go with it */
+		MemoryContext caller = CurrentMemoryContext;
+		ResourceOwner owner = CurrentResourceOwner;
+
+		/*
+		 * Each in a subtransaction: an entitlement whose snapshot cannot be
+		 * written (whatever the reason) is logged and queued for the next
+		 * refresh, and the others, and the rollups of the same refresh, go
+		 * on.  A connection of its own, so that its query results go with it.
+		 */
+		BeginInternalSubTransaction(NULL);
 		old = MemoryContextSwitchTo(per_entitlement);
-		SPI_connect();
-		if (SnapshotOne(&ids[i]))
-			written++;
-		SPI_finish();
-		MemoryContextSwitchTo(old);
+		PG_TRY();
+		{
+			SPI_connect();
+			if (SnapshotOne(&ids[i]))
+				written++;
+			SPI_finish();
+			ReleaseCurrentSubTransaction();
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(caller);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(caller);
+			CurrentResourceOwner = owner;
+			ereport(WARNING,
+					(errmsg("could not write the snapshot of entitlement %s: %s",
+							DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&ids[i]))),
+							edata->message),
+					 errdetail("The next refresh tries again; answers do not depend on snapshots.")));
+			FreeErrorData(edata);
+			QueueSnapshot(&ids[i]);
+		}
+		PG_END_TRY();
+		MemoryContextSwitchTo(caller);
+		CurrentResourceOwner = owner;
+		(void) old;
 		MemoryContextReset(per_entitlement);
 	}
 	MemoryContextDelete(per_entitlement);
