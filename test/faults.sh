@@ -12,7 +12,7 @@
 # is bounded: a server that does not come back fails the test, never hangs it.
 set -u
 db=metering_faults
-subjects=400                  # one metered entitlement each
+subjects=200                  # one metered entitlement each
 batch=200000                  # events in the batch that is killed
 n=1
 failed=0
@@ -55,10 +55,10 @@ wait_recovered() {  # checkpointer pid before the kill
 
 # runs SQL in a background client, waits until its backend is inside the
 # call (state active, query like the pattern, and a readiness condition),
-# gives it 0.5 s more, and kills the backend with SIGKILL; then waits for
+# gives it 0.5 s more (or the pause given), and kills the backend with SIGKILL; then waits for
 # crash recovery.  Sets $killed_inside to 1 when the backend was still in
 # the call at the kill and its client lost the connection.
-kill_mid() {  # pattern, sql, readiness (SQL boolean over the backend's pid p)
+kill_mid() {  # pattern, sql, readiness (SQL boolean over the backend's pid p), pause (0.5 s)
   checkpointer=$(q "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
   psql -X -A -t -q -v ON_ERROR_STOP=1 -d $db -c "$2" >"$tmp/client" 2>&1 &
   client=$!
@@ -73,7 +73,7 @@ kill_mid() {  # pattern, sql, readiness (SQL boolean over the backend's pid p)
     [ $i -gt 1200 ] && { kill $client; bail "no backend was inside $1 within 120 s"; }
     sleep 0.1
   done
-  sleep 0.5
+  sleep "${4:-0.5}"
   still=$(q "SELECT count(*) FROM pg_stat_activity WHERE pid = $pid AND state = 'active' AND query LIKE '%$1%'")
   kill -9 "$pid" || bail "cannot kill -9 backend $pid (run as root or as the server's user)"
   i=0
@@ -268,7 +268,7 @@ consistent "after the kill in refresh_rollups"
 q "DELETE FROM metering.entitlement_snapshots" >/dev/null
 q "VACUUM FULL metering.entitlement_snapshots" >/dev/null
 kill_mid refresh_rollups "SELECT metering.refresh_rollups()" \
-  "pg_relation_size('metering.entitlement_snapshots') > 0"
+  "pg_relation_size('metering.entitlement_snapshots') > 0" 0.2
 check "snapshot write: the backend was killed inside the call, after its first snapshot rows" "$killed_inside" 1
 check "snapshot write: no snapshot of the killed refresh is there" \
   "$(q "SELECT count(*) FROM metering.entitlement_snapshots")" 0
@@ -284,14 +284,17 @@ q "ALTER DATABASE $db SET metering.now = '2024-06-10 18:00:00+00'" >/dev/null
 snapshots=$(q "SELECT count(*) FROM metering.entitlement_snapshots")
 size=$(q "SELECT pg_relation_size('metering.entitlement_snapshots')")
 kill_mid refresh_snapshots "SELECT metering.refresh_snapshots()" \
-  "pg_relation_size('metering.entitlement_snapshots') > $size"
+  "pg_relation_size('metering.entitlement_snapshots') > $size" 0.1
 check "refresh_snapshots: the backend was killed inside the call, after its first snapshot rows" "$killed_inside" 1
 check "refresh_snapshots: the snapshots are as before" "$(q "SELECT count(*) FROM metering.entitlement_snapshots")" "$snapshots"
 consistent "after the kill in refresh_snapshots"
 
 # --- after all the kills, a refresh completes and everything still agrees
+t1=$(date +%s)
 check "a new refresh_rollups() completes" "$(q "SELECT metering.refresh_rollups() >= 0")" t
+t2=$(date +%s)
 check "a new refresh_snapshots() completes" "$(q "SELECT metering.refresh_snapshots() = $subjects")" t
+say "refresh_rollups took $((t2 - t1)) s, refresh_snapshots $(( $(date +%s) - t2 )) s"
 check "every meter's watermark covers every event" \
   "$(q "SELECT count(*) FROM metering.meter_rollup_state WHERE rolled_up_to < (SELECT max(seq) FROM metering.events)")" 0
 consistent "after a new refresh"
