@@ -23,8 +23,11 @@ if [ -n "${SOAK_WINDOW:-}" ]; then window=$SOAK_WINDOW
 elif [ "$duration" -ge 180 ]; then window=60
 else window=$((duration / 3)); fi
 out=$(mktemp -d /tmp/metering-soak.XXXXXX)
-mix="-f bench/soak/ingest.pgbench@40 -f bench/soak/ingest_batch.pgbench@4 -f bench/soak/entitlement_value.pgbench@40
-     -f bench/soak/rate.pgbench@15 -f bench/soak/refresh_rollups.pgbench@1"
+# per 1,000 transactions: 450 ingest, 40 batches of 100, 400 entitlement_value,
+# 109 rate and one refresh_rollups (every few seconds, as a deployment would
+# run it every minute or so; more often, its own latency would dominate p99)
+mix="-f bench/soak/ingest.pgbench@450 -f bench/soak/ingest_batch.pgbench@40 -f bench/soak/entitlement_value.pgbench@400
+     -f bench/soak/rate.pgbench@109 -f bench/soak/refresh_rollups.pgbench@1"
 
 echo "== soak: $duration s per client count ($clients), p99 per $window s window; logs in $out"
 dropdb --if-exists "$db" >/dev/null 2>&1
