@@ -12,7 +12,7 @@
 # is bounded: a server that does not come back fails the test, never hangs it.
 set -u
 db=metering_faults
-subjects=200                  # one metered entitlement each
+subjects=120                  # one metered entitlement each
 batch=200000                  # events in the batch that is killed
 n=1
 failed=0
