@@ -303,6 +303,9 @@ consistent "after a new refresh"
 #  - the worker killed (kill -9) in the middle of a round: after recovery it
 #    resumes, and every answer equals a fresh recomputation (consistent);
 #  - pg_dump and pg_restore of a populated database while the worker runs.
+#  (test/worker.sh, merged from main with the worker, has a kill -9 of the
+#  server and a dump while the worker runs; these two would check the
+#  answers against the oracles above.)
 
 say "$(( $(date +%s) - t0 )) s in all"
 echo "1..$((n - 1))"
