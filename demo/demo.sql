@@ -163,3 +163,27 @@ SELECT :'page'::jsonb -> 'paging' ? 'nextCursor' AS more_after, :'page'::jsonb -
 \echo 'ThousandEyes-style units usage this month, per account group and consumer (here: the model), projected to June''s end:'
 SELECT b ->> 'accountGroup' AS account_group, b ->> 'consumer' AS consumer, b -> 'used' AS used, b -> 'projected' AS projected
   FROM jsonb_array_elements(metering.units_usage('tokens') -> 'breakdowns') b;
+
+\echo
+\echo '== 9. Prices: an invoice draft for one subject'
+SET metering.now = '2024-06-01 00:00:00+00';
+INSERT INTO metering.meters (slug, description, event_type, aggregation)
+VALUES ('requests', 'LLM requests', 'llm.completion', 'COUNT');
+-- tokens: the first 1,000 free, then 0.002 each, above 100,000 0.001 each plus 5 once past it
+INSERT INTO metering.prices (meter_slug, model, tiers, name) VALUES ('tokens', 'graduated',
+  '[{"up_to": 1000, "unit_amount": 0}, {"up_to": 100000, "unit_amount": 0.002}, {"up_to": null, "unit_amount": 0.001, "flat_amount": 5}]',
+  'LLM tokens');
+-- requests: 0.01 each, but at least 20 a month
+INSERT INTO metering.prices (meter_slug, model, unit_amount, minimum_amount, name)
+VALUES ('requests', 'unit', 0.01, 20, 'requests (minimum 20 a month)');
+SET metering.now = '2024-06-01 12:00:00+00';
+\echo 'acme''s June so far, one line per price, and a minimum true-up:'
+SELECT p.name, u.model, u.quantity, u.amount, u.rounded, u.currency
+  FROM metering.price_usage('acme', '2024-06-01', '2024-07-01') u JOIN metering.prices p ON p.id = u.price_id;
+\echo 'the tier detail of the tokens line:'
+SELECT t ->> 'from' AS "from", t ->> 'up_to' AS up_to, t -> 'units' AS units, t -> 'unit_amount' AS unit_amount,
+       t -> 'flat_amount' AS flat_amount, t -> 'amount' AS amount
+  FROM metering.price_usage('acme', '2024-06-01', '2024-07-01') u, jsonb_array_elements(u.details -> 'tiers') t
+ WHERE u.model = 'graduated';
+\echo 'what if acme used 250,000 tokens this month?'
+SELECT amount FROM metering.price_quote((SELECT id FROM metering.prices WHERE name = 'LLM tokens'), 250000);

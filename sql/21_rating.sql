@@ -86,6 +86,8 @@ SELECT md, metering.rate('storage', 10, md::jsonb) AS price FROM unnest(ARRAY[
 SELECT regress.err($$SELECT metering.rate('storage', 10, '{"iops": "fast"}')$$);
 SELECT regress.err($$SELECT metering.rate('storage', 10, '{"replicas": true}')$$);
 SELECT regress.err($$SELECT metering.rate('storage', 10, '{"iops": [1]}')$$);
+-- numeric strings as for meters: no surrounding whitespace
+SELECT regress.err($$SELECT metering.rate('storage', 10, '{"iops": " 7000"}')$$);
 -- a number too large for numeric is not a number either; long values are clipped on a character boundary
 SELECT regress.err($$SELECT metering.rate('storage', 10, '{"iops": "1e1001"}')$$);
 SELECT length(regress.err(format('SELECT metering.rate(%L, 10, %L)', 'storage',

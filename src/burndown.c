@@ -21,6 +21,8 @@
  */
 #include "postgres.h"
 
+#include <math.h>
+
 #include "miscadmin.h"
 
 #include "fmgr.h"
@@ -83,8 +85,6 @@ RecursAt(const BdGrant *g, TimestampTz t)
 }
 
 /* The next period boundary after the state's instant. */
-static void TooManyCuts(void);
-static double ShortestLength(const Interval *iv);
 
 static TimestampTz
 NextBoundary(BdEngine *e)
@@ -239,49 +239,218 @@ TooManyCuts(void)
 			 errhint("Ask about an instant closer to the entitlement's usage, or use longer periods or recurrences.")));
 }
 
-/* The shortest an interval can be, in microseconds (a month is 28 days or more). */
-static double
-ShortestLength(const Interval *iv)
+static void
+TooMuchWork(void)
 {
-	return (double) iv->month * 28 * USECS_PER_DAY + (double) iv->day * USECS_PER_DAY + (double) iv->time;
+	ereport(ERROR,
+			(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+			 errmsg("the burndown would take more than " INT64_FORMAT " steps", BD_MAX_WORK),
+			 errdetail("A step is one grant, or the overage and usage, at one instant the engine stops at; a number of more than %d bytes counts as one more step for each %d bytes.",
+					   BD_NUMERIC_UNIT, BD_NUMERIC_UNIT),
+			 errhint("Ask about an instant closer to the entitlement's usage, or use fewer grants, fewer distinct recurrences, longer periods or smaller numbers.")));
 }
 
 void
-BdCheckCuts(BdEngine *e, TimestampTz to)
+BdCheckRows(double rows, const char *what)
 {
-	TimestampTz from = e->state.at;
+	if (rows > BD_MAX_ROWS)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("the %s would have more than %d rows", what, BD_MAX_ROWS),
+				 errhint("Ask for a shorter range, or for longer windows.")));
+}
+
+/* The longest an interval can be, in microseconds (a month is 31 days or less; days are 24 hours in UTC). */
+static double
+LongestLength(const Interval *iv)
+{
+	return (double) iv->month * 31 * USECS_PER_DAY + (double) iv->day * USECS_PER_DAY + (double) iv->time;
+}
+
+typedef struct GridCount
+{
+	int64		length;
+	int64		phase;
+	double		count;
+} GridCount;
+
+static int
+CompareGrids(const void *x, const void *y)
+{
+	const GridCount *a = (const GridCount *) x;
+	const GridCount *b = (const GridCount *) y;
+
+	if (a->length != b->length)
+		return a->length < b->length ? -1 : 1;
+	if (a->phase != b->phase)
+		return a->phase < b->phase ? -1 : 1;
+	return (a->count < b->count) - (a->count > b->count);	/* largest first */
+}
+
+double
+BdEstimateCuts(BdPlan *plan, BdGrant *grants, int ngrants, TimestampTz from, TimestampTz to)
+{
 	double		n = 0;
 	double		most = 0;
+	GridCount  *grids;
+	int			ngrids = 0;
 
 	/*
-	 * Only what is sure to be separate instants: the period boundaries, and
-	 * the recurrences of the most frequent grant (grants often recur on the
-	 * same instants, which are one cut).  BdCountCut counts exactly.
+	 * Only what is sure to be separate instants: a grid of step s has at
+	 * least floor(L / longest s) points in a span of length L.  The period
+	 * boundaries are one grid; recurrences of the same fixed length (no
+	 * months) on grids of distinct phases never meet, so they add up, and
+	 * recurrences of other lengths may fall on the same instants (one cut).
+	 * BdCountCut counts exactly.
 	 */
 	if (to <= from)
-		return;
-
-	if (e->plan->periods)
-		n += ((double) to - (double) from) / ShortestLength(&e->plan->period);
-	for (int i = 0; i < e->ngrants; i++)
+		return 0;
+	if (plan->periods)
+		n = floor(((double) to - (double) from) / LongestLength(&plan->period));
+	grids = palloc(sizeof(GridCount) * Max(ngrants, 1));
+	for (int i = 0; i < ngrants; i++)
 	{
-		BdGrant    *g = &e->grants[i];
+		BdGrant    *g = &grants[i];
 		TimestampTz a = Max(from, g->effective_at);
 		TimestampTz b = Min(to, g->end);
+		double		c;
 
-		if (g->recurring && b > a)
-			most = Max(most, ((double) b - (double) a) / ShortestLength(&g->recurrence));
+		if (!g->recurring || b <= a)
+			continue;
+		c = floor(((double) b - (double) a) / LongestLength(&g->recurrence));
+		if (g->recurrence.month == 0)
+		{
+			int64		len = (int64) g->recurrence.day * USECS_PER_DAY + g->recurrence.time;
+
+			grids[ngrids].length = len;
+			grids[ngrids].phase = ((g->recurrence_anchor % len) + len) % len;
+			grids[ngrids].count = c;
+			ngrids++;
+		}
+		else
+			most = Max(most, c);
 	}
-	if (Max(n, most) > BD_MAX_CUTS)
-		TooManyCuts();
+	qsort(grids, ngrids, sizeof(GridCount), CompareGrids);
+	for (int i = 0; i < ngrids;)
+	{
+		int64		len = grids[i].length;
+		double		sum = 0;
+
+		while (i < ngrids && grids[i].length == len)
+		{
+			int64		phase = grids[i].phase;
+
+			sum += grids[i].count;	/* the largest of this grid */
+			while (i < ngrids && grids[i].length == len && grids[i].phase == phase)
+				i++;
+		}
+		most = Max(most, sum);
+	}
+	pfree(grids);
+	return Max(n, most);
+}
+
+/* The steps of one operation on a numeric of this size. */
+static inline int64
+NumericSteps(Numeric n)
+{
+	return (int64) (VARSIZE(n) / BD_NUMERIC_UNIT);
+}
+
+int64
+BdStopCost(BdEngine *e)
+{
+	int64		state = 1 + NumericSteps(e->state.usage) + NumericSteps(e->state.grant_usage) +
+		NumericSteps(e->state.overage);
+	int64		cost = state * (e->ngrants + 1);
+
+	/* the state's numbers meet every grant (the overage burns through them) */
+	for (int i = 0; i < e->ngrants; i++)
+		cost += NumericSteps(e->grants[i].balance) + NumericSteps(e->grants[i].used);
+	return cost;
 }
 
 void
-BdCountCut(int64 *count)
+BdCheckCuts(BdEngine *e, TimestampTz to, BdBudget *b, int passes, double extra)
+{
+	double		n = BdEstimateCuts(e->plan, e->grants, e->ngrants, e->state.at, to);
+
+	if (n + b->cuts > BD_MAX_CUTS)
+		TooManyCuts();
+	BdCheckWork(b, (n * passes + extra) * (double) BdStopCost(e));
+}
+
+void
+BdCheckWork(BdBudget *b, double more)
+{
+	if (more + (double) b->work > (double) BD_MAX_WORK)
+		TooMuchWork();
+}
+
+void
+BdCountWork(BdBudget *b, int64 units)
+{
+	b->work += units;
+	if (b->work > BD_MAX_WORK)
+		TooMuchWork();
+}
+
+void
+BdCountStop(BdEngine *e, BdBudget *b)
 {
 	CHECK_FOR_INTERRUPTS();
-	if (++*count > BD_MAX_CUTS)
+	BdCountWork(b, BdStopCost(e));
+}
+
+void
+BdCountCut(BdEngine *e, BdBudget *b)
+{
+	CHECK_FOR_INTERRUPTS();
+	if (++b->cuts > BD_MAX_CUTS)
 		TooManyCuts();
+	BdCountWork(b, BdStopCost(e));
+}
+
+void
+BdArenaInit(BdArena *a, MemoryContext parent)
+{
+	a->parent = parent;
+	a->cxt = AllocSetContextCreate(parent, "metering burndown", ALLOCSET_DEFAULT_SIZES);
+	a->limit = BD_ARENA_MIN;
+}
+
+static inline Numeric
+CopyNumeric(Numeric n)
+{
+	return n ? DatumGetNumericCopy(NumericGetDatum(n)) : NULL;
+}
+
+void
+BdArenaKeep(BdArena *a, BdEngine *e, void (*keep) (void *arg), void *arg)
+{
+	MemoryContext old = a->cxt;
+	MemoryContext fresh;
+
+	Assert(CurrentMemoryContext == old);
+	if (MemoryContextMemAllocated(old, true) < a->limit)
+		return;
+	fresh = AllocSetContextCreate(a->parent, "metering burndown", ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(fresh);
+	e->zero = CopyNumeric(e->zero);
+	e->state.usage = CopyNumeric(e->state.usage);
+	e->state.grant_usage = CopyNumeric(e->state.grant_usage);
+	e->state.overage = CopyNumeric(e->state.overage);
+	for (int i = 0; i < e->ngrants; i++)
+	{
+		e->grants[i].balance = CopyNumeric(e->grants[i].balance);
+		e->grants[i].used = CopyNumeric(e->grants[i].used);
+	}
+	if (keep)
+		keep(arg);
+	a->cxt = fresh;
+	MemoryContextDelete(old);
+	/* amortized: copy again only when the garbage is a few times the state */
+	a->limit = Max(BD_ARENA_MIN, 4 * MemoryContextMemAllocated(fresh, true));
 }
 
 TimestampTz

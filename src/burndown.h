@@ -12,6 +12,7 @@
 #define METERING_BURNDOWN_H
 
 #include "datatype/timestamp.h"
+#include "utils/memutils.h"
 #include "utils/numeric.h"
 #include "utils/uuid.h"
 
@@ -128,15 +129,93 @@ extern Numeric BdBalance(BdEngine *e);
 extern Numeric BdRollover(Numeric balance, Numeric min, Numeric max);
 
 /*
- * Counts one more instant the engine stops at, checking for interrupts: an
- * evaluation that would stop at more than BD_MAX_CUTS instants (an hourly
- * period asked about a century away) is an error, not a runaway.
+ * Bounded work.  Every evaluation a reader can start counts its work against
+ * limits, with a cheap lower-bound estimate up front (a hopeless call fails
+ * at once) and a hard count as it runs (nothing runs long); all are errors
+ * 54000.  The limits were measured on a 2-core machine so that the slowest
+ * accepted call takes about 2 seconds.
  */
+/* instants the engine stops at (README: "more than 1,000,000 instants") */
 #define BD_MAX_CUTS 1000000
-extern void BdCountCut(int64 *count);
+/* steps: one grant (or the state) at one stop, 30-60 ns each (measured): 50M is at most ~2 s */
+#define BD_MAX_WORK INT64CONST(50000000)
+/* the snapshot writer (refresh_rollups, not for readers) may replay 10x more, so that readers can start from its snapshots */
+#define BD_MAX_WRITER_WORK (10 * BD_MAX_WORK)
+/* a numeric this many bytes long costs one more step (measured: a 64 KB overage costs ~130 us a cut) */
+#define BD_NUMERIC_UNIT 64
+/* rows of burndown_history (segments) and balance_history (windows): a reply, not a dump */
+#define BD_MAX_ROWS 100000
+/* steps one grant costs in a history row (its JSON, built and parsed) */
+#define BD_ROW_GRANT_WORK 10
 
-/* Errors at once when the cuts up to `to` would clearly exceed BD_MAX_CUTS. */
-extern void BdCheckCuts(BdEngine *e, TimestampTz to);
+typedef struct BdBudget
+{
+	int64		cuts;			/* instants stopped at (BdCountCut) */
+	int64		work;			/* steps */
+} BdBudget;
+
+/* The steps one stop costs now: every grant and the state, weighted by numeric size. */
+extern int64 BdStopCost(BdEngine *e);
+
+/*
+ * Counts one more instant the engine stops at, and its steps, checking for
+ * interrupts: an evaluation that would stop at more than BD_MAX_CUTS
+ * instants (an hourly period asked about a century away) or take more than
+ * BD_MAX_WORK steps (many grants, huge numbers) is an error, not a runaway.
+ */
+extern void BdCountCut(BdEngine *e, BdBudget *b);
+
+/* Counts a stop that is not a new instant (an observation, a second pass). */
+extern void BdCountStop(BdEngine *e, BdBudget *b);
+
+/* Counts `units` more steps. */
+extern void BdCountWork(BdBudget *b, int64 units);
+
+/* Errors at once when `more` steps would exceed BD_MAX_WORK. */
+extern void BdCheckWork(BdBudget *b, double more);
+
+/*
+ * A lower bound of the cuts in (from, to]: the period boundaries, or the
+ * recurrences of the grants (those of equal length on distinct grids add up).
+ */
+extern double BdEstimateCuts(BdPlan *plan, BdGrant *grants, int ngrants,
+							 TimestampTz from, TimestampTz to);
+
+/*
+ * Errors at once when the cuts up to `to`, each stopped at `passes` times,
+ * plus `extra` stops, would clearly exceed BD_MAX_CUTS or BD_MAX_WORK.
+ */
+extern void BdCheckCuts(BdEngine *e, TimestampTz to, BdBudget *b, int passes, double extra);
+
+/* Errors when a history would return more than BD_MAX_ROWS rows. */
+extern void BdCheckRows(double rows, const char *what);
+
+/*
+ * The engine's memory: its state and all its arithmetic live in a context
+ * that is replaced by a fresh one holding only the surviving state (grant
+ * balances and used, the state's usage, grant usage and overage) once it
+ * has grown past a few times that, so that a long evaluation's memory does
+ * not grow with its cuts x grants.
+ */
+typedef struct BdArena
+{
+	MemoryContext parent;
+	MemoryContext cxt;
+	Size		limit;
+} BdArena;
+
+#define BD_ARENA_MIN (1024 * 1024)
+
+/* Creates the arena's context under `parent` (it is not made current). */
+extern void BdArenaInit(BdArena *a, MemoryContext parent);
+
+/*
+ * Call with the arena's context current, between stops: when the context is
+ * over its limit, the engine's state (and whatever `keep` copies into the
+ * current context) is copied into a fresh context, which becomes current
+ * and the arena's, and the old one is deleted.
+ */
+extern void BdArenaKeep(BdArena *a, BdEngine *e, void (*keep) (void *arg), void *arg);
 
 /* numeric helpers */
 extern Numeric BdAdd(Numeric a, Numeric b);

@@ -10,8 +10,6 @@
  */
 #include "postgres.h"
 
-#include <ctype.h>
-
 #include "common/int.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
@@ -25,6 +23,7 @@
 
 #include "burndown.h"
 #include "calendar.h"
+#include "metering.h"
 #include "timeparse.h"
 
 typedef struct BurndownState
@@ -37,7 +36,8 @@ typedef struct BurndownState
 	TimestampTz until;			/* rows at or after it are ignored */
 	TimestampTz last;			/* the latest row */
 	TimestampTz next_cut;
-	int64		cuts;			/* instants stopped at so far (BdCountCut) */
+	BdBudget	budget;			/* cuts and steps so far (BdCountCut) */
+	BdArena		arena;			/* the engine's state and arithmetic */
 	/* the usage of the current phase: an int64 part and a numeric part */
 	int64		int_acc;
 	Numeric		num_acc;		/* in the aggregate context, or NULL */
@@ -89,23 +89,9 @@ static pg_uuid_t
 GrantId(const char *s, int i)
 {
 	pg_uuid_t	id;
-	int			k = 0;
 
-	for (int j = 0; s[j] != '\0'; j++)
-	{
-		if (j == 8 || j == 13 || j == 18 || j == 23)
-		{
-			if (s[j] != '-')
-				BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
-			continue;
-		}
-		if (k == 2 * UUID_LEN || !isxdigit((unsigned char) s[j]))
-			BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
-		k++;
-	}
-	if (k != 2 * UUID_LEN)
+	if (!MeteringParseUuid(s, strlen(s), &id))
 		BadGrants(psprintf("grant %d: \"id\" must be a uuid", i));
-	id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in, CStringGetDatum(s)));
 	return id;
 }
 
@@ -241,12 +227,14 @@ ResetPhase(BurndownState *st)
 static void
 CloseTo(BurndownState *st, TimestampTz to, bool cut)
 {
-	MemoryContext old = MemoryContextSwitchTo(st->cxt);
+	MemoryContext old = MemoryContextSwitchTo(st->arena.cxt);
 
 	BdPhase(&st->engine, PhaseUsage(st), to);
 	if (cut)
 		BdApplyCut(&st->engine, NULL);
 	ResetPhase(st);
+	/* the phase's garbage goes; the state survives (memory does not grow with cuts) */
+	BdArenaKeep(&st->arena, &st->engine, NULL, NULL);
 	MemoryContextSwitchTo(old);
 }
 
@@ -266,11 +254,17 @@ Accumulate(BurndownState *st, Numeric amount)
 	 */
 	if (DatumGetInt32(DirectFunctionCall1(numeric_scale, NumericGetDatum(amount))) == 0)
 	{
+		int64		sum;
+
 		i = numeric_int4_opt_error(amount, &error);
 		if (!error && i < 0)
 			return;
-		if (!error && !pg_add_s64_overflow(st->int_acc, (int64) i, &st->int_acc))
+		/* on overflow the accumulator stays as it was and the amount goes to num_acc */
+		if (!error && !pg_add_s64_overflow(st->int_acc, (int64) i, &sum))
+		{
+			st->int_acc = sum;
 			return;
+		}
 	}
 	if (BdCmp(amount, st->engine.zero) < 0)
 		return;
@@ -327,6 +321,7 @@ metering_burndown_trans(PG_FUNCTION_ARGS)
 		st->plan.measure_from = start;
 		st->plan.anchor = start;
 		BdInit(&st->engine, &st->plan, st->grants, st->ngrants);
+		BdArenaInit(&st->arena, aggcxt);
 		st->next_cut = BdNextCut(&st->engine);
 		st->started = true;
 		st->last = at;
@@ -338,11 +333,17 @@ metering_burndown_trans(PG_FUNCTION_ARGS)
 				 errmsg("burndown usage must come in time order"),
 				 errhint("Give it rows in time order: FROM (SELECT ... ORDER BY time) s, or metering.burndown(time, amount, grants ORDER BY time).")));
 	st->last = at;
-	while (st->next_cut <= at)
+	for (bool checked = false; st->next_cut <= at;)
 	{
-		BdCountCut(&st->cuts);
+		BdCountCut(&st->engine, &st->budget);
 		CloseTo(st, st->next_cut, true);
 		st->next_cut = BdNextCut(&st->engine);
+		/* more than one cut before this row: refuse a hopeless gap at once */
+		if (st->next_cut <= at && !checked)
+		{
+			BdCheckCuts(&st->engine, at, &st->budget, 1, 0);
+			checked = true;
+		}
 	}
 	Accumulate(st, PG_GETARG_NUMERIC(2));
 	PG_RETURN_POINTER(st);
@@ -357,7 +358,10 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 	StringInfoData buf;
 	BdEngine	e;
 	BdGrant    *grants;
-	int64		cuts = st ? st->cuts : 0;
+	BdBudget	budget;
+	BdArena		arena;
+	MemoryContext caller = CurrentMemoryContext;
+	Datum		result;
 
 	if (st == NULL || !st->started)
 		PG_RETURN_NULL();
@@ -366,6 +370,9 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 	grants = palloc(sizeof(BdGrant) * Max(st->ngrants, 1));
 	memcpy(grants, st->grants, sizeof(BdGrant) * st->ngrants);
 	e.grants = grants;
+	budget = st->budget;
+	BdArenaInit(&arena, caller);
+	MemoryContextSwitchTo(arena.cxt);
 	if (st->until == DT_NOEND)
 		BdPhase(&e, PhaseUsage(st), Max(e.state.at, st->last));
 	else
@@ -373,15 +380,17 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 		/* every row is before both the next cut and `until` */
 		BdPhase(&e, PhaseUsage(st), Min(st->until, st->next_cut));
 		BdApplyCut(&e, NULL);
+		BdCheckCuts(&e, st->until, &budget, 1, 0);
 		for (;;)
 		{
 			TimestampTz c = BdNextCut(&e);
 
 			if (c > st->until)
 				break;
-			BdCountCut(&cuts);
+			BdCountCut(&e, &budget);
 			BdPhase(&e, e.zero, c);
 			BdApplyCut(&e, NULL);
+			BdArenaKeep(&arena, &e, NULL, NULL);
 		}
 		if (e.state.at < st->until)
 			BdPhase(&e, e.zero, st->until);
@@ -398,5 +407,8 @@ metering_burndown_final(PG_FUNCTION_ARGS)
 	appendStringInfo(&buf, "}, \"overage\": %s, \"usage\": %s}",
 					 DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(e.state.overage))),
 					 DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(e.state.usage))));
-	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	MemoryContextSwitchTo(caller);
+	result = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
+	MemoryContextDelete(arena.cxt);
+	PG_RETURN_DATUM(result);
 }

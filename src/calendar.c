@@ -127,6 +127,20 @@ metering_calendar_index(PG_FUNCTION_ARGS)
 								  PG_GETARG_TIMESTAMPTZ(2)));
 }
 
+bool
+MeteringTimeInRange(TimestampTz t)
+{
+	return !TIMESTAMP_NOT_FINITE(t) && t >= METERING_TIME_MIN && t < METERING_TIME_END;
+}
+
+/* metering._time_in_range(t): MeteringTimeInRange, for the SQL side. */
+PG_FUNCTION_INFO_V1(metering_time_in_range);
+Datum
+metering_time_in_range(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(MeteringTimeInRange(PG_GETARG_TIMESTAMPTZ(0)));
+}
+
 /*
  * metering._minute(t, what): t truncated to the UTC minute; `what` names the
  * field in the error for an infinite t (no period, grant or reset starts at
@@ -138,11 +152,8 @@ metering_minute(PG_FUNCTION_ARGS)
 {
 	TimestampTz t = PG_GETARG_TIMESTAMPTZ(0);
 
-	TimestampTz lo = (TimestampTz) (date2j(1, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
-	TimestampTz hi = (TimestampTz) (date2j(10000, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
-
 	/* years 1 to 9999, like metering.now: calendar steps from there stay in range */
-	if (TIMESTAMP_NOT_FINITE(t) || t < lo || t >= hi)
+	if (!MeteringTimeInRange(t))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must be a finite time in the years 1 to 9999", text_to_cstring(PG_GETARG_TEXT_PP(1)))));

@@ -26,4 +26,15 @@ extern bool IntervalIsAtLeast(const Interval *iv, int64 usecs);
 /* t truncated to the minute (UTC minutes: offsets are whole minutes) */
 extern TimestampTz TruncMinute(TimestampTz t);
 
+/*
+ * The extension's instants are those of the years 1 to 9999 (UTC): the
+ * clock, every argument time and every stored start.  Calendar steps from
+ * there stay representable, so an answer is never an overflow.
+ */
+#define METERING_TIME_MIN	INT64CONST(-63082281600000000)	/* 0001-01-01 00:00:00+00 */
+#define METERING_TIME_END	INT64CONST(252455616000000000)	/* 10000-01-01 00:00:00+00 */
+
+/* Whether t is finite and within [METERING_TIME_MIN, METERING_TIME_END). */
+extern bool MeteringTimeInRange(TimestampTz t);
+
 #endif

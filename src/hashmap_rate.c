@@ -22,6 +22,7 @@
 #include "utils/timestamp.h"
 
 #include "hashmap.h"
+#include "meter_value.h"
 #include "metering.h"
 
 /* What a group has gathered for one point. */
@@ -287,69 +288,22 @@ ValueText(JsonbValue *v, int *len)
 	return s;
 }
 
-/*
- * Whether a string is a finite decimal number numeric_in accepts without
- * error: up to 1000 digits and an exponent up to 1000 either way (beyond
- * them it is "not a number" to us, rather than an overflow error).
- */
-static bool
-LooksNumeric(const char *s, int len)
-{
-	int			i = 0,
-				digits = 0;
-
-	while (i < len && s[i] == ' ')
-		i++;
-	if (i < len && (s[i] == '+' || s[i] == '-'))
-		i++;
-	while (i < len && s[i] >= '0' && s[i] <= '9')
-		i++, digits++;
-	if (i < len && s[i] == '.')
-	{
-		i++;
-		while (i < len && s[i] >= '0' && s[i] <= '9')
-			i++, digits++;
-	}
-	if (digits == 0 || digits > 1000)
-		return false;
-	if (i < len && (s[i] == 'e' || s[i] == 'E'))
-	{
-		int			exp_digits = 0,
-					exponent = 0;
-
-		i++;
-		if (i < len && (s[i] == '+' || s[i] == '-'))
-			i++;
-		while (i < len && s[i] >= '0' && s[i] <= '9' && exp_digits < 5)
-			exponent = exponent * 10 + (s[i] - '0'), i++, exp_digits++;
-		if (exp_digits == 0 || exponent > 1000)
-			return false;
-	}
-	while (i < len && s[i] == ' ')
-		i++;
-	return i == len;
-}
-
 /* The metadata value of a field with thresholds, as a number. */
 static Numeric
 ValueNumber(Point *p, HmField *f, JsonbValue *v)
 {
-	if (v->type == jbvNumeric)
-		return v->val.numeric;
-	if (v->type == jbvString && LooksNumeric(v->val.string.val, v->val.string.len))
-		return DatumGetNumeric(DirectFunctionCall3(numeric_in,
-												   CStringGetDatum(pnstrdup(v->val.string.val, v->val.string.len)),
-												   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
-	{
-		int			len = 0;
-		char	   *text = ValueText(v, &len);
+	Numeric		n = JsonNumber(v);
+	int			len = 0;
+	char	   *text;
 
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("rating service \"%s\": field \"%s\" has thresholds, and its value %s is not a number",
-						ServiceName(p), f->name,
-						text ? quote_literal_cstr(pnstrdup(text, pg_mbcliplen(text, len, 200))) : "(an object or array)")));
-	}
+	if (n != NULL)
+		return n;
+	text = ValueText(v, &len);
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("rating service \"%s\": field \"%s\" has thresholds, and its value %s is not a number",
+					ServiceName(p), f->name,
+					text ? quote_literal_cstr(pnstrdup(text, pg_mbcliplen(text, len, 200))) : "(an object or array)")));
 	return NULL;				/* not reached */
 }
 

@@ -73,8 +73,9 @@ MeterPathValue(Jsonb *data, JsonPath *path, JsonbValue *out)
 
 /*
  * A plain decimal: optional sign, digits with an optional fraction, an
- * optional exponent of at most three digits.  Checked before numeric_in so
- * that a malformed string is a rejected value, never an error.
+ * optional exponent of at most three digits, no whitespace.  Checked before
+ * numeric_in so that a malformed string is a rejected value, never an error
+ * (numeric_in takes any such string of at most 1000 characters).
  */
 static bool
 IsPlainNumber(const char *s, int len)
@@ -137,7 +138,7 @@ WithinBounds(Numeric n)
 }
 
 Numeric
-MeterValueNumber(JsonbValue *v)
+JsonNumber(JsonbValue *v)
 {
 	Numeric		n = NULL;
 
@@ -151,6 +152,14 @@ MeterValueNumber(JsonbValue *v)
 												ObjectIdGetDatum(InvalidOid),
 												Int32GetDatum(-1)));
 	}
+	return n;
+}
+
+Numeric
+MeterValueNumber(JsonbValue *v)
+{
+	Numeric		n = JsonNumber(v);
+
 	return n != NULL && WithinBounds(n) ? n : NULL;
 }
 

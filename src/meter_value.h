@@ -39,7 +39,15 @@ extern MeterAggregation MeterAggregationFromName(const char *name);
  */
 extern bool MeterPathValue(Jsonb *data, JsonPath *path, JsonbValue *out);
 
-/* A JSON number, or a string holding a plain decimal number; else NULL. */
+/*
+ * A JSON number, or a string holding a plain decimal number (optional sign,
+ * digits, optional fraction, optional exponent of at most three digits, no
+ * surrounding whitespace, at most 1000 characters); else NULL.  The one rule
+ * of what a number is, for meters and rating alike.
+ */
+extern Numeric JsonNumber(JsonbValue *v);
+
+/* JsonNumber, when also within a usage value's bounds (below); else NULL. */
 extern Numeric MeterValueNumber(JsonbValue *v);
 
 /* Text of a value: strings as they are, everything else in its JSON spelling. */

@@ -27,8 +27,10 @@
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 
+#include "calendar.h"
 #include "metering.h"
 
 PG_MODULE_MAGIC;
@@ -102,8 +104,7 @@ ParseClockValue(const char *str, TimestampTz *result)
 			tm2timestamp(&tt, fsec, &tz, result) == 0 &&
 			IS_VALID_TIMESTAMP(*result) &&
 			/* years 1 to 9999 in UTC (the canonical spelling has no BC) */
-			*result >= (TimestampTz) (date2j(1, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY &&
-			*result < (TimestampTz) (date2j(10000, 1, 1) - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY;
+			MeteringTimeInRange(*result);
 	}
 	PG_CATCH();
 	{
@@ -113,6 +114,44 @@ ParseClockValue(const char *str, TimestampTz *result)
 	}
 	PG_END_TRY();
 	return ok;
+}
+
+/*
+ * The version of the installed SQL, as major * 10000 + minor * 100 + patch
+ * (0 when the extension is not installed): the library is installed before
+ * ALTER EXTENSION metering UPDATE runs, and works with older SQL until then.
+ */
+int
+MeteringInstalledVersion(void)
+{
+	Oid			extoid = get_extension_oid("metering", true);
+	int			version = 0;
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	if (!OidIsValid(extoid))
+		return 0;
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(extoid));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, Anum_pg_extension_extversion, RelationGetDescr(rel), &isnull);
+		int			major = 0,
+					minor = 0,
+					patch = 0;
+
+		if (!isnull && sscanf(TextDatumGetCString(d), "%d.%d.%d", &major, &minor, &patch) >= 2)
+			version = major * 10000 + minor * 100 + patch;
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
 }
 
 Oid
@@ -255,6 +294,8 @@ _PG_init(void)
 							 PGC_SUSET,
 							 0,
 							 NULL, NULL, NULL);
+
+	MeteringWorkerInit();
 
 	MarkGUCPrefixReserved("metering");
 }

@@ -21,6 +21,15 @@ extern TimestampTz MeteringNow(void);
 struct pg_uuid_t;
 extern void MeteringUuidV7(struct pg_uuid_t *out);
 
+/*
+ * A uuid in exactly the canonical 8-4-4-4-12 hex spelling (either case);
+ * false otherwise, so that callers raise errors naming their own field.
+ */
+extern bool MeteringParseUuid(const char *s, int len, struct pg_uuid_t *out);
+
+/* The installed SQL's version (0.2.0 is 200), 0 when not installed. */
+extern int	MeteringInstalledVersion(void);
+
 /* The extension owner, or InvalidOid when the extension is not installed. */
 extern Oid	MeteringExtensionOwner(void);
 
@@ -35,5 +44,8 @@ extern void MeteringRandomBytes(void *buf, size_t len);
  */
 extern void MeteringErrorIfChangedSinceSnapshot(const char *sql, int nargs, Oid *types, Datum *args,
 												const char *what);
+
+/* The refresh_interval setting and, when preloaded, the background refresh (worker.c). */
+extern void MeteringWorkerInit(void);
 
 #endif

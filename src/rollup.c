@@ -1,5 +1,7 @@
 /*
- * rollup.c: hourly meter rollups, kept behind a watermark.
+ * rollup.c: hourly meter rollups, kept behind a watermark: the buffer
+ * that builds and writes them, and the rebuild after DELETE on events.
+ * The refresh that moves the watermark is in refresh.c.
  *
  * For every live meter, metering.meter_rollups holds one row per
  * (meter, subject, UTC hour, group values) with the partial aggregates every
@@ -13,79 +15,25 @@
  * or not the rollups are current; refresh_rollups() only moves work from
  * query time to a maintenance call.
  *
- * refresh_rollups() reads the sequence, then waits for every transaction
- * that holds a write lock on metering.events (those are the only ones that
- * can own a number at or below the one read) without blocking new writers,
- * as CREATE INDEX CONCURRENTLY does; after that, every event with a number at
- * or below it is committed or gone, and a new snapshot sees all of them.
- *
  * DELETE on metering.events rebuilds the touched hours below the watermark
  * (a min, max or latest value cannot be subtracted).  The same accumulator
- * serves both, so they cannot disagree.  Upserts go in key order.
+ * serves it and the refresh, so they cannot disagree.  Upserts go in key order.
  */
 #include "postgres.h"
 
-#include "access/htup_details.h"
-#include "catalog/pg_type.h"
-#include "access/xact.h"
-#include "catalog/namespace.h"
-#include "nodes/makefuncs.h"
-#include "nodes/value.h"
-#include "parser/parse_func.h"
 #include "commands/trigger.h"
-#include "executor/spi.h"
-#include "fmgr.h"
-#include "miscadmin.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/numeric.h"
-#include "storage/lmgr.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "meter_value.h"
+#include "metering.h"
+#include "refresh.h"
+#include "rollup.h"
 
 /* entries buffered before they are written out */
 #define FLUSH_EVERY 65536
-
-typedef struct RollupMeter
-{
-	char	   *slug;
-	char	   *event_type;
-	int			event_type_len;
-	MeterAggregation agg;
-	JsonPath   *value_path;		/* NULL for COUNT */
-	MeterGroups *groups;
-	int64		watermark;		/* rollups hold this meter's events with seq <= it */
-} RollupMeter;
-
-typedef struct RollupEntry
-{
-	int			meter;			/* index into the meter array (slug order) */
-	const char *subject;
-	int			subject_len;
-	TimestampTz bucket;
-	const char *groups;
-	TimestampTz time;
-	bool		valued;
-	Numeric		value;
-} RollupEntry;
-
-typedef struct RollupBuffer
-{
-	RollupMeter *meters;
-	int			nmeters;
-	RollupEntry *entries;
-	int			nentries;
-	int			capacity;
-	MemoryContext cxt;			/* entries and their strings; reset by flush */
-	MemoryContext scratch;		/* one event's temporary work */
-	int64		added;			/* entries added since the caller reset it */
-	int64		written;		/* rollup rows upserted */
-} RollupBuffer;
 
 static SPIPlanPtr meters_plan = NULL;
 static SPIPlanPtr upsert_plan = NULL;
@@ -122,8 +70,8 @@ SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
  * DELETE take turns, meter by meter.  Must be called inside an SPI
  * connection.
  */
-static void
-LoadMeters(RollupBuffer *buf, const char *only_slug)
+void
+RollupLoadMeters(RollupBuffer *buf, const char *only_slug)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
@@ -168,7 +116,7 @@ LoadMeters(RollupBuffer *buf, const char *only_slug)
 	SPI_freetuptable(SPI_tuptable);
 }
 
-static RollupBuffer *
+RollupBuffer *
 RollupBufferCreate(void)
 {
 	RollupBuffer *buf = palloc0(sizeof(RollupBuffer));
@@ -279,7 +227,7 @@ NumericCompare(Numeric a, Numeric b)
 }
 
 /* Aggregates the buffered entries by key and upserts them, in key order. */
-static void
+void
 RollupFlush(RollupBuffer *buf)
 {
 	static Oid	argtypes[13] = {
@@ -446,9 +394,9 @@ RollupFlush(RollupBuffer *buf)
  * Feeds the events a query returns (subject, type, time, data) into the
  * buffer, under the latest snapshot, writing out every FLUSH_EVERY entries.
  */
-static void
-AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
-			   Oid *argtypes, Datum *args)
+void
+RollupAddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
+					 Oid *argtypes, Datum *args)
 {
 	Portal		portal;
 	MemoryContext batch = AllocSetContextCreate(CurrentMemoryContext, "metering rollup batch",
@@ -493,23 +441,15 @@ AddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
 }
 
 /*
- * Whether the installed SQL has a hook (entitlement snapshots, usage
- * periods): the library is upgraded before ALTER EXTENSION metering UPDATE
- * runs, and must keep working with the SQL of 0.1.0 until then.
+ * Whether the installed SQL keeps what depends on the events (entitlement
+ * snapshots and usage periods, 0.2.0 and later): the library is upgraded
+ * before ALTER EXTENSION metering UPDATE runs, and must keep working with
+ * the SQL of 0.1.0 until then.
  */
-static bool
-HasHook(const char *name)
+bool
+RollupHasDerivedData(void)
 {
-	Oid			types[3] = {TEXTOID, INT8OID, INT8OID};
-	Oid			types_changed[3] = {TEXTOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
-	List	   *qname = list_make2(makeString("metering"), makeString(pstrdup(name)));
-
-	if (strcmp(name, "_snapshot_queue") == 0)
-		return OidIsValid(LookupFuncName(qname, 0, NULL, true));
-	return OidIsValid(LookupFuncName(qname, 3,
-									 strcmp(name, "_snapshot_meter") == 0 || strcmp(name, "_usage_periods_add") == 0
-									 ? types : types_changed,
-									 true));
+	return MeteringInstalledVersion() >= 200;
 }
 
 /*
@@ -522,12 +462,12 @@ static void
 RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 {
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT8OID};
-	bool		snapshots = HasHook("_events_changed");
+	bool		derived = RollupHasDerivedData();
 
 	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
 		elog(ERROR, "could not register the transition table of metering.events");
 	/* deleted meters have no rollups, but their entitlements may have snapshots */
-	if (snapshots)
+	if (derived)
 	{
 		int			ret = SPI_execute("SELECT metering._events_changed(f.meter_slug, array_agg(o.subject), array_agg(o.time)) "
 									  "FROM old_events o JOIN metering.meters m ON m.event_type = o.type AND m.deleted_at IS NOT NULL "
@@ -548,7 +488,7 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 		args[1] = CStringGetTextDatum(m->event_type);
 		args[2] = Int64GetDatum(m->watermark);
 		/* the entitlements' snapshots after the deleted events */
-		ret = !snapshots ? SPI_OK_SELECT : SPI_execute_with_args("SELECT metering._events_changed($1, array_agg(o.subject), array_agg(o.time)) "
+		ret = !derived ? SPI_OK_SELECT : SPI_execute_with_args("SELECT metering._events_changed($1, array_agg(o.subject), array_agg(o.time)) "
 									"FROM old_events o WHERE o.type = $2 AND $3 IS NOT NULL",
 									3, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_SELECT)
@@ -563,7 +503,7 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 		if (SPI_processed == 0)
 			continue;
 		/* the time span bounds the scan (BRIN); the hours are a hashed semi-join */
-		AddQueryEvents(buf, i,
+		RollupAddQueryEvents(buf, i,
 					   "WITH k AS MATERIALIZED (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
 					   "                          FROM old_events o WHERE o.type = $2 AND o.seq <= $3) "
 					   "SELECT e.subject, e.type, e.time, e.data FROM metering.events e "
@@ -573,6 +513,15 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 					   "  AND (e.subject, date_trunc('hour', e.time, 'UTC')) IN (SELECT subject, bucket FROM k)",
 					   3, argtypes, args);
 		RollupFlush(buf);
+		/* ... and then the usage periods, from the rebuilt rollups */
+		if (derived)
+		{
+			ret = SPI_execute_with_args("SELECT metering._usage_periods_rebuild($1, array_agg(o.subject), array_agg(o.time)) "
+										"FROM old_events o WHERE o.type = $2 AND o.seq <= $3 HAVING count(*) > 0",
+										3, argtypes, args, NULL, false, 0);
+			if (ret != SPI_OK_SELECT)
+				elog(ERROR, "could not rebuild the usage periods of meter \"%s\"", m->slug);
+		}
 	}
 }
 
@@ -592,173 +541,9 @@ metering_events_deleted(PG_FUNCTION_ARGS)
 	SPI_connect();
 	buf = RollupBufferCreate();
 	/* FOR UPDATE: deleters take turns, each rebuilding on the last one's rows */
-	LoadMeters(buf, NULL);
+	RollupLoadMeters(buf, NULL);
 	if (buf->nmeters > 0)
 		RebuildDeleted(buf, trig);
 	SPI_finish();
 	return PointerGetDatum(NULL);
-}
-
-/*
- * The last event number handed out.  A number at or below it can only be
- * held by a writer that still runs if every backend draws numbers one at a
- * time: a cached range would let a backend use numbers below it later.
- */
-static int64
-LastEventNumber(void)
-{
-	bool		isnull;
-	int			ret = SPI_execute("SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END, q.seqcache "
-								  "FROM metering.events_seq s, pg_catalog.pg_sequence q "
-								  "WHERE q.seqrelid = 'metering.events_seq'::regclass",
-								  true, 1);
-
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not read metering.events_seq");
-	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)) != 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("metering.events_seq must not cache numbers"),
-				 errhint("ALTER SEQUENCE metering.events_seq CACHE 1;")));
-	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-}
-
-/*
- * metering.refresh_rollups(meter text DEFAULT NULL): rolls up, for every live
- * meter (or one), the events stored since its watermark; returns how many
- * (meter, event) pairs it added.
- */
-PG_FUNCTION_INFO_V1(metering_refresh_rollups);
-Datum
-metering_refresh_rollups(PG_FUNCTION_ARGS)
-{
-	char	   *slug = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
-	Oid			events_oid;
-	LOCKTAG		tag;
-	int64		upto;
-	int64		added = 0;
-	RollupBuffer *buf;
-	int			ret;
-
-	if (IsolationUsesXactSnapshot())
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-				 errmsg("metering.refresh_rollups must run at READ COMMITTED"),
-				 errdetail("It waits for concurrent writers and then needs a snapshot that sees their events."),
-				 errhint("Call it in its own READ COMMITTED transaction.")));
-
-	SPI_connect();
-
-	/* 1. the last number handed out */
-	upto = LastEventNumber();
-
-	/*
-	 * 2. wait for every transaction that holds a write lock on the events: a
-	 * number at or below `upto` can only belong to one of them (a writer
-	 * takes its lock before it draws numbers), and new writers draw larger
-	 * ones.  Our own transaction's locks do not count.
-	 */
-	events_oid = get_relname_relid("events", get_namespace_oid("metering", false));
-	SET_LOCKTAG_RELATION(tag, MyDatabaseId, events_oid);
-	WaitForLockers(tag, ShareLock, false);
-
-	/*
-	 * 3. a meter restored without its triggers has no watermark row yet: it
-	 * gets one at 0.  Then serialize with other refreshes and roll up each
-	 * meter's new events.
-	 */
-	ret = SPI_execute("INSERT INTO metering.meter_rollup_state (meter) "
-					  "SELECT slug FROM metering.meters WHERE deleted_at IS NULL "
-					  "ON CONFLICT (meter) DO NOTHING", false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "could not add missing watermarks: %s", SPI_result_code_string(ret));
-	buf = RollupBufferCreate();
-	LoadMeters(buf, slug);
-	/* a TRUNCATE ... RESTART IDENTITY (or a setval) while we waited */
-	if (LastEventNumber() < upto)
-		ereport(ERROR,
-				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-				 errmsg("metering.events_seq went backwards during the refresh"),
-				 errhint("Run metering.refresh_rollups() again.")));
-	for (int i = 0; i < buf->nmeters; i++)
-	{
-		RollupMeter *m = &buf->meters[i];
-		Oid			argtypes[3] = {TEXTOID, INT8OID, INT8OID};
-		Datum		args[3];
-
-		if (m->watermark >= upto)
-			continue;
-		args[0] = CStringGetTextDatum(m->event_type);
-		args[1] = Int64GetDatum(m->watermark);
-		args[2] = Int64GetDatum(upto);
-		buf->added = 0;
-		AddQueryEvents(buf, i,
-					   "SELECT subject, type, time, data FROM metering.events "
-					   "WHERE type = $1 AND seq > $2 AND seq <= $3",
-					   3, argtypes, args);
-		added += buf->added;
-		RollupFlush(buf);
-		args[0] = CStringGetTextDatum(m->slug);
-		args[1] = Int64GetDatum(upto);
-		ret = SPI_execute_with_args("UPDATE metering.meter_rollup_state SET rolled_up_to = $2, refreshed_at = metering.now() "
-									"WHERE meter = $1",
-									2, argtypes, args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
-		/* what depends on the meter's events: the usage periods ... */
-		if (HasHook("_usage_periods_add"))
-		{
-			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
-			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
-
-			ret = SPI_execute_with_args("SELECT metering._usage_periods_add($1, $2, $3)",
-										3, hooktypes, hookargs, NULL, false, 0);
-			if (ret != SPI_OK_SELECT)
-				elog(ERROR, "could not add to the usage periods of meter \"%s\"", m->slug);
-		}
-		/* ... and the entitlements' snapshots */
-		if (HasHook("_snapshot_meter"))
-		{
-			Oid			hooktypes[3] = {TEXTOID, INT8OID, INT8OID};
-			Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
-
-			ret = SPI_execute_with_args("SELECT metering._snapshot_meter($1, $2, $3)",
-										3, hooktypes, hookargs, NULL, false, 0);
-			if (ret != SPI_OK_SELECT)
-				elog(ERROR, "could not refresh the snapshots of meter \"%s\"", m->slug);
-		}
-	}
-
-	/*
-	 * Entitlements whose snapshots a grant, void or reset removed get new
-	 * ones (otherwise they would wait for their subject's next event).
-	 */
-	if (HasHook("_snapshot_queue"))
-	{
-		ret = SPI_execute("SELECT metering._snapshot_queue()", false, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "could not save the queued snapshots: %s", SPI_result_code_string(ret));
-	}
-
-	/*
-	 * A refresh that grew the rollups by much (the first one of a meter, or
-	 * after a long pause) leaves the planner's statistics behind, and readers
-	 * choose bad plans until autovacuum catches up: analyze at once.
-	 */
-	if (buf->written > 0)
-	{
-		ret = SPI_execute("SELECT reltuples FROM pg_class WHERE oid = 'metering.meter_rollups'::regclass",
-						  true, 1);
-		if (ret == SPI_OK_SELECT && SPI_processed == 1)
-		{
-			bool		isnull;
-			float4		reltuples = DatumGetFloat4(SPI_getbinval(SPI_tuptable->vals[0],
-																 SPI_tuptable->tupdesc, 1, &isnull));
-
-			if (reltuples < 0 || buf->written > reltuples * 0.1 + 1000)
-				SPI_execute("ANALYZE metering.meter_rollups", false, 0);
-		}
-	}
-	SPI_finish();
-	PG_RETURN_INT64(added);
 }

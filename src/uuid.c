@@ -61,6 +61,41 @@ MeteringUuidV7(pg_uuid_t *out)
 	memcpy(&out->data[9], &rnd[1], 7);
 }
 
+bool
+MeteringParseUuid(const char *s, int len, pg_uuid_t *out)
+{
+	int			k = 0;
+
+	if (len != 36)
+		return false;
+	for (int i = 0; i < len; i++)
+	{
+		char		c = s[i];
+		int			v;
+
+		if (i == 8 || i == 13 || i == 18 || i == 23)
+		{
+			if (c != '-')
+				return false;
+			continue;
+		}
+		if (c >= '0' && c <= '9')
+			v = c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v = c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v = c - 'A' + 10;
+		else
+			return false;
+		if (k % 2 == 0)
+			out->data[k / 2] = v << 4;
+		else
+			out->data[k / 2] |= v;
+		k++;
+	}
+	return true;
+}
+
 /* metering.uuid_v7(): a new time-ordered uuid. */
 PG_FUNCTION_INFO_V1(metering_uuid_v7);
 Datum

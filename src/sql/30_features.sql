@@ -11,6 +11,11 @@ CREATE FUNCTION metering._minute(t timestamptz, what text) RETURNS timestamptz
   LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION metering._minute(timestamptz, text) IS 'internal: t truncated to the UTC minute; an infinite t is an error naming the field `what`';
 
+CREATE FUNCTION metering._time_in_range(t timestamptz) RETURNS boolean
+  AS 'MODULE_PATHNAME', 'metering_time_in_range'
+  LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION metering._time_in_range(timestamptz) IS 'internal: whether t is a finite time in the years 1 to 9999 (UTC), the extension''s range of instants';
+
 CREATE FUNCTION metering._interval_at_least(iv interval, min interval) RETURNS boolean
   AS 'MODULE_PATHNAME', 'metering_interval_at_least'
   LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;

@@ -47,7 +47,7 @@ COMMENT ON COLUMN metering.daily_usage.value IS 'the meter''s value for the day'
 CREATE FUNCTION metering._report_time(t timestamptz, what text) RETURNS timestamptz
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-  IF t IS NULL OR NOT isfinite(t) OR t < '0001-01-01 00:00:00+00' OR t >= '10000-01-01 00:00:00+00' THEN
+  IF t IS NULL OR NOT metering._time_in_range(t) THEN
     RAISE EXCEPTION '%: must be a finite time in the years 1 to 9999, got %', what, coalesce(t::text, 'NULL')
       USING ERRCODE = 'invalid_parameter_value';
   END IF;

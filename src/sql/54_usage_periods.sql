@@ -56,13 +56,16 @@ COMMENT ON FUNCTION metering._usage_period_end(text, timestamptz) IS 'internal: 
 CREATE FUNCTION metering._usage_periods_of(t timestamptz) RETURNS TABLE(kind text, start_time timestamptz, end_time timestamptz)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
-  -- truncated in UTC wall-clock time, whatever the session's zone
+  -- truncated in UTC wall-clock time, whatever the session's zone; only in
+  -- the years 1 to 9999, those of the reports (an event at 294276-12-31
+  -- has no month to end in, and must not stop the refresh)
   SELECT k.kind, k.s AT TIME ZONE 'UTC', metering._usage_period_end(k.kind, k.s AT TIME ZONE 'UTC')
     FROM (SELECT t AT TIME ZONE 'UTC' AS u) x,
          LATERAL (VALUES ('DAILY', date_trunc('day', x.u)), ('WEEKLY', date_trunc('week', x.u)),
-                         ('MONTHLY', date_trunc('month', x.u))) k(kind, s);
+                         ('MONTHLY', date_trunc('month', x.u))) k(kind, s)
+   WHERE metering._time_in_range(t);
 END;
-COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant';
+COMMENT ON FUNCTION metering._usage_periods_of(timestamptz) IS 'internal: the UTC day, week and month of an instant (none outside the years 1 to 9999)';
 
 CREATE FUNCTION metering._usage_period_id(subject text, meter text, kind text, start_time timestamptz) RETURNS uuid
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -164,23 +167,5 @@ END $$;
 COMMENT ON FUNCTION metering._usage_periods_add(text, bigint, bigint) IS
   'internal: adds a meter''s newly rolled-up events to its usage periods';
 
--- Deleted events: their periods are recomputed from the rollups, which the
--- events_deleted trigger (it fires first: triggers fire by name) rebuilt.
-CREATE FUNCTION metering._usage_periods_deleted() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-  r record;
-BEGIN
-  FOR r IN SELECT m.slug, array_agg(o.subject) AS subjects, array_agg(o.time) AS times
-             FROM old_events o
-             JOIN metering.meters m ON m.event_type = o.type
-             JOIN metering.meter_rollup_state s ON s.meter = m.slug AND o.seq <= s.rolled_up_to
-            GROUP BY m.slug LOOP
-    PERFORM metering._usage_periods_rebuild(r.slug, r.subjects, r.times);
-  END LOOP;
-  RETURN NULL;
-END $$;
-COMMENT ON FUNCTION metering._usage_periods_deleted() IS 'internal: recomputes the usage periods of deleted events';
-CREATE TRIGGER events_periods_deleted AFTER DELETE ON metering.events
-  REFERENCING OLD TABLE AS old_events
-  FOR EACH STATEMENT EXECUTE FUNCTION metering._usage_periods_deleted();
+-- Deleted events: their periods are recomputed from the rollups, right after
+-- the rollups of their hours, by the events_deleted trigger (rollup.c).

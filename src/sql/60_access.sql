@@ -136,7 +136,6 @@ ALTER FUNCTION metering._meters_after_insert() SECURITY DEFINER;
 ALTER FUNCTION metering._meters_after_delete_mark() SECURITY DEFINER;
 ALTER FUNCTION metering._meter_deleted() SECURITY DEFINER;
 ALTER FUNCTION metering._events_deleted() SECURITY DEFINER;
-ALTER FUNCTION metering._usage_periods_deleted() SECURITY DEFINER;
 ALTER FUNCTION metering._forget_snapshots(uuid, timestamptz) SECURITY DEFINER;
 ALTER FUNCTION metering._events_changed(text, text[], timestamptz[]) SECURITY DEFINER;
 -- and the signing secret is read and written only by owner-run code
@@ -198,7 +197,7 @@ BEGIN
   -- registrations and the secret only change through owner-run functions.
   FOR t IN SELECT c.oid::regclass AS rel, c.relname FROM pg_catalog.pg_class c
             WHERE c.relnamespace = 'metering'::regnamespace AND c.relkind IN ('r', 'p')
-              AND c.relname <> ALL (ARRAY['meter_rollups', 'meter_rollup_state', 'usage_periods',
+              AND c.relname <> ALL (ARRAY['meter_rollups', 'meter_rollup_state', 'usage_periods', 'refresh_rounds',
                                           'entitlement_snapshots', 'entitlement_snapshot_queue',
                                           'usage_records', 'registrations', 'signing_keys', 'events']) LOOP
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO metering_admin', t.rel);

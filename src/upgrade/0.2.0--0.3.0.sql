@@ -18,3 +18,8 @@ CREATE POLICY subject_access_own ON metering.subject_access
                      WHERE g.rolname = role_name AND pg_catalog.pg_has_role(g.oid, 'MEMBER')))
   WITH CHECK (true);
 COMMENT ON POLICY subject_access_own ON metering.subject_access IS 'a role sees its own assignments; admins see all';
+
+-- the deletion of events rebuilds the usage periods in the events_deleted
+-- trigger itself, after the rollups (it no longer relies on trigger order)
+DROP TRIGGER events_periods_deleted ON metering.events;
+DROP FUNCTION metering._usage_periods_deleted();

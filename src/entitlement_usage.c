@@ -1,0 +1,228 @@
+/*
+ * entitlement_usage.c: the usage of an entitlement's phases.
+ *
+ * Usage is read three ways, in one pass:
+ *   - hourly rollups of the feature's meter (events up to its watermark),
+ *     used whole when no instant the engine stops at falls inside the span
+ *     of a bucket's events (first_time < t <= last_time);
+ *   - the events of the buckets that are split that way;
+ *   - the events above the watermark (the tail, through the BRIN index).
+ */
+#include "postgres.h"
+
+#include "utils/timestamp.h"
+
+#include "entitlement.h"
+
+static void
+AddPoint(UsageList *l, TimestampTz t, Numeric amount)
+{
+	if (l->n == l->cap)
+	{
+		l->cap = l->cap ? l->cap * 2 : 64;
+		l->points = l->points ? repalloc_huge(l->points, sizeof(UsagePoint) * l->cap)
+			: palloc(sizeof(UsagePoint) * l->cap);
+	}
+	l->points[l->n].time = t;
+	l->points[l->n].amount = amount;
+	l->n++;
+}
+
+static int
+ComparePoints(const void *x, const void *y)
+{
+	TimestampTz a = ((const UsagePoint *) x)->time;
+	TimestampTz b = ((const UsagePoint *) y)->time;
+
+	return (a > b) - (a < b);
+}
+
+/* Whether some instant of the sorted `stops` lies in (lo, hi]. */
+static bool
+StopInside(TimestampTz *stops, int n, TimestampTz lo, TimestampTz hi)
+{
+	int			a = 0,
+				b = n;
+
+	/* first index with stops[i] > lo */
+	while (a < b)
+	{
+		int			m = (a + b) / 2;
+
+		if (stops[m] > lo)
+			b = m;
+		else
+			a = m + 1;
+	}
+	return a < n && stops[a] <= hi;
+}
+
+/*
+ * SQL texts of the usage queries, for SUM or COUNT and with or without group
+ * filters: $1 watermark, $2 event type, $3 subject, $4 from, $5 to,
+ * $6 value path, $7 group_by, $8 filters, $9 meter, $10 hour buckets.
+ */
+static const char *
+UsageSql(int which, bool count, bool filtered)
+{
+	/* negative values (corrections) are not usage: see EntReadUsage */
+	const char *value = count ? "1::numeric" : "greatest(metering._meter_number(e.data, $6), 0)";
+	const char *filter = filtered ? "AND metering._meter_groups(e.data, $7) @> $8" : "";
+	const char *rfilter = filtered ? "AND r.groups @> $8" : "";
+
+	switch (which)
+	{
+		case 0:				/* events above the watermark */
+			return psprintf("SELECT e.time, %s FROM metering.events e "
+							"WHERE e.seq > $1 AND e.type = $2 AND e.subject = $3 AND e.time < $5 %s",
+							value, filter);
+		case 1:				/* rollup buckets */
+			return psprintf("SELECT r.bucket, r.first_time, r.last_time, %s, r.min FROM metering.meter_rollups r "
+							"WHERE r.meter = $9 AND r.subject = $3 AND r.bucket >= $4 AND r.bucket < $5 %s "
+							"ORDER BY r.bucket",
+							count ? "r.events::numeric" : "r.sum", rfilter);
+		default:
+
+			/*
+			 * The events of split buckets, hour by hour: one small index scan
+			 * each (OFFSET 0 keeps the planner from merging them into one scan
+			 * of everything between the first and the last hour).
+			 */
+			return psprintf("SELECT x.time, x.v FROM unnest($10) h(hour), LATERAL ("
+							"SELECT e.time, %s AS v FROM metering.events e "
+							"WHERE e.seq <= $1 AND e.type = $2 AND e.subject = $3 "
+							"AND e.time >= h.hour AND e.time < h.hour + interval '1 hour' "
+							"AND e.time >= $4 AND e.time < $5 %s OFFSET 0) x",
+							value, filter);
+	}
+}
+
+Portal
+EntOpenUsage(Entitlement *ent, int which, TimestampTz from, TimestampTz to, ArrayType *buckets)
+{
+	static SPIPlanPtr plans[3][2][2];
+	Oid			types[10] = {INT8OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	JSONPATHOID, JSONBOID, JSONBOID, TEXTOID, TIMESTAMPTZARRAYOID};
+	Datum		args[10];
+	char		nulls[10];
+	bool		filtered = ent->filters != (Datum) 0;
+	SPIPlanPtr	plan = EntPrepare(&plans[which][ent->count][filtered],
+							   UsageSql(which, ent->count, filtered), 10, types);
+
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = Int64GetDatum(ent->watermark);
+	args[1] = ent->event_type;
+	args[2] = ent->subject;
+	args[3] = TimestampTzGetDatum(from);
+	args[4] = TimestampTzGetDatum(to);
+	args[5] = ent->value_path;
+	nulls[5] = ent->value_path ? ' ' : 'n';
+	args[6] = ent->group_by;
+	args[7] = ent->filters;
+	nulls[7] = filtered ? ' ' : 'n';
+	args[8] = ent->meter;
+	args[9] = buckets ? PointerGetDatum(buckets)
+		: PointerGetDatum(construct_empty_array(TIMESTAMPTZOID));
+	return SPI_cursor_open(NULL, plan, args, nulls, true);
+}
+
+/* Adds the rows (time, amount) of a usage cursor with from <= time < to. */
+void
+EntReadPoints(Portal portal, UsageList *l, TimestampTz from, TimestampTz to, TimestampTz *first)
+{
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 1000);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			bool		n1,
+						n2;
+			TimestampTz t = DatumGetTimestampTz(EntGetCol(i, 1, &n1));
+			Datum		v = EntCopyCol(i, 2, &n2);
+
+			if (first && t < *first)
+				*first = t;
+			if (n2 || t < from || t >= to)
+				continue;
+			AddPoint(l, t, DatumGetNumeric(v));
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+}
+
+/*
+ * The usage points of [from, to): whole rollup buckets where no stop falls
+ * inside their events' span, the events of the others, and the tail.
+ */
+void
+EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *stops, int nstops,
+			 UsageList *tail, UsageList *out)
+{
+	TimestampTz hour_from = from - (from % USECS_PER_HOUR + USECS_PER_HOUR) % USECS_PER_HOUR;
+	Portal		portal = EntOpenUsage(ent, 1, hour_from, to, NULL);
+	Datum	   *split = NULL;
+	int			nsplit = 0;
+
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 1000);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			bool		isnull;
+			TimestampTz bucket = DatumGetTimestampTz(EntGetCol(i, 1, &isnull));
+			TimestampTz first = DatumGetTimestampTz(EntGetCol(i, 2, &isnull));
+			TimestampTz last = DatumGetTimestampTz(EntGetCol(i, 3, &isnull));
+			bool		negative = false;
+			Datum		amount;
+
+			if (!ent->count)
+			{
+				Datum		min = EntGetCol(i, 5, &isnull);
+
+				/* no minimum: no numeric value, or a rollup older than 0.2.0 */
+				negative = isnull || BdCmp(DatumGetNumeric(min), int64_to_numeric(0)) < 0;
+			}
+			amount = EntCopyCol(i, 4, &isnull);
+			if (last < from || first >= to || isnull)
+				continue;
+
+			/*
+			 * A bucket is read event by event when an instant the engine stops
+			 * at falls inside it, or when it holds a negative value: a
+			 * correction is not usage (an entitlement counts only the
+			 * positive values, so that the answer never depends on where
+			 * negative and positive values happen to be netted).
+			 */
+			if (negative || first < from || StopInside(stops, nstops, first, last))
+			{
+				if (nsplit == 0 || DatumGetTimestampTz(split[nsplit - 1]) != bucket)
+				{
+					split = split ? repalloc(split, sizeof(Datum) * (nsplit + 1)) : palloc(sizeof(Datum));
+					split[nsplit++] = TimestampTzGetDatum(bucket);
+				}
+				continue;
+			}
+			AddPoint(out, first, DatumGetNumeric(amount));
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+
+	if (nsplit > 0)
+	{
+		ArrayType  *arr = construct_array(split, nsplit, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+
+		EntReadPoints(EntOpenUsage(ent, 2, Max(from, DatumGetTimestampTz(split[0])),
+							 Min(to, DatumGetTimestampTz(split[nsplit - 1]) + USECS_PER_HOUR), arr),
+				   out, from, to, NULL);
+	}
+	for (int i = 0; i < tail->n; i++)
+		if (tail->points[i].time >= from && tail->points[i].time < to)
+			AddPoint(out, tail->points[i].time, tail->points[i].amount);
+	qsort(out->points, out->n, sizeof(UsagePoint), ComparePoints);
+}
