@@ -79,3 +79,12 @@ bench: deps
 	$(MAKE) all
 	./tools/install
 	./tools/bench
+
+# Optional, not in make test: pg_regress and the isolation specs against a
+# throwaway cluster whose server runs under valgrind memcheck (tools/valgrind:
+# fails on an error with a frame in metering.so).  Use a private installation:
+#   make valgrind PG_CONFIG=/path/to/pg_config [VALGRIND_SUITES="regress isolation pgtap"]
+.PHONY: valgrind
+valgrind: all
+	./tools/install
+	./tools/valgrind $(VALGRIND_SUITES)
