@@ -93,7 +93,7 @@ q "$(batch c acme ea 1000)" >/dev/null &
 wait
 i=0; until psql -X -q -d $db -c "SELECT 1" >/dev/null 2>&1 || [ $i -ge 60 ]; do sleep 1; i=$((i + 1)); done
 q "$(batch d acme eb 700)" >/dev/null
-wait_for "$current" 150
+wait_for "$current" 240
 check "after kill -9 of the worker and crash recovery, it resumes" "$(q "$current")" "t"
 check "and every answer is that of the events" "$(q "$answers")" "$(q "$oracle")"
 
