@@ -45,6 +45,7 @@ CREATE TABLE metering.entitlement_turns (
   entitlement_id uuid NOT NULL,
   purpose        "char" NOT NULL,
   turns          bigint NOT NULL,
+  usage_until    timestamptz,
   PRIMARY KEY (entitlement_id, purpose)
 );
 COMMENT ON TABLE metering.entitlement_turns IS
@@ -52,6 +53,7 @@ COMMENT ON TABLE metering.entitlement_turns IS
 COMMENT ON COLUMN metering.entitlement_turns.entitlement_id IS 'the entitlement';
 COMMENT ON COLUMN metering.entitlement_turns.purpose IS 'u: usage gate (reserve, consume, commit_reservation); a: alert evaluation';
 COMMENT ON COLUMN metering.entitlement_turns.turns IS 'how many turns were taken (the update is the lock)';
+COMMENT ON COLUMN metering.entitlement_turns.usage_until IS 'the latest time of the usage the holders stored: checks count the usage up to it';
 
 CREATE FUNCTION metering._reservations_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -126,26 +128,41 @@ END;
 COMMENT ON FUNCTION metering._active_entitlement(text, text, timestamptz) IS
   'internal: the entitlement of a subject to a feature (key or entitlement id) active at an instant';
 
--- Takes the entitlement's turn: its row lock (shared with the grant, void
--- and reset writers, and their REPEATABLE READ guard), then the update of
--- its usage gate.  At READ COMMITTED the caller's next statement sees what
--- the previous holder committed; at REPEATABLE READ a snapshot taken before
--- that commit fails here with 40001.  Returns the entitlement as locked.
-CREATE FUNCTION metering._take_turn(entitlement uuid, purpose "char" DEFAULT 'u') RETURNS metering.entitlements
-LANGUAGE plpgsql AS $$
-DECLARE
-  e metering.entitlements;
-BEGIN
-  IF purpose = 'u' THEN
-    e := metering._lock_entitlement(entitlement);
-  END IF;
-  INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns)
-  VALUES (_take_turn.entitlement, _take_turn.purpose, 1)
-  ON CONFLICT ON CONSTRAINT entitlement_turns_pkey DO UPDATE SET turns = t.turns + 1;
-  RETURN e;
-END $$;
-COMMENT ON FUNCTION metering._take_turn(uuid, "char") IS
-  'internal: waits for the entitlement''s previous writer of this purpose to end (40001 at REPEATABLE READ when its commit is invisible to the snapshot)';
+-- Takes the entitlement's turn: the update of its row of entitlement_turns
+-- (gate u: reserve, consume and commit_reservation, which also hold the
+-- entitlement's row lock, shared with the grant, void and reset writers and
+-- their REPEATABLE READ guard; a: alert evaluations).  At READ COMMITTED
+-- the caller's next statement sees what the previous holder committed; at
+-- REPEATABLE READ a snapshot taken before that commit fails here with 40001.
+-- Returns the latest time of usage stored by the holders (this one's
+-- included): the instant a check must count usage up to.
+CREATE FUNCTION metering._take_turn(entitlement uuid, purpose "char", usage_time timestamptz) RETURNS timestamptz
+LANGUAGE sql
+BEGIN ATOMIC
+  INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until)
+  VALUES (_take_turn.entitlement, _take_turn.purpose, 1, _take_turn.usage_time)
+  ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
+  DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until)
+  RETURNING t.usage_until;
+END;
+COMMENT ON FUNCTION metering._take_turn(uuid, "char", timestamptz) IS
+  'internal: waits for the entitlement''s previous writer of this purpose to end (40001 at REPEATABLE READ when its commit is invisible to the snapshot); returns the latest usage time its holders stored';
+
+-- The instant a check reads the balance at: just after now, so that usage
+-- stored at now counts, or just after the latest usage the holders stored
+-- when that is later (an event's time may run ahead of metering.now()), but
+-- within the current usage period.
+CREATE FUNCTION metering._check_instant(e metering.entitlements, now timestamptz, usage_until timestamptz)
+  RETURNS timestamptz
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+  SELECT CASE WHEN e.type <> 'metered' THEN now
+              WHEN usage_until IS NULL OR usage_until < now THEN now + interval '1 microsecond'
+              ELSE least(usage_until + interval '1 microsecond',
+                         metering._period_bound(e.id, now, true) - interval '1 microsecond') END;
+END;
+COMMENT ON FUNCTION metering._check_instant(metering.entitlements, timestamptz, timestamptz) IS
+  'internal: the instant a check of the balance counts usage up to: after now and after the latest usage stored by the holders of the turn, within the current period';
 
 -- The usage an event records for an entitlement: checks that the event is
 -- of the entitlement's subject and of its feature's meter (type and group
@@ -195,6 +212,7 @@ DECLARE
   r metering.reservations;
   v record;
   ok boolean;
+  at timestamptz;
 BEGIN
   IF amount IS NULL OR amount <= 0 OR amount >= 'Infinity' THEN
     RAISE EXCEPTION 'reserve: amount must be a positive finite number, got %', coalesce(amount::text, 'NULL')
@@ -212,7 +230,8 @@ BEGIN
     RETURN QUERY SELECT false, NULL::uuid, NULL::numeric, NULL::timestamptz;
     RETURN;
   END IF;
-  e := metering._take_turn(e.id);
+  e := metering._lock_entitlement(e.id);
+  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', NULL));
   IF idempotency_key IS NOT NULL THEN
     SELECT * INTO r FROM metering.reservations x
      WHERE x.entitlement_id = e.id AND x.idempotency_key = reserve.idempotency_key;
@@ -222,13 +241,13 @@ BEGIN
           idempotency_key, r.amount, amount USING ERRCODE = 'invalid_parameter_value',
           DETAIL = format('Reservation %s.', r.id);
       END IF;
-      SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, now);
+      SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
       RETURN QUERY SELECT true, r.id, v.available, r.expires_at;
       RETURN;
     END IF;
   END IF;
   -- a statement that starts after the turn is ours: it sees the previous holder's commit
-  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, now);
+  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   IF e.deleted_at IS NOT NULL AND e.deleted_at <= now THEN
     ok := false;
   ELSIF e.type = 'metered' THEN
@@ -260,6 +279,7 @@ DECLARE
   usage numeric;
   n bigint;
   v record;
+  at timestamptz;
 BEGIN
   IF event IS NULL THEN
     RAISE EXCEPTION 'commit_reservation: event must not be NULL' USING ERRCODE = 'invalid_parameter_value';
@@ -271,7 +291,8 @@ BEGIN
   SELECT * INTO e FROM metering.entitlements x WHERE x.id = r.entitlement_id;
   SELECT * INTO p FROM metering._parse_events(event, false);
   usage := metering._event_usage(e, p.subject, p.type, p.data, 'reservation');
-  PERFORM metering._take_turn(e.id);
+  e := metering._lock_entitlement(e.id);
+  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', p.time));
   -- a concurrent commit or release of the hold ends first, or waits for us
   UPDATE metering.reservations x SET committed_at = now, committed_amount = usage
    WHERE x.id = r.id AND x.committed_at IS NULL AND x.released_at IS NULL
@@ -286,7 +307,7 @@ BEGIN
   VALUES (p.id, p.source, p.subject, p.type, p.time, p.data)
   ON CONFLICT (source, id) DO NOTHING;
   GET DIAGNOSTICS n = ROW_COUNT;
-  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, now);
+  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   RETURN QUERY SELECT n = 1, usage, v.balance, v.available;
 END $$;
 COMMENT ON FUNCTION metering.commit_reservation(uuid, jsonb) IS
@@ -326,6 +347,7 @@ DECLARE
   v record;
   ok boolean;
   n bigint;
+  at timestamptz;
 BEGIN
   IF event IS NULL OR feature IS NULL THEN
     RAISE EXCEPTION 'consume: % must not be NULL', CASE WHEN event IS NULL THEN 'event' ELSE 'feature' END
@@ -338,14 +360,15 @@ BEGIN
     RETURN;
   END IF;
   usage := metering._event_usage(e, p.subject, p.type, p.data, 'entitlement');
-  e := metering._take_turn(e.id);
+  e := metering._lock_entitlement(e.id);
+  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', p.time));
   -- a repeat consumes nothing again
   IF EXISTS (SELECT 1 FROM metering.events x WHERE x.source = p.source AND x.id = p.id) THEN
-    SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, now);
+    SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
     RETURN QUERY SELECT true, false, usage, v.available;
     RETURN;
   END IF;
-  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, now);
+  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   IF e.deleted_at IS NOT NULL AND e.deleted_at <= now THEN
     ok := false;
   ELSIF e.type = 'metered' THEN
@@ -371,7 +394,7 @@ COMMENT ON FUNCTION metering.consume(jsonb, text) IS
 REVOKE EXECUTE ON FUNCTION
   metering.reserve(text, text, numeric, interval, text), metering.commit_reservation(uuid, jsonb),
   metering.release_reservation(uuid), metering.consume(jsonb, text),
-  metering._take_turn(uuid, "char")
+  metering._take_turn(uuid, "char", timestamptz)
 FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('metering.reservations', '');

@@ -163,10 +163,12 @@ COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notificati
 -- notification: a crossing is written when it is not crossed yet in the
 -- current period; a resolution when it is crossed in this period (or in the
 -- one a reset ended) and no longer holds.
-CREATE FUNCTION metering._evaluate_alerts(entitlement uuid) RETURNS integer
+CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean)
+  RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
   now timestamptz := metering.now();
+  at timestamptz;
   e metering.entitlements;
   v record;
   rule metering.notification_rules;
@@ -185,8 +187,8 @@ BEGIN
                     AND (r.feature_key IS NULL OR r.feature_key = e.feature_key)) THEN
     RETURN 0;
   END IF;
-  PERFORM metering._take_turn(e.id, 'a');
-  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, now);
+  at := metering._check_instant(e, now, metering._take_turn(e.id, 'a', usage_until));
+  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   IF v.balance IS NULL THEN
     RETURN 0;
   END IF;
@@ -210,7 +212,7 @@ BEGIN
         VALUES (rule.id, e.id, e.subject, e.feature_key, 'crossed', t, v.start_of_period, v.usage, v.balance,
                 v.total_available_grant_amount, now)
         RETURNING * INTO ne;
-      ELSIF NOT crossed AND last.kind = 'crossed'
+      ELSIF may_resolve AND NOT crossed AND last.kind = 'crossed'
             AND (last.period_start = v.start_of_period
                  OR EXISTS (SELECT 1 FROM metering.resets s
                              WHERE s.entitlement_id = e.id AND s.effective_at = v.start_of_period
@@ -229,8 +231,8 @@ BEGIN
   END LOOP;
   RETURN written;
 END $$;
-COMMENT ON FUNCTION metering._evaluate_alerts(uuid) IS
-  'internal: writes (and notifies at commit) the crossings of the live rules'' thresholds by a metered entitlement as of metering.now(); returns how many';
+COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) IS
+  'internal: writes (and notifies at commit) the crossings of the live rules'' thresholds by a metered entitlement, counting usage up to now and to usage_until (and, with may_resolve, the thresholds taken back across); returns how many';
 
 -- events: once per statement, each touched (subject, feature) entitlement once
 CREATE FUNCTION metering._events_alerts() RETURNS trigger
@@ -241,16 +243,17 @@ BEGIN
   IF NOT metering._alerts_live() THEN
     RETURN NULL;
   END IF;
-  FOR x IN SELECT DISTINCT e.id
-             FROM (SELECT DISTINCT n.subject, n.type FROM new_events n) n
+  FOR x IN SELECT e.id, max(n.last_time) AS last_time
+             FROM (SELECT n.subject, n.type, max(n.time) AS last_time FROM new_events n GROUP BY n.subject, n.type) n
              JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
              JOIN metering.features f ON f.id = e.feature_id
              JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
             WHERE EXISTS (SELECT 1 FROM metering.notification_rules r
                            WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL
                              AND (r.feature_key IS NULL OR r.feature_key = e.feature_key))
-            ORDER BY e.id LOOP
-    PERFORM metering._evaluate_alerts(x.id);
+            GROUP BY e.id ORDER BY e.id LOOP
+    -- usage only grows: events cross thresholds, they never take one back
+    PERFORM metering._evaluate_alerts(x.id, x.last_time, false);
   END LOOP;
   RETURN NULL;
 END $$;
@@ -265,7 +268,7 @@ CREATE FUNCTION metering._entitlement_changed_alerts() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
   IF metering._alerts_live() THEN
-    PERFORM metering._evaluate_alerts(NEW.entitlement_id);
+    PERFORM metering._evaluate_alerts(NEW.entitlement_id, NULL, true);
   END IF;
   RETURN NULL;
 END $$;
@@ -278,10 +281,10 @@ CREATE TRIGGER resets_alerts AFTER INSERT ON metering.resets
 
 -- the evaluation reads every entitlement and writes notifications, whoever
 -- stored the events
-ALTER FUNCTION metering._evaluate_alerts(uuid) SECURITY DEFINER;
+ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) SECURITY DEFINER;
 ALTER FUNCTION metering._events_alerts() SECURITY DEFINER;
 ALTER FUNCTION metering._entitlement_changed_alerts() SECURITY DEFINER;
-REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_events', '');
