@@ -26,6 +26,11 @@ LANGUAGE sql IMMUTABLE AS $$
   SELECT regress.ev(id, subject, 'llm.tokens', "time", jsonb_build_object('tokens', tokens, 'model', model))
 $$;
 
+-- errors that name a reservation, with its id masked
+CREATE FUNCTION regress.err_id(statement text) RETURNS text LANGUAGE sql AS $$
+  SELECT regexp_replace(regress.err(statement), '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<id>', 'g')
+$$;
+
 -- entitlement_value: reserved and available are its last two columns
 SELECT has_access, balance, usage, reserved, available FROM metering.entitlement_value('acme', 'llm');
 SELECT has_access, balance, reserved, available FROM metering.entitlement_value('acme', 'sso');
@@ -75,8 +80,8 @@ SELECT stored, amount, balance, available FROM metering.commit_reservation(:'k1'
 SELECT committed_amount, committed_at IS NOT NULL AS committed FROM metering.reservations WHERE id = :'k1';
 SELECT balance, usage, reserved, available FROM metering.entitlement_value('acme', 'gpt4');
 -- a second commit or a release of it is 55000
-SELECT regress.err(format('SELECT metering.commit_reservation(%L, %L)', :'k1', regress.tok('c2', 1)));
-SELECT regress.err(format('SELECT metering.release_reservation(%L)', :'k1'));
+SELECT regress.err_id(format('SELECT metering.commit_reservation(%L, %L)', :'k1', regress.tok('c2', 1)));
+SELECT regress.err_id(format('SELECT metering.release_reservation(%L)', :'k1'));
 -- the event must be of the reservation's subject, of the feature's meter and pass its group filters
 SELECT reservation_id AS k2 FROM metering.reserve('acme', 'gpt4', 10) \gset
 SELECT regress.err(format('SELECT metering.commit_reservation(%L, %L)', :'k2', regress.tok('c3', 1, subject => 'globex')));
@@ -92,7 +97,7 @@ SELECT stored, amount, balance, available FROM metering.commit_reservation(:'k2'
 -- release: true when the hold was active
 SELECT reservation_id AS k3 FROM metering.reserve('acme', 'gpt4', 10, '1 minute') \gset
 SELECT metering.release_reservation(:'k3') AS released;
-SELECT regress.err(format('SELECT metering.release_reservation(%L)', :'k3'));
+SELECT regress.err_id(format('SELECT metering.release_reservation(%L)', :'k3'));
 
 -- expired holds hold nothing; they can still be committed, and released (false)
 SELECT reservation_id AS k4 FROM metering.reserve('acme', 'gpt4', 20, '1 minute') \gset
@@ -107,8 +112,8 @@ SELECT metering.release_reservation(:'k5') AS released;
 
 -- reservations are immutable but for one transition, and kept
 SELECT regress.err(format('UPDATE metering.reservations SET amount = 1 WHERE id = %L', :'k4'));
-SELECT regress.err(format('UPDATE metering.reservations SET released_at = now() WHERE id = %L', :'k4'));
-SELECT regress.err(format('DELETE FROM metering.reservations WHERE id = %L', :'k4'));
+SELECT regress.err_id(format('UPDATE metering.reservations SET released_at = now() WHERE id = %L', :'k4'));
+SELECT regress.err_id(format('DELETE FROM metering.reservations WHERE id = %L', :'k4'));
 
 -- consume: check and record in one call
 SET metering.now = '2024-03-15 13:00:00+00';

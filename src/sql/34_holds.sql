@@ -46,6 +46,9 @@ CREATE TABLE metering.entitlement_turns (
   purpose        "char" NOT NULL,
   turns          bigint NOT NULL,
   usage_until    timestamptz,
+  armed_from     timestamptz,
+  armed_until    timestamptz,
+  headroom       numeric,
   PRIMARY KEY (entitlement_id, purpose)
 );
 COMMENT ON TABLE metering.entitlement_turns IS
@@ -54,6 +57,9 @@ COMMENT ON COLUMN metering.entitlement_turns.entitlement_id IS 'the entitlement'
 COMMENT ON COLUMN metering.entitlement_turns.purpose IS 'u: usage gate (reserve, consume, commit_reservation); a: alert evaluation';
 COMMENT ON COLUMN metering.entitlement_turns.turns IS 'how many turns were taken (the update is the lock)';
 COMMENT ON COLUMN metering.entitlement_turns.usage_until IS 'the latest time of the usage the holders stored: checks count the usage up to it';
+COMMENT ON COLUMN metering.entitlement_turns.armed_from IS 'a: the start of the usage period of the last full evaluation of the alerts';
+COMMENT ON COLUMN metering.entitlement_turns.armed_until IS 'a: until when its headroom holds (the period''s end, or the next activation or expiry of a grant)';
+COMMENT ON COLUMN metering.entitlement_turns.headroom IS 'a: how much more usage in the period may come before a threshold that is not crossed can be; events that add less skip the full evaluation';
 
 CREATE FUNCTION metering._reservations_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$

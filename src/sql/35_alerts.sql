@@ -77,8 +77,8 @@ BEGIN
       RAISE EXCEPTION 'notification rule % is deleted', OLD.id USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
   ELSIF NOT metering._restored(format('notification rule %s', coalesce(quote_literal(NEW.name), 'NULL')), NEW.created_at)
-        AND (NEW.disabled_at IS NOT NULL OR NEW.deleted_at IS NOT NULL) THEN
-    RAISE EXCEPTION 'notification rule: a new rule is neither disabled nor deleted'
+        AND NEW.deleted_at IS NOT NULL THEN
+    RAISE EXCEPTION 'notification rule: a new rule is not deleted'
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   IF NEW.name IS NULL OR btrim(NEW.name) = '' THEN
@@ -161,21 +161,31 @@ COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notificati
 -- statement that starts after theirs began: each crossing is seen by
 -- exactly one of them.  The state of a (rule, threshold) is its latest
 -- notification: a crossing is written when it is not crossed yet in the
--- current period; a resolution when it is crossed in this period (or in the
--- one a reset ended) and no longer holds.
-CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean)
+-- current period; a resolution (may_resolve: grants, voids, resets; usage
+-- only grows) when it is crossed in this period, or in the one a reset
+-- ended, and no longer holds.
+-- A full evaluation also keeps, in the entitlement's turn row, the headroom:
+-- how much usage may still come in the period before a threshold that is
+-- not crossed can be, valid until the period ends or a grant activates or
+-- expires.  Events that add less than the headroom (usage, from the
+-- statement's own rows: `delta` of the period `delta_from`) only take it
+-- from the headroom, without reading the entitlement's value.
+CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean,
+  delta numeric DEFAULT NULL, delta_from timestamptz DEFAULT NULL)
   RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
   now timestamptz := metering.now();
   at timestamptz;
   e metering.entitlements;
+  t metering.entitlement_turns;
   v record;
   rule metering.notification_rules;
-  t jsonb;
+  th jsonb;
   last metering.notification_events;
   ne metering.notification_events;
   crossed boolean;
+  room numeric := 'Infinity';
   written integer := 0;
 BEGIN
   SELECT * INTO e FROM metering.entitlements x WHERE x.id = entitlement;
@@ -187,7 +197,18 @@ BEGIN
                     AND (r.feature_key IS NULL OR r.feature_key = e.feature_key)) THEN
     RETURN 0;
   END IF;
-  at := metering._check_instant(e, now, metering._take_turn(e.id, 'a', usage_until));
+  INSERT INTO metering.entitlement_turns AS x (entitlement_id, purpose, turns, usage_until)
+  VALUES (e.id, 'a', 1, _evaluate_alerts.usage_until)
+  ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
+  DO UPDATE SET turns = x.turns + 1, usage_until = greatest(x.usage_until, excluded.usage_until)
+  RETURNING * INTO t;
+  IF delta IS NOT NULL AND t.headroom > delta AND t.armed_from = delta_from
+     AND t.armed_from <= now AND now < t.armed_until AND t.usage_until < t.armed_until THEN
+    UPDATE metering.entitlement_turns x SET headroom = x.headroom - delta
+     WHERE x.entitlement_id = e.id AND x.purpose = 'a';
+    RETURN 0;
+  END IF;
+  at := metering._check_instant(e, now, t.usage_until);
   SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   IF v.balance IS NULL THEN
     RETURN 0;
@@ -196,20 +217,28 @@ BEGIN
                WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL
                  AND (r.feature_key IS NULL OR r.feature_key = e.feature_key)
                ORDER BY r.id LOOP
-    FOR t IN SELECT x FROM jsonb_array_elements(rule.thresholds) x LOOP
-      crossed := CASE t->>'type'
+    FOR th IN SELECT x FROM jsonb_array_elements(rule.thresholds) x LOOP
+      crossed := CASE th->>'type'
         WHEN 'USAGE_PERCENT' THEN v.total_available_grant_amount > 0
-                                  AND v.usage * 100 >= (t->>'value')::numeric * v.total_available_grant_amount
-        WHEN 'USAGE_VALUE' THEN v.usage >= (t->>'value')::numeric
-        WHEN 'BALANCE_VALUE' THEN v.balance <= (t->>'value')::numeric
+                                  AND v.usage * 100 >= (th->>'value')::numeric * v.total_available_grant_amount
+        WHEN 'USAGE_VALUE' THEN v.usage >= (th->>'value')::numeric
+        WHEN 'BALANCE_VALUE' THEN v.balance <= (th->>'value')::numeric
       END;
+      IF NOT crossed THEN
+        -- usage burns the balance one for one at most
+        room := least(room, CASE th->>'type'
+          WHEN 'USAGE_PERCENT' THEN (th->>'value')::numeric * v.total_available_grant_amount / 100 - v.usage
+          WHEN 'USAGE_VALUE' THEN (th->>'value')::numeric - v.usage
+          WHEN 'BALANCE_VALUE' THEN v.balance - (th->>'value')::numeric
+        END);
+      END IF;
       SELECT * INTO last FROM metering.notification_events x
-       WHERE x.entitlement_id = e.id AND x.rule_id = rule.id AND x.threshold = t
+       WHERE x.entitlement_id = e.id AND x.rule_id = rule.id AND x.threshold = th
        ORDER BY x.seq DESC LIMIT 1;
       IF crossed AND (last.id IS NULL OR last.kind = 'resolved' OR last.period_start <> v.start_of_period) THEN
         INSERT INTO metering.notification_events AS x (rule_id, entitlement_id, subject, feature_key, kind, threshold,
           period_start, usage, balance, total_available_grant_amount, created_at)
-        VALUES (rule.id, e.id, e.subject, e.feature_key, 'crossed', t, v.start_of_period, v.usage, v.balance,
+        VALUES (rule.id, e.id, e.subject, e.feature_key, 'crossed', th, v.start_of_period, v.usage, v.balance,
                 v.total_available_grant_amount, now)
         RETURNING * INTO ne;
       ELSIF may_resolve AND NOT crossed AND last.kind = 'crossed'
@@ -219,7 +248,7 @@ BEGIN
                                AND s.effective_at > last.period_start)) THEN
         INSERT INTO metering.notification_events AS x (rule_id, entitlement_id, subject, feature_key, kind, threshold,
           period_start, usage, balance, total_available_grant_amount, created_at)
-        VALUES (rule.id, e.id, e.subject, e.feature_key, 'resolved', t, v.start_of_period, v.usage, v.balance,
+        VALUES (rule.id, e.id, e.subject, e.feature_key, 'resolved', th, v.start_of_period, v.usage, v.balance,
                 v.total_available_grant_amount, now)
         RETURNING * INTO ne;
       ELSE
@@ -229,10 +258,31 @@ BEGIN
       written := written + 1;
     END LOOP;
   END LOOP;
+  -- the headroom holds while the period and the grants stay as they are
+  UPDATE metering.entitlement_turns x
+     SET armed_from = v.start_of_period,
+         armed_until = least(metering._period_bound(e.id, at, true),
+                             (SELECT min(b.t) FROM metering.grants g,
+                                     LATERAL (VALUES (g.effective_at), (g.expires_at)) b(t)
+                               WHERE g.entitlement_id = e.id AND b.t > at)),
+         headroom = room
+   WHERE x.entitlement_id = e.id AND x.purpose = 'a';
   RETURN written;
 END $$;
-COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) IS
-  'internal: writes (and notifies at commit) the crossings of the live rules'' thresholds by a metered entitlement, counting usage up to now and to usage_until (and, with may_resolve, the thresholds taken back across); returns how many';
+COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean, numeric, timestamptz) IS
+  'internal: writes (and notifies at commit) the crossings of the live rules'' thresholds by a metered entitlement, counting usage up to now and to usage_until (with may_resolve also the thresholds taken back across); delta: the usage just added in the period delta_from, skipped while it fits in the headroom; returns how many';
+
+-- a change of the rules re-arms every entitlement's headroom
+CREATE FUNCTION metering._notification_rules_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE metering.entitlement_turns SET headroom = NULL WHERE purpose = 'a' AND headroom IS NOT NULL;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._notification_rules_changed() IS
+  'internal: after a change of the notification rules, the next write of each entitlement evaluates its alerts in full';
+CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON metering.notification_rules
+  FOR EACH STATEMENT EXECUTE FUNCTION metering._notification_rules_changed();
 
 -- events: once per statement, each touched (subject, feature) entitlement once
 CREATE FUNCTION metering._events_alerts() RETURNS trigger
@@ -243,17 +293,23 @@ BEGIN
   IF NOT metering._alerts_live() THEN
     RETURN NULL;
   END IF;
-  FOR x IN SELECT e.id, max(n.last_time) AS last_time
-             FROM (SELECT n.subject, n.type, max(n.time) AS last_time FROM new_events n GROUP BY n.subject, n.type) n
+  FOR x IN SELECT e.id, max(n.time) AS last_time, t.armed_from,
+                  sum(CASE WHEN n.time < t.armed_from OR n.time >= t.armed_until THEN 0
+                           WHEN f.meter_group_by_filters IS NOT NULL
+                                AND NOT metering._meter_groups(n.data, m.group_by) @> f.meter_group_by_filters THEN 0
+                           WHEN m.aggregation = 'COUNT' THEN 1
+                           ELSE greatest(coalesce(metering._meter_number(n.data, m.value_property), 0), 0) END) AS delta
+             FROM new_events n
              JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
              JOIN metering.features f ON f.id = e.feature_id
              JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
+             LEFT JOIN metering.entitlement_turns t ON t.entitlement_id = e.id AND t.purpose = 'a'
             WHERE EXISTS (SELECT 1 FROM metering.notification_rules r
                            WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL
                              AND (r.feature_key IS NULL OR r.feature_key = e.feature_key))
-            GROUP BY e.id ORDER BY e.id LOOP
+            GROUP BY e.id, t.armed_from ORDER BY e.id LOOP
     -- usage only grows: events cross thresholds, they never take one back
-    PERFORM metering._evaluate_alerts(x.id, x.last_time, false);
+    PERFORM metering._evaluate_alerts(x.id, x.last_time, false, x.delta, x.armed_from);
   END LOOP;
   RETURN NULL;
 END $$;
@@ -281,10 +337,11 @@ CREATE TRIGGER resets_alerts AFTER INSERT ON metering.resets
 
 -- the evaluation reads every entitlement and writes notifications, whoever
 -- stored the events
-ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) SECURITY DEFINER;
+ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean, numeric, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION metering._notification_rules_changed() SECURITY DEFINER;
 ALTER FUNCTION metering._events_alerts() SECURITY DEFINER;
 ALTER FUNCTION metering._entitlement_changed_alerts() SECURITY DEFINER;
-REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean, numeric, timestamptz) FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_events', '');
