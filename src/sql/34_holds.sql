@@ -163,7 +163,7 @@ CREATE FUNCTION metering._check_instant(e metering.entitlements, now timestamptz
 LANGUAGE sql STABLE
 BEGIN ATOMIC
   SELECT CASE WHEN e.type <> 'metered' THEN now
-              WHEN usage_until IS NULL OR usage_until < now THEN now + interval '1 microsecond'
+              WHEN usage_until IS NULL OR usage_until <= now THEN now + interval '1 microsecond'
               ELSE least(usage_until + interval '1 microsecond',
                          metering._period_bound(e.id, now, true) - interval '1 microsecond') END;
 END;
