@@ -164,14 +164,11 @@ COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notificati
 -- current period; a resolution (may_resolve: grants, voids, resets; usage
 -- only grows) when it is crossed in this period, or in the one a reset
 -- ended, and no longer holds.
--- A full evaluation also keeps, in the entitlement's turn row, the headroom:
+-- An evaluation also keeps, in the entitlement's turn row, the headroom:
 -- how much usage may still come in the period before a threshold that is
 -- not crossed can be, valid until the period ends or a grant activates or
--- expires.  Events that add less than the headroom (usage, from the
--- statement's own rows: `delta` of the period `delta_from`) only take it
--- from the headroom, without reading the entitlement's value.
-CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean,
-  delta numeric DEFAULT NULL, delta_from timestamptz DEFAULT NULL)
+-- expires (the trigger of events uses it).
+CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean)
   RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -202,12 +199,6 @@ BEGIN
   ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
   DO UPDATE SET turns = x.turns + 1, usage_until = greatest(x.usage_until, excluded.usage_until)
   RETURNING * INTO t;
-  IF delta IS NOT NULL AND t.headroom > delta AND t.armed_from = delta_from
-     AND t.armed_from <= now AND now < t.armed_until AND t.usage_until < t.armed_until THEN
-    UPDATE metering.entitlement_turns x SET headroom = x.headroom - delta
-     WHERE x.entitlement_id = e.id AND x.purpose = 'a';
-    RETURN 0;
-  END IF;
   at := metering._check_instant(e, now, t.usage_until);
   SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   IF v.balance IS NULL THEN
@@ -269,8 +260,8 @@ BEGIN
    WHERE x.entitlement_id = e.id AND x.purpose = 'a';
   RETURN written;
 END $$;
-COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean, numeric, timestamptz) IS
-  'internal: writes (and notifies at commit) the crossings of the live rules'' thresholds by a metered entitlement, counting usage up to now and to usage_until (with may_resolve also the thresholds taken back across); delta: the usage just added in the period delta_from, skipped while it fits in the headroom; returns how many';
+COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) IS
+  'internal: writes (and notifies at commit) the crossings of the live rules'' thresholds by a metered entitlement, counting usage up to now and to usage_until (with may_resolve also the thresholds taken back across), and keeps its headroom; returns how many';
 
 -- a change of the rules re-arms every entitlement's headroom
 CREATE FUNCTION metering._notification_rules_changed() RETURNS trigger
@@ -284,33 +275,59 @@ COMMENT ON FUNCTION metering._notification_rules_changed() IS
 CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON metering.notification_rules
   FOR EACH STATEMENT EXECUTE FUNCTION metering._notification_rules_changed();
 
--- events: once per statement, each touched (subject, feature) entitlement once
+-- events: once per statement, each touched (subject, feature) entitlement
+-- once.  The turns of all of them are taken in one statement, in id order
+-- (no deadlock between two batches); those whose headroom the statement's
+-- usage fits in only give that usage from it, the others are evaluated in
+-- full.
 CREATE FUNCTION metering._events_alerts() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
+  now timestamptz := metering.now();
   x record;
+  skip_ids uuid[] := '{}';
+  skip_deltas numeric[] := '{}';
 BEGIN
   IF NOT metering._alerts_live() THEN
     RETURN NULL;
   END IF;
-  FOR x IN SELECT e.id, max(n.time) AS last_time, t.armed_from,
-                  sum(CASE WHEN n.time < t.armed_from OR n.time >= t.armed_until THEN 0
-                           WHEN f.meter_group_by_filters IS NOT NULL
-                                AND NOT metering._meter_groups(n.data, m.group_by) @> f.meter_group_by_filters THEN 0
-                           WHEN m.aggregation = 'COUNT' THEN 1
-                           ELSE greatest(coalesce(metering._meter_number(n.data, m.value_property), 0), 0) END) AS delta
-             FROM new_events n
-             JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
-             JOIN metering.features f ON f.id = e.feature_id
-             JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
-             LEFT JOIN metering.entitlement_turns t ON t.entitlement_id = e.id AND t.purpose = 'a'
-            WHERE EXISTS (SELECT 1 FROM metering.notification_rules r
-                           WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL
-                             AND (r.feature_key IS NULL OR r.feature_key = e.feature_key))
-            GROUP BY e.id, t.armed_from ORDER BY e.id LOOP
-    -- usage only grows: events cross thresholds, they never take one back
-    PERFORM metering._evaluate_alerts(x.id, x.last_time, false, x.delta, x.armed_from);
+  FOR x IN
+    WITH usage AS (
+      SELECT e.id, n.time,
+             CASE WHEN f.meter_group_by_filters IS NOT NULL
+                       AND NOT metering._meter_groups(n.data, m.group_by) @> f.meter_group_by_filters THEN 0
+                  WHEN m.aggregation = 'COUNT' THEN 1
+                  ELSE greatest(coalesce(metering._meter_number(n.data, m.value_property), 0), 0) END AS amount
+        FROM new_events n
+        JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
+        JOIN metering.features f ON f.id = e.feature_id
+        JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
+       WHERE EXISTS (SELECT 1 FROM metering.notification_rules r
+                      WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL
+                        AND (r.feature_key IS NULL OR r.feature_key = e.feature_key))),
+    turned AS (
+      INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until)
+      SELECT u.id, 'a', 1, max(u.time) FROM usage u GROUP BY u.id ORDER BY u.id
+      ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
+      DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until)
+      RETURNING t.entitlement_id, t.usage_until, t.armed_from, t.armed_until, t.headroom)
+    SELECT t.*, (SELECT coalesce(sum(u.amount), 0) FROM usage u
+                  WHERE u.id = t.entitlement_id AND u.time >= t.armed_from AND u.time < t.armed_until) AS delta
+      FROM turned t ORDER BY t.entitlement_id
+  LOOP
+    IF x.headroom > x.delta AND x.armed_from <= now AND now < x.armed_until AND x.usage_until < x.armed_until THEN
+      skip_ids := skip_ids || x.entitlement_id;
+      skip_deltas := skip_deltas || x.delta;
+    ELSE
+      -- usage only grows: events cross thresholds, they never take one back
+      PERFORM metering._evaluate_alerts(x.entitlement_id, x.usage_until, false);
+    END IF;
   END LOOP;
+  IF cardinality(skip_ids) > 0 THEN
+    UPDATE metering.entitlement_turns t SET headroom = t.headroom - d.delta
+      FROM unnest(skip_ids, skip_deltas) d(id, delta)
+     WHERE t.entitlement_id = d.id AND t.purpose = 'a';
+  END IF;
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._events_alerts() IS
@@ -337,11 +354,11 @@ CREATE TRIGGER resets_alerts AFTER INSERT ON metering.resets
 
 -- the evaluation reads every entitlement and writes notifications, whoever
 -- stored the events
-ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean, numeric, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) SECURITY DEFINER;
 ALTER FUNCTION metering._notification_rules_changed() SECURITY DEFINER;
 ALTER FUNCTION metering._events_alerts() SECURITY DEFINER;
 ALTER FUNCTION metering._entitlement_changed_alerts() SECURITY DEFINER;
-REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean, numeric, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_events', '');
