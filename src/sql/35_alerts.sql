@@ -277,16 +277,16 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 
 -- events: once per statement, each touched (subject, feature) entitlement
 -- once.  The turns of all of them are taken in one statement, in id order
--- (no deadlock between two batches); those whose headroom the statement's
--- usage fits in only give that usage from it, the others are evaluated in
--- full.
+-- (no deadlock between two batches), which also takes the statement's usage
+-- from the headroom of those it fits in (the usage is computed for the
+-- window of the headroom read before the turn, and taken only if that is
+-- still the window once the turn is ours); the others get no headroom and
+-- are evaluated in full.
 CREATE FUNCTION metering._events_alerts() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
   now timestamptz := metering.now();
   x record;
-  skip_ids uuid[] := '{}';
-  skip_deltas numeric[] := '{}';
 BEGIN
   IF NOT metering._alerts_live() THEN
     RETURN NULL;
@@ -304,30 +304,29 @@ BEGIN
         JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
        WHERE EXISTS (SELECT 1 FROM metering.notification_rules r
                       WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL
-                        AND (r.feature_key IS NULL OR r.feature_key = e.feature_key))),
-    turned AS (
-      INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until)
-      SELECT u.id, 'a', 1, max(u.time) FROM usage u GROUP BY u.id ORDER BY u.id
-      ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
-      DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until)
-      RETURNING t.entitlement_id, t.usage_until, t.armed_from, t.armed_until, t.headroom)
-    SELECT t.*, (SELECT coalesce(sum(u.amount), 0) FROM usage u
-                  WHERE u.id = t.entitlement_id AND u.time >= t.armed_from AND u.time < t.armed_until) AS delta
-      FROM turned t ORDER BY t.entitlement_id
+                        AND (r.feature_key IS NULL OR r.feature_key = e.feature_key)))
+    INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom)
+    SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until,
+           -- (the usage in the window, carried to the update as the new row's headroom)
+           CASE WHEN w.armed_from IS NOT NULL
+                THEN coalesce(sum(u.amount) FILTER (WHERE u.time >= w.armed_from AND u.time < w.armed_until), 0) END
+      FROM usage u
+      LEFT JOIN metering.entitlement_turns w ON w.entitlement_id = u.id AND w.purpose = 'a'
+     GROUP BY u.id, w.armed_from, w.armed_until ORDER BY u.id
+    ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
+    DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until),
+                  headroom = CASE WHEN t.armed_from = excluded.armed_from AND t.armed_until = excluded.armed_until
+                                       AND t.headroom > excluded.headroom
+                                       AND t.armed_from <= now AND now < t.armed_until
+                                       AND greatest(t.usage_until, excluded.usage_until) < t.armed_until
+                                  THEN t.headroom - excluded.headroom END
+    RETURNING t.entitlement_id, t.usage_until, t.headroom
   LOOP
-    IF x.headroom > x.delta AND x.armed_from <= now AND now < x.armed_until AND x.usage_until < x.armed_until THEN
-      skip_ids := skip_ids || x.entitlement_id;
-      skip_deltas := skip_deltas || x.delta;
-    ELSE
+    IF x.headroom IS NULL THEN
       -- usage only grows: events cross thresholds, they never take one back
       PERFORM metering._evaluate_alerts(x.entitlement_id, x.usage_until, false);
     END IF;
   END LOOP;
-  IF cardinality(skip_ids) > 0 THEN
-    UPDATE metering.entitlement_turns t SET headroom = t.headroom - d.delta
-      FROM unnest(skip_ids, skip_deltas) d(id, delta)
-     WHERE t.entitlement_id = d.id AND t.purpose = 'a';
-  END IF;
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._events_alerts() IS
