@@ -13,13 +13,13 @@ check() {  # description, got, expected
   if [ "$2" = "$3" ]; then echo "ok $n - $1"; else echo "not ok $n - $1"; echo "#   got: $2"; echo "#   expected: $3"; fi
   n=$((n + 1))
 }
-echo "1..8"
+echo "1..9"
 dropdb --if-exists $db >/dev/null 2>&1
 createdb $db
 q "CREATE EXTENSION metering" >/dev/null
 q "INSERT INTO metering.meters (slug, event_type, aggregation, value_property) VALUES ('tok', 'tokens', 'SUM', '\$.n');
    SELECT metering.create_feature('llm', 'LLM', 'tok');
-   SELECT metering.create_entitlement(s, 'llm', usage_period => '1 month') FROM unnest(ARRAY['acme', 'beta', 'gamma']) s;
+   SELECT metering.create_entitlement(s, 'llm', usage_period => '1 month') FROM unnest(ARRAY['acme', 'beta', 'gamma', 'delta']) s;
    SELECT metering.create_grant(id, 500, now()) FROM metering.entitlements;" >/dev/null
 
 # 20 holds of 75 at once against 500
@@ -62,5 +62,13 @@ check "the listener received one notification" "$(grep -c 'Asynchronous notifica
 check "it is the crossing, with the usage of the transaction that crossed" \
   "$(sed -n 's/.*"kind":"\([a-z]*\)".*"usage":\([0-9]*\),.*/\1 \2/p' $tmp/listen.out)" "crossed 450"
 check "and one row of notification_events" "$(q "SELECT count(*) FROM metering.notification_events")" "1"
+
+# 10 sessions store 50 each at once against 500: one of them crosses 80%, once
+for i in $(seq 1 10); do
+  psql -X -q -d $db -c "SELECT metering.ingest(jsonb_build_object('specversion', '1.0', 'id', 'd$i', 'source', 'conc', 'type', 'tokens', 'subject', 'delta', 'data', jsonb_build_object('n', 50)))" >/dev/null 2>&1 &
+done
+wait
+check "10 concurrent ingests that cross 80% together: one notification" \
+  "$(q "SELECT count(*) || ' ' || min(usage) FROM metering.notification_events WHERE subject = 'delta'")" "1 400"
 rm -rf $tmp
 dropdb $db
