@@ -56,7 +56,7 @@ COMMENT ON TABLE metering.entitlement_turns IS
 COMMENT ON COLUMN metering.entitlement_turns.entitlement_id IS 'the entitlement';
 COMMENT ON COLUMN metering.entitlement_turns.purpose IS 'u: usage gate (reserve, consume, commit_reservation); a: alert evaluation';
 COMMENT ON COLUMN metering.entitlement_turns.turns IS 'how many turns were taken (the update is the lock)';
-COMMENT ON COLUMN metering.entitlement_turns.usage_until IS 'the latest time of the usage the holders stored: checks count the usage up to it';
+COMMENT ON COLUMN metering.entitlement_turns.usage_until IS 'the latest instant the holders wrote at (their metering.now(), or the time of the usage they stored): checks count holds and usage up to it';
 COMMENT ON COLUMN metering.entitlement_turns.armed_from IS 'a: the start of the usage period of the last full evaluation of the alerts';
 COMMENT ON COLUMN metering.entitlement_turns.armed_until IS 'a: until when its headroom holds (the period''s end, or the next activation or expiry of a grant)';
 COMMENT ON COLUMN metering.entitlement_turns.headroom IS 'a: how much more usage in the period may come before a threshold that is not crossed can be; events that add less skip the full evaluation';
@@ -140,8 +140,10 @@ COMMENT ON FUNCTION metering._active_entitlement(text, text, timestamptz) IS
 -- their REPEATABLE READ guard; a: alert evaluations).  At READ COMMITTED
 -- the caller's next statement sees what the previous holder committed; at
 -- REPEATABLE READ a snapshot taken before that commit fails here with 40001.
--- Returns the latest time of usage stored by the holders (this one's
--- included): the instant a check must count usage up to.
+-- Returns the latest instant the holders wrote at (this one's included: its
+-- metering.now(), and the time of the usage it stores when that is later):
+-- the instant a check must count holds and usage up to, since a holder
+-- whose transaction began later than ours wrote its hold at its own now.
 CREATE FUNCTION metering._take_turn(entitlement uuid, purpose "char", usage_time timestamptz) RETURNS timestamptz
 LANGUAGE sql
 BEGIN ATOMIC
@@ -237,7 +239,9 @@ BEGIN
     RETURN;
   END IF;
   e := metering._lock_entitlement(e.id);
-  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', NULL));
+  -- (the instant of the hold it may write: a session whose transaction began
+  -- earlier must count it, as it counts the usage of a later one)
+  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', now));
   IF idempotency_key IS NOT NULL THEN
     SELECT * INTO r FROM metering.reservations x
      WHERE x.entitlement_id = e.id AND x.idempotency_key = reserve.idempotency_key;
@@ -298,7 +302,7 @@ BEGIN
   SELECT * INTO p FROM metering._parse_events(event, false);
   usage := metering._event_usage(e, p.subject, p.type, p.data, 'reservation');
   e := metering._lock_entitlement(e.id);
-  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', p.time));
+  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', greatest(p.time, now)));
   -- a concurrent commit or release of the hold ends first, or waits for us
   UPDATE metering.reservations x SET committed_at = now, committed_amount = usage
    WHERE x.id = r.id AND x.committed_at IS NULL AND x.released_at IS NULL
@@ -367,7 +371,7 @@ BEGIN
   END IF;
   usage := metering._event_usage(e, p.subject, p.type, p.data, 'entitlement');
   e := metering._lock_entitlement(e.id);
-  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', p.time));
+  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', greatest(p.time, now)));
   -- a repeat consumes nothing again
   IF EXISTS (SELECT 1 FROM metering.events x WHERE x.source = p.source AND x.id = p.id) THEN
     SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
