@@ -166,6 +166,11 @@ LANGUAGE sql STABLE
 BEGIN ATOMIC
   SELECT CASE WHEN e.type <> 'metered' THEN now
               WHEN usage_until IS NULL OR usage_until <= now THEN now + interval '1 microsecond'
+              -- anchors and resets are whole UTC minutes: with a period of whole minutes
+              -- no bound lies between two instants of one minute
+              WHEN date_part('second', e.usage_period) = 0
+                   AND date_trunc('minute', usage_until + interval '1 microsecond', 'UTC') = date_trunc('minute', now, 'UTC')
+                THEN usage_until + interval '1 microsecond'
               ELSE least(usage_until + interval '1 microsecond',
                          metering._period_bound(e.id, now, true) - interval '1 microsecond') END;
 END;
