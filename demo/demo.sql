@@ -187,3 +187,31 @@ SELECT t ->> 'from' AS "from", t ->> 'up_to' AS up_to, t -> 'units' AS units, t 
  WHERE u.model = 'graduated';
 \echo 'what if acme used 250,000 tokens this month?'
 SELECT amount FROM metering.price_quote((SELECT id FROM metering.prices WHERE name = 'LLM tokens'), 250000);
+
+\echo
+\echo '== 10. Real-time enforcement: an LLM gateway reserves tokens before the call, commits what it used'
+SELECT metering.create_feature('gateway-tokens', 'Tokens through the gateway', 'tokens') IS NOT NULL AS feature;
+SELECT metering.create_entitlement('initech', 'gateway-tokens', usage_period => '1 month',
+         usage_period_anchor => '2024-06-01', measure_usage_from => '2024-06-01') AS gw \gset
+SELECT metering.create_grant(:'gw', 10000, '2024-06-01') IS NOT NULL AS granted_10000_tokens;
+INSERT INTO metering.notification_rules (name, feature_key, thresholds)
+VALUES ('gateway 80%', 'gateway-tokens', '[{"type": "USAGE_PERCENT", "value": 80}]');
+\echo 'this session listens on the rules'' channel (psql shows what arrives after each command):'
+LISTEN metering_alerts;
+\echo 'a request comes in: hold 2,000 tokens for it (another request cannot spend them meanwhile)'
+SELECT granted, available, expires_at FROM metering.reserve('initech', 'gateway-tokens', 2000, '2 minutes', 'req-9001');
+SELECT reservation_id AS hold FROM metering.reserve('initech', 'gateway-tokens', 2000, '2 minutes', 'req-9001') \gset
+\echo '(a retry with the same idempotency key gets the same hold, not a second one)'
+SELECT balance, reserved, available FROM metering.entitlement_value('initech', 'gateway-tokens');
+\echo 'the model answered with 1,234 tokens: commit them (the event is stored as ingest stores it, the hold ends)'
+SELECT * FROM metering.commit_reservation(:'hold',
+  '{"specversion": "1.0", "id": "req-9001", "source": "gateway", "type": "llm.completion", "subject": "initech",
+    "time": "2024-06-01T11:59:00Z", "data": {"tokens": 1234, "model": "large", "user": "bob"}}');
+\echo 'a long batch job: check and record in one call; it takes usage past 80%, and the alert is sent when it commits'
+SELECT * FROM metering.consume(
+  '{"specversion": "1.0", "id": "job-77", "source": "gateway", "type": "llm.completion", "subject": "initech",
+    "time": "2024-06-01T11:59:30Z", "data": {"tokens": 6900, "model": "small", "user": "batch"}}', 'gateway-tokens');
+SELECT kind, threshold, usage, balance, total_available_grant_amount FROM metering.notification_events;
+\echo 'the next request wants 2,000 more: only 1,866 are left, so it is denied (an answer, not an error)'
+SELECT granted, reservation_id, available FROM metering.reserve('initech', 'gateway-tokens', 2000);
+UNLISTEN metering_alerts;

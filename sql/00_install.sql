@@ -65,7 +65,9 @@ BEGIN
            metering.features, metering.entitlements, metering.grants, metering.resets,
            metering.entitlement_snapshots, metering.entitlement_snapshot_queue,
            metering.hashmap_mappings, metering.hashmap_thresholds, metering.hashmap_fields,
-           metering.hashmap_services, metering.hashmap_groups, metering.subjects, metering.prices;
+           metering.hashmap_services, metering.hashmap_groups, metering.subjects, metering.prices,
+           metering.reservations, metering.entitlement_turns, metering.notification_events,
+           metering.notification_rules;
 END $$;
 -- a CloudEvents object
 CREATE FUNCTION regress.ev(id text, subject text, type text, "time" text, data jsonb DEFAULT '{}',

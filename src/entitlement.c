@@ -73,9 +73,31 @@ FindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 	return true;
 }
 
+/* the amounts of the entitlement's holds active at `at` */
+static Numeric
+Reserved(pg_uuid_t *id, TimestampTz at)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {UUIDOID, TIMESTAMPTZOID};
+	Datum		args[2] = {UUIDPGetDatum(id), TimestampTzGetDatum(at)};
+	bool		isnull;
+	int			ret = SPI_execute_plan(EntPrepare(&plan,
+											   "SELECT coalesce(sum(r.amount), 0) FROM metering.reservations r "
+											   "WHERE r.entitlement_id = $1 AND r.expires_at > $2 AND r.created_at <= $2 "
+											   "  AND (r.committed_at IS NULL OR r.committed_at > $2) "
+											   "  AND (r.released_at IS NULL OR r.released_at > $2)", 2, types),
+									   args, NULL, true, 1);
+
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read the holds: %s", SPI_result_code_string(ret));
+	return DatumGetNumeric(EntGetCol(0, 1, &isnull));
+}
+
 /*
  * metering.entitlement_value(subject, feature, at): has_access, balance,
- * usage, overage, total_available_grant_amount, start_of_period, config.
+ * usage, overage, total_available_grant_amount, start_of_period, config,
+ * reserved (the holds active at `at`, src/sql/34_holds.sql) and available
+ * (balance - reserved).
  */
 PG_FUNCTION_INFO_V1(metering_entitlement_value);
 Datum
@@ -83,8 +105,8 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 {
 	TimestampTz at = NowOr(fcinfo, 2, "at");
 	TupleDesc	desc;
-	Datum		values[7];
-	bool		nulls[7];
+	Datum		values[9];
+	bool		nulls[9];
 	pg_uuid_t	id;
 	Entitlement ent;
 	MemoryContext caller = CurrentMemoryContext;
@@ -121,8 +143,11 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 			values[3] = NumericGetDatum(e.state.overage);
 			values[4] = NumericGetDatum(BdAdd(e.state.grant_usage, balance));
 			values[5] = TimestampTzGetDatum(e.state.period_start);
+			values[7] = NumericGetDatum(Reserved(&id, at));
+			values[8] = NumericGetDatum(BdSub(balance, DatumGetNumeric(values[7])));
 			for (int i = 1; i <= 5; i++)
 				nulls[i] = false;
+			nulls[7] = nulls[8] = false;
 		}
 	}
 	MemoryContextSwitchTo(caller);

@@ -406,11 +406,12 @@ COMMENT ON FUNCTION metering.rollover(numeric, numeric, numeric) IS
 
 CREATE FUNCTION metering.entitlement_value(subject text, feature text, at timestamptz DEFAULT NULL,
   OUT has_access boolean, OUT balance numeric, OUT usage numeric, OUT overage numeric,
-  OUT total_available_grant_amount numeric, OUT start_of_period timestamptz, OUT config jsonb)
+  OUT total_available_grant_amount numeric, OUT start_of_period timestamptz, OUT config jsonb,
+  OUT reserved numeric, OUT available numeric)
   AS 'MODULE_PATHNAME', 'metering_entitlement_value'
   LANGUAGE C STABLE;
 COMMENT ON FUNCTION metering.entitlement_value(text, text, timestamptz) IS
-  'may the subject use the feature (key or entitlement id) at `at` (default metering.now()), and what is left: one row, has_access false and NULLs when there is no entitlement';
+  'may the subject use the feature (key or entitlement id) at `at` (default metering.now()), and what is left: one row, has_access false and NULLs when there is no entitlement; metered: reserved (the holds active at `at`) and available (balance - reserved)';
 
 CREATE FUNCTION metering.grant_balances(entitlement uuid, at timestamptz DEFAULT NULL)
   RETURNS TABLE(grant_id uuid, balance numeric)

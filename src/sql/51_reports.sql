@@ -11,7 +11,7 @@ CREATE VIEW metering.entitlement_status WITH (security_invoker = true) AS
 SELECT e.subject, e.feature_key AS feature, e.type, v.has_access AS access, v.balance, v.usage, v.overage,
        v.start_of_period AS period_start,
        CASE WHEN e.type = 'metered' THEN metering._period_bound(e.id, metering.now(), true) END AS period_end,
-       v.config, e.id AS entitlement_id
+       v.config, e.id AS entitlement_id, v.reserved, v.available
   FROM metering.entitlements e
  CROSS JOIN LATERAL metering.entitlement_value(e.subject, e.id::text, metering.now()) v
  WHERE e.deleted_at IS NULL;
@@ -28,6 +28,8 @@ COMMENT ON COLUMN metering.entitlement_status.period_start IS 'metered: the curr
 COMMENT ON COLUMN metering.entitlement_status.period_end IS 'metered: its end (exclusive)';
 COMMENT ON COLUMN metering.entitlement_status.config IS 'static: the configuration';
 COMMENT ON COLUMN metering.entitlement_status.entitlement_id IS 'the entitlement';
+COMMENT ON COLUMN metering.entitlement_status.reserved IS 'metered: the amounts of the holds active now (metering.reserve)';
+COMMENT ON COLUMN metering.entitlement_status.available IS 'metered: balance - reserved, what a new hold or consume may take';
 
 CREATE VIEW metering.daily_usage WITH (security_invoker = true) AS
 SELECT m.slug AS meter, q.subject, q.window_start AS day, q.window_end AS day_end, q.value

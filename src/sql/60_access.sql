@@ -87,14 +87,16 @@ DECLARE
 BEGIN
   FOR t IN SELECT * FROM (VALUES ('events', 'subject'), ('meter_rollups', 'subject'), ('usage_periods', 'subject'), ('entitlements', 'subject'),
                                  ('subjects', 'key'), ('usage_records', 'customer_identifier'),
-                                 ('customers', 'customer_identifier'), ('registrations', 'customer_identifier')) v(tab, col) LOOP
+                                 ('customers', 'customer_identifier'), ('registrations', 'customer_identifier'),
+                                 ('reservations', 'subject'), ('notification_events', 'subject')) v(tab, col) LOOP
     EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);
     EXECUTE format('CREATE POLICY %I ON metering.%I USING (' || visible || ') WITH CHECK (true)',
                    t.tab || '_by_subject', t.tab, t.col, t.col);
     EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t.tab || '_by_subject', t.tab,
                    'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
   END LOOP;
-  FOR t IN SELECT * FROM (VALUES ('grants'), ('resets'), ('entitlement_snapshots'), ('entitlement_snapshot_queue')) v(tab) LOOP
+  FOR t IN SELECT * FROM (VALUES ('grants'), ('resets'), ('entitlement_snapshots'), ('entitlement_snapshot_queue'),
+                                 ('entitlement_turns')) v(tab) LOOP
     EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);
     EXECUTE format('CREATE POLICY %I ON metering.%I USING (entitlement_id IN (SELECT e.id FROM metering.entitlements e)) WITH CHECK (true)',
                    t.tab || '_by_subject', t.tab);
@@ -190,7 +192,9 @@ BEGIN
   -- writer: usage in, through the functions (they run as the owner)
   GRANT EXECUTE ON FUNCTION metering.ingest(jsonb), metering.ingest_batch(jsonb),
     metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean), metering.batch_meter_usage(jsonb),
-    metering.register_usage(text, text, integer, text), metering.resolve_customer(text)
+    metering.register_usage(text, text, integer, text), metering.resolve_customer(text),
+    metering.reserve(text, text, numeric, interval, text), metering.commit_reservation(uuid, jsonb),
+    metering.release_reservation(uuid), metering.consume(jsonb, text)
     TO metering_writer;
   -- admin: configuration, grants, resets, rules, subjects, maintenance.  It
   -- writes the tables that people write; derived tables, usage records,
@@ -199,9 +203,11 @@ BEGIN
             WHERE c.relnamespace = 'metering'::regnamespace AND c.relkind IN ('r', 'p')
               AND c.relname <> ALL (ARRAY['meter_rollups', 'meter_rollup_state', 'usage_periods', 'refresh_rounds',
                                           'entitlement_snapshots', 'entitlement_snapshot_queue',
-                                          'usage_records', 'registrations', 'signing_keys', 'events']) LOOP
+                                          'usage_records', 'registrations', 'signing_keys', 'events',
+                                          'reservations', 'entitlement_turns', 'notification_events']) LOOP
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO metering_admin', t.rel);
   END LOOP;
+  -- holds and notifications are written by the functions alone (they take the entitlement's turn)
   -- events: stored or deleted, never given their number (seq) by hand
   GRANT INSERT (id, source, subject, type, time, data, ingested_at), DELETE ON metering.events TO metering_admin;
   GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA metering TO metering_admin;
