@@ -15,6 +15,8 @@
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
+#include "metering.h"
+
 #include "price.h"
 
 /* the model parameters, and which models take them */
@@ -201,4 +203,26 @@ metering_price_fee(PG_FUNCTION_ARGS)
 									PG_ARGISNULL(2) ? NULL : PG_GETARG_NUMERIC(2),
 									PG_ARGISNULL(3) ? NULL : PG_GETARG_NUMERIC(3),
 									PG_GETARG_NUMERIC(4)));
+}
+
+/*
+ * metering._prices_unchanged_since_snapshot(meter): the REPEATABLE READ half
+ * of "one price per key at any instant".  Writers of one meter's prices take
+ * turns on an advisory lock; at REPEATABLE READ the second may not see what
+ * the first committed, so it compares the meter's prices under both
+ * snapshots and fails as a concurrent update does (40001).
+ */
+PG_FUNCTION_INFO_V1(metering_prices_unchanged_since_snapshot);
+Datum
+metering_prices_unchanged_since_snapshot(PG_FUNCTION_ARGS)
+{
+	static const char *sql =
+	"SELECT coalesce(string_agg(concat_ws('/', id, start, coalesce(\"end\"::text, '-'), "
+	"                                     coalesce(deleted_at::text, '-')), ',' ORDER BY id), '') "
+	"FROM metering.prices WHERE meter_slug = $1";
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1] = {PG_GETARG_DATUM(0)};
+
+	MeteringErrorIfChangedSinceSnapshot(sql, 1, types, args, "the meter's prices");
+	PG_RETURN_BOOL(true);
 }

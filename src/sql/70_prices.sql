@@ -106,6 +106,12 @@ RETURN CASE WHEN currency IN ('JPY', 'KRW') THEN 0
 COMMENT ON FUNCTION metering.currency_minor_unit(text) IS
   'the decimals a currency''s amounts are rounded to: 0 for JPY and KRW, 3 for BHD, KWD and OMR, else 2';
 
+CREATE FUNCTION metering._prices_unchanged_since_snapshot(meter text) RETURNS boolean
+  AS 'MODULE_PATHNAME', 'metering_prices_unchanged_since_snapshot'
+  LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION metering._prices_unchanged_since_snapshot(text) IS
+  'internal: at REPEATABLE READ or SERIALIZABLE, raises 40001 when another transaction changed the meter''s prices after this one''s snapshot';
+
 CREATE FUNCTION metering._prices_before_write() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -245,6 +251,7 @@ BEGIN
   -- one price per meter, filters and subject at any instant: writers of one
   -- meter take turns, so that the check below sees the others' prices
   PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('metering.prices ' || NEW.meter_slug));
+  PERFORM metering._prices_unchanged_since_snapshot(NEW.meter_slug);
   SELECT p.id INTO dup FROM metering.prices p
    WHERE p.id <> NEW.id AND p.meter_slug = NEW.meter_slug
      AND p.subject IS NOT DISTINCT FROM NEW.subject
