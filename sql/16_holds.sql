@@ -70,6 +70,11 @@ SELECT reservation_id AS k1, expires_at AS k1_expires FROM metering.reserve('acm
 SELECT granted, reservation_id = :'k1' AS same, available, expires_at = :'k1_expires' AS same_expiry
   FROM metering.reserve('acme', 'gpt4', 30, idempotency_key => 'req-1');
 SELECT count(*) AS holds FROM metering.reservations WHERE idempotency_key = 'req-1';
+-- and the first call's answer, even after another hold changed what is available
+SELECT metering.reserve('acme', 'gpt4', 5, idempotency_key => 'req-other') IS NOT NULL AS other_hold;
+SELECT granted, reservation_id = :'k1' AS same, available AS first_available
+  FROM metering.reserve('acme', 'gpt4', 30, idempotency_key => 'req-1');
+SELECT metering.release_reservation(id) AS released FROM metering.reservations WHERE idempotency_key = 'req-other';
 SELECT regress.err('SELECT metering.reserve(''acme'', ''gpt4'', 31, idempotency_key => ''req-1'')');
 -- a key is per entitlement
 SELECT granted FROM metering.reserve('acme', 'llm', 1, idempotency_key => 'req-1');

@@ -15,6 +15,7 @@ CREATE TABLE metering.reservations (
   committed_at     timestamptz,
   committed_amount numeric,
   released_at      timestamptz,
+  available        numeric,
   CONSTRAINT reservations_amount_positive CHECK (amount > 0 AND amount < 'Infinity'),
   CONSTRAINT reservations_expire_after_creation CHECK (expires_at > created_at),
   CONSTRAINT reservations_one_end CHECK (committed_at IS NULL OR released_at IS NULL)
@@ -31,6 +32,7 @@ COMMENT ON COLUMN metering.reservations.entitlement_id IS 'the entitlement held 
 COMMENT ON COLUMN metering.reservations.subject IS 'the entitlement''s subject';
 COMMENT ON COLUMN metering.reservations.feature_key IS 'the entitlement''s feature key';
 COMMENT ON COLUMN metering.reservations.amount IS 'how much it holds (positive)';
+COMMENT ON COLUMN metering.reservations.available IS 'what reserve answered as available when it granted the hold: a repeat of its idempotency_key answers the same';
 COMMENT ON COLUMN metering.reservations.idempotency_key IS 'the caller''s key: a repeat of reserve with it returns this reservation';
 COMMENT ON COLUMN metering.reservations.created_at IS 'when it was made (metering.now())';
 COMMENT ON COLUMN metering.reservations.expires_at IS 'when it stops holding, unless committed or released before';
@@ -256,8 +258,8 @@ BEGIN
           idempotency_key, r.amount, amount USING ERRCODE = 'invalid_parameter_value',
           DETAIL = format('Reservation %s.', r.id);
       END IF;
-      SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
-      RETURN QUERY SELECT true, r.id, v.available, r.expires_at;
+      -- the first call's answer
+      RETURN QUERY SELECT true, r.id, r.available, r.expires_at;
       RETURN;
     END IF;
   END IF;
@@ -275,10 +277,10 @@ BEGIN
     RETURN;
   END IF;
   INSERT INTO metering.reservations AS x (entitlement_id, subject, feature_key, amount, idempotency_key,
-                                          created_at, expires_at)
-  VALUES (e.id, e.subject, e.feature_key, amount, idempotency_key, now, now + ttl)
+                                          created_at, expires_at, available)
+  VALUES (e.id, e.subject, e.feature_key, amount, idempotency_key, now, now + ttl, v.available - amount)
   RETURNING * INTO r;
-  RETURN QUERY SELECT true, r.id, v.available - amount, r.expires_at;
+  RETURN QUERY SELECT true, r.id, r.available, r.expires_at;
 END $$;
 COMMENT ON FUNCTION metering.reserve(text, text, numeric, interval, text) IS
   'holds amount of the subject''s entitlement to the feature for ttl (1 second to 1 day): granted when the entitlement is active and is a soft limit or has available >= amount (boolean and static: when there is access); denied writes nothing; a repeat of idempotency_key on the entitlement returns the first reservation';
