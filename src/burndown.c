@@ -32,30 +32,15 @@
 #include "burndown.h"
 #include "calendar.h"
 
-Numeric
-BdAdd(Numeric a, Numeric b)
-{
-	return DatumGetNumeric(DirectFunctionCall2(numeric_add, NumericGetDatum(a), NumericGetDatum(b)));
-}
 
-Numeric
-BdSub(Numeric a, Numeric b)
-{
-	return DatumGetNumeric(DirectFunctionCall2(numeric_sub, NumericGetDatum(a), NumericGetDatum(b)));
-}
 
-int
-BdCmp(Numeric a, Numeric b)
-{
-	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(a), NumericGetDatum(b)));
-}
 
 Numeric
 BdRollover(Numeric balance, Numeric min, Numeric max)
 {
-	Numeric		r = BdCmp(balance, min) > 0 ? balance : min;
+	Numeric		r = NumCmp(balance, min) > 0 ? balance : min;
 
-	return BdCmp(r, max) < 0 ? r : max;
+	return NumCmp(r, max) < 0 ? r : max;
 }
 
 static int
@@ -114,19 +99,19 @@ BdNextBoundary(BdEngine *e)
 static Numeric
 Burn(BdEngine *e, Numeric amount, TimestampTz at, Numeric *burns)
 {
-	for (int i = 0; i < e->ngrants && BdCmp(amount, e->zero) > 0; i++)
+	for (int i = 0; i < e->ngrants && NumCmp(amount, e->zero) > 0; i++)
 	{
 		BdGrant    *g = &e->grants[i];
 		Numeric		take;
 
-		if (!BdActive(g, at) || BdCmp(g->balance, e->zero) <= 0)
+		if (!BdActive(g, at) || NumCmp(g->balance, e->zero) <= 0)
 			continue;
-		take = BdCmp(g->balance, amount) < 0 ? g->balance : amount;
-		g->balance = BdSub(g->balance, take);
-		g->used = BdAdd(g->used, take);
+		take = NumCmp(g->balance, amount) < 0 ? g->balance : amount;
+		g->balance = NumSub(g->balance, take);
+		g->used = NumAdd(g->used, take);
 		if (burns)
 			burns[i] = take;
-		amount = BdSub(amount, take);
+		amount = NumSub(amount, take);
 	}
 	return amount;
 }
@@ -137,10 +122,10 @@ PayOverage(BdEngine *e, TimestampTz at, Numeric *burns)
 {
 	Numeric		left;
 
-	if (BdCmp(e->state.overage, e->zero) <= 0)
+	if (NumCmp(e->state.overage, e->zero) <= 0)
 		return;
 	left = Burn(e, e->state.overage, at, burns);
-	e->state.grant_usage = BdAdd(e->state.grant_usage, BdSub(e->state.overage, left));
+	e->state.grant_usage = NumAdd(e->state.grant_usage, NumSub(e->state.overage, left));
 	e->state.overage = left;
 }
 
@@ -484,22 +469,22 @@ BdPhase(BdEngine *e, Numeric usage, TimestampTz to)
 {
 	TimestampTz from = e->state.at;
 
-	if (BdCmp(usage, e->zero) > 0)
+	if (NumCmp(usage, e->zero) > 0)
 	{
 		Numeric		left = Burn(e, usage, from, NULL);
 
-		e->state.grant_usage = BdAdd(e->state.grant_usage, BdSub(usage, left));
-		e->state.overage = BdAdd(e->state.overage, left);
+		e->state.grant_usage = NumAdd(e->state.grant_usage, NumSub(usage, left));
+		e->state.overage = NumAdd(e->state.overage, left);
 	}
-	else if (BdCmp(usage, e->zero) < 0)
+	else if (NumCmp(usage, e->zero) < 0)
 	{
 		/* a negative usage (a correction) pays back overage, never a grant */
-		Numeric		back = BdSub(e->zero, usage);
+		Numeric		back = NumSub(e->zero, usage);
 
-		e->state.overage = BdCmp(back, e->state.overage) >= 0 ? e->zero
-			: BdSub(e->state.overage, back);
+		e->state.overage = NumCmp(back, e->state.overage) >= 0 ? e->zero
+			: NumSub(e->state.overage, back);
 	}
-	e->state.usage = BdAdd(e->state.usage, usage);
+	e->state.usage = NumAdd(e->state.usage, usage);
 	if (to != from)
 		e->cut_applied = false;
 	e->state.at = to;
@@ -637,7 +622,7 @@ BdBalance(BdEngine *e)
 
 	for (int i = 0; i < e->ngrants; i++)
 		if (BdActive(&e->grants[i], e->state.at))
-			sum = BdAdd(sum, e->grants[i].balance);
+			sum = NumAdd(sum, e->grants[i].balance);
 	return sum;
 }
 

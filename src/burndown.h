@@ -14,6 +14,8 @@
 #include "datatype/timestamp.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
+
+#include "numeric_ops.h"
 #include "utils/uuid.h"
 
 typedef struct BdGrant
@@ -217,9 +219,5 @@ extern void BdArenaInit(BdArena *a, MemoryContext parent);
  */
 extern void BdArenaKeep(BdArena *a, BdEngine *e, void (*keep) (void *arg), void *arg);
 
-/* numeric helpers */
-extern Numeric BdAdd(Numeric a, Numeric b);
-extern Numeric BdSub(Numeric a, Numeric b);
-extern int	BdCmp(Numeric a, Numeric b);
 
 #endif

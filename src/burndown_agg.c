@@ -210,7 +210,7 @@ PhaseUsage(BurndownState *st)
 	Numeric		u = int64_to_numeric(st->int_acc);
 
 	if (st->num_acc)
-		u = BdAdd(u, st->num_acc);
+		u = NumAdd(u, st->num_acc);
 	return u;
 }
 
@@ -266,11 +266,11 @@ Accumulate(BurndownState *st, Numeric amount)
 			return;
 		}
 	}
-	if (BdCmp(amount, st->engine.zero) < 0)
+	if (NumCmp(amount, st->engine.zero) < 0)
 		return;
 	{
 		MemoryContext old = MemoryContextSwitchTo(st->cxt);
-		Numeric		sum = st->num_acc ? BdAdd(st->num_acc, amount)
+		Numeric		sum = st->num_acc ? NumAdd(st->num_acc, amount)
 			: DatumGetNumericCopy(NumericGetDatum(amount));
 
 		if (st->num_acc)

@@ -137,14 +137,14 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 
 			EntEvaluate(&ent, &e, at, at, NULL, 0, NULL, false);
 			balance = BdBalance(&e);
-			values[0] = BoolGetDatum(ent.soft_limit || BdCmp(balance, e.zero) > 0);
+			values[0] = BoolGetDatum(ent.soft_limit || NumCmp(balance, e.zero) > 0);
 			values[1] = NumericGetDatum(balance);
 			values[2] = NumericGetDatum(e.state.usage);
 			values[3] = NumericGetDatum(e.state.overage);
-			values[4] = NumericGetDatum(BdAdd(e.state.grant_usage, balance));
+			values[4] = NumericGetDatum(NumAdd(e.state.grant_usage, balance));
 			values[5] = TimestampTzGetDatum(e.state.period_start);
 			values[7] = NumericGetDatum(Reserved(&id, at));
-			values[8] = NumericGetDatum(BdSub(balance, DatumGetNumeric(values[7])));
+			values[8] = NumericGetDatum(NumSub(balance, DatumGetNumeric(values[7])));
 			for (int i = 1; i <= 5; i++)
 				nulls[i] = false;
 			nulls[7] = nulls[8] = false;
@@ -222,7 +222,7 @@ GrantsJson(BdEngine *e, Numeric *per_grant, bool all)
 
 		if (!all && !BdActive(&e->grants[i], e->state.at))
 			continue;
-		if (per_grant && BdCmp(v, e->zero) == 0)
+		if (per_grant && NumCmp(v, e->zero) == 0)
 			continue;
 		appendStringInfo(&buf, "%s\"%s\": %s", first ? "" : ", ",
 						 DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&e->grants[i].id))),
@@ -309,7 +309,7 @@ UsedSince(HistoryObserver *h, BdEngine *e)
 
 	CountJson(h, e);
 	for (int i = 0; i < e->ngrants; i++)
-		d[i] = BdSub(e->grants[i].used, h->used_at_start[i]);
+		d[i] = NumSub(e->grants[i].used, h->used_at_start[i]);
 	return GrantsJson(e, d, true);
 }
 
@@ -319,7 +319,7 @@ HistoryBeforeCut(Observer *o, BdEngine *e, Numeric phase_usage)
 	HistoryObserver *h = (HistoryObserver *) o;
 
 	if (h->open)
-		h->usage = BdAdd(h->usage, phase_usage);
+		h->usage = NumAdd(h->usage, phase_usage);
 }
 
 static void
@@ -345,7 +345,7 @@ HistoryAfterCut(Observer *o, BdEngine *e, BdCut *cut)
 		Numeric		after = e->zero;
 		for (int i = 0; i < e->ngrants; i++)
 			if (BdActive(&e->grants[i], e->state.at))
-				after = BdAdd(after, cut->balances_after_rollover[i]);
+				after = NumAdd(after, cut->balances_after_rollover[i]);
 		{
 			BdGrant    *saved = palloc(sizeof(BdGrant) * Max(e->ngrants, 1));
 			Datum		balances;
@@ -529,7 +529,7 @@ WindowBeforeCut(Observer *o, BdEngine *e, Numeric phase_usage)
 	WindowObserver *w = (WindowObserver *) o;
 
 	if (w->cur >= 0)
-		w->usage[w->cur] = BdAdd(w->usage[w->cur], phase_usage);
+		w->usage[w->cur] = NumAdd(w->usage[w->cur], phase_usage);
 }
 
 static void

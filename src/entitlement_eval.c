@@ -127,7 +127,7 @@ EntEvaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 
 		BdCountStop(e, budget);
 		while (next < usage.n && usage.points[next].time < stops[i])
-			phase = BdAdd(phase, usage.points[next++].amount);
+			phase = NumAdd(phase, usage.points[next++].amount);
 		BdPhase(e, phase, stops[i]);
 		if (observer && observer->before_cut)
 			observer->before_cut(observer, e, phase);

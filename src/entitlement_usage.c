@@ -185,7 +185,7 @@ EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *st
 				Datum		min = EntGetCol(i, 5, &isnull);
 
 				/* no minimum: no numeric value, or a rollup older than 0.2.0 */
-				negative = isnull || BdCmp(DatumGetNumeric(min), int64_to_numeric(0)) < 0;
+				negative = isnull || NumCmp(DatumGetNumeric(min), int64_to_numeric(0)) < 0;
 			}
 			amount = EntCopyCol(i, 4, &isnull);
 			if (last < from || first >= to || isnull)

@@ -52,29 +52,9 @@ PriceModelName(PriceModel model)
 	return model_names[model];
 }
 
-Numeric
-PriceAdd(Numeric a, Numeric b)
-{
-	return DatumGetNumeric(DirectFunctionCall2(numeric_add, NumericGetDatum(a), NumericGetDatum(b)));
-}
 
-Numeric
-PriceSub(Numeric a, Numeric b)
-{
-	return DatumGetNumeric(DirectFunctionCall2(numeric_sub, NumericGetDatum(a), NumericGetDatum(b)));
-}
 
-Numeric
-PriceMul(Numeric a, Numeric b)
-{
-	return DatumGetNumeric(DirectFunctionCall2(numeric_mul, NumericGetDatum(a), NumericGetDatum(b)));
-}
 
-int
-PriceCmp(Numeric a, Numeric b)
-{
-	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(a), NumericGetDatum(b)));
-}
 
 Numeric
 PriceZero(void)
@@ -105,7 +85,7 @@ TierNumber(JsonbValue *v, int tier, const char *field, bool positive)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("price tiers[%d].%s must be finite, got %s", tier, field, NumText(n))));
-	if (PriceCmp(n, PriceZero()) < 0 || (positive && PriceCmp(n, PriceZero()) == 0))
+	if (NumCmp(n, PriceZero()) < 0 || (positive && NumCmp(n, PriceZero()) == 0))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("price tiers[%d].%s must be %s, got %s", tier, field,
@@ -203,7 +183,7 @@ PriceParseTiers(Jsonb *tiers, PriceTier **out)
 					 errmsg("price tiers[%d].up_to is null, but only the last tier may have no end", i - 1)));
 		if (i > 0 && t[i].up_to != NULL)
 		{
-			int			c = PriceCmp(t[i].up_to, t[i - 1].up_to);
+			int			c = NumCmp(t[i].up_to, t[i - 1].up_to);
 
 			if (c == 0)
 				ereport(ERROR,
@@ -231,8 +211,8 @@ CeilDiv(Numeric a, Numeric b)
 {
 	Numeric		q = DatumGetNumeric(DirectFunctionCall2(numeric_div_trunc, NumericGetDatum(a), NumericGetDatum(b)));
 
-	if (PriceCmp(PriceSub(a, PriceMul(q, b)), PriceZero()) > 0)
-		q = PriceAdd(q, int64_to_numeric(1));
+	if (NumCmp(NumSub(a, NumMul(q, b)), PriceZero()) > 0)
+		q = NumAdd(q, int64_to_numeric(1));
 	return q;
 }
 
@@ -253,7 +233,7 @@ PriceAmount(const Price *p, Numeric q, StringInfo d)
 	switch (p->model)
 	{
 		case PRICE_UNIT:
-			total = PriceMul(q, p->unit_amount);
+			total = NumMul(q, p->unit_amount);
 			appendStringInfo(d, "{\"units\": %s, \"unit_amount\": %s, \"amount\": %s}",
 							 NumText(q), NumText(p->unit_amount), NumText(total));
 			break;
@@ -270,14 +250,14 @@ PriceAmount(const Price *p, Numeric q, StringInfo d)
 					Numeric		flat = zero;
 					Numeric		amount;
 
-					if (PriceCmp(q, from) > 0)
+					if (NumCmp(q, from) > 0)
 					{
-						units = (t->up_to == NULL || PriceCmp(q, t->up_to) < 0) ? q : t->up_to;
-						units = PriceSub(units, from);
+						units = (t->up_to == NULL || NumCmp(q, t->up_to) < 0) ? q : t->up_to;
+						units = NumSub(units, from);
 						flat = t->flat_amount;
 					}
-					amount = PriceAdd(PriceMul(units, t->unit_amount), flat);
-					total = PriceAdd(total, amount);
+					amount = NumAdd(NumMul(units, t->unit_amount), flat);
+					total = NumAdd(total, amount);
 					if (i > 0)
 						appendStringInfoString(d, ", ");
 					TierDetail(d, from, t, units, amount, flat);
@@ -293,18 +273,18 @@ PriceAmount(const Price *p, Numeric q, StringInfo d)
 				Numeric		from = zero;
 				int			i;
 
-				if (PriceCmp(q, zero) <= 0)
+				if (NumCmp(q, zero) <= 0)
 				{
 					appendStringInfo(d, "{\"tier\": null, \"units\": %s, \"amount\": 0}", NumText(q));
 					break;
 				}
 				for (i = 0; i < p->ntiers - 1; i++)
 				{
-					if (PriceCmp(q, p->tiers[i].up_to) <= 0)
+					if (NumCmp(q, p->tiers[i].up_to) <= 0)
 						break;
 					from = p->tiers[i].up_to;
 				}
-				total = PriceAdd(PriceMul(q, p->tiers[i].unit_amount), p->tiers[i].flat_amount);
+				total = NumAdd(NumMul(q, p->tiers[i].unit_amount), p->tiers[i].flat_amount);
 				appendStringInfo(d, "{\"tier\": %d, \"from\": %s, \"up_to\": %s, \"units\": %s, \"unit_amount\": %s, \"flat_amount\": %s, \"amount\": %s}",
 								 i + 1, NumText(from), NumText(p->tiers[i].up_to), NumText(q),
 								 NumText(p->tiers[i].unit_amount), NumText(p->tiers[i].flat_amount), NumText(total));
@@ -313,13 +293,13 @@ PriceAmount(const Price *p, Numeric q, StringInfo d)
 
 		case PRICE_PACKAGE:
 			{
-				Numeric		billable = PriceSub(q, p->free_units);
+				Numeric		billable = NumSub(q, p->free_units);
 				Numeric		packages;
 
-				if (PriceCmp(billable, zero) < 0)
+				if (NumCmp(billable, zero) < 0)
 					billable = zero;
 				packages = CeilDiv(billable, p->package_size);
-				total = PriceMul(packages, p->package_amount);
+				total = NumMul(packages, p->package_amount);
 				appendStringInfo(d, "{\"units\": %s, \"free_units\": %s, \"billable_units\": %s, \"package_size\": %s, \"packages\": %s, \"package_amount\": %s, \"amount\": %s}",
 								 NumText(q), NumText(p->free_units), NumText(billable), NumText(p->package_size),
 								 NumText(packages), NumText(p->package_amount), NumText(total));
@@ -344,13 +324,13 @@ PriceAmount(const Price *p, Numeric q, StringInfo d)
 Numeric
 PriceEventFee(Numeric rate, Numeric fixed, Numeric min, Numeric max, Numeric value)
 {
-	Numeric		fee = PriceMul(rate, value);
+	Numeric		fee = NumMul(rate, value);
 
 	if (fixed != NULL)
-		fee = PriceAdd(fee, fixed);
-	if (min != NULL && PriceCmp(fee, min) < 0)
+		fee = NumAdd(fee, fixed);
+	if (min != NULL && NumCmp(fee, min) < 0)
 		fee = min;
-	if (max != NULL && PriceCmp(fee, max) > 0)
+	if (max != NULL && NumCmp(fee, max) > 0)
 		fee = max;
 	return fee;
 }

@@ -15,6 +15,8 @@
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
+#include "numeric_ops.h"
+
 typedef enum PriceModel
 {
 	PRICE_UNIT,
@@ -66,11 +68,7 @@ extern Numeric PriceAmount(const Price *p, Numeric quantity, StringInfo details)
 /* The fee of one event of a percentage price (free events aside). */
 extern Numeric PriceEventFee(Numeric rate, Numeric fixed, Numeric min, Numeric max, Numeric value);
 
-/* numeric helpers (exact; 22003 on overflow) */
-extern Numeric PriceAdd(Numeric a, Numeric b);
-extern Numeric PriceSub(Numeric a, Numeric b);
-extern Numeric PriceMul(Numeric a, Numeric b);
-extern int	PriceCmp(Numeric a, Numeric b);
+/* 0 as a numeric (the arithmetic: numeric_ops.h) */
 extern Numeric PriceZero(void);
 
 #endif

@@ -63,7 +63,7 @@ NumberField(HeapTupleHeader row, const char *field, bool positive)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("price %s must be a finite number, got %s", field,
 						DatumGetCString(DirectFunctionCall1(numeric_out, d)))));
-	c = PriceCmp(n, PriceZero());
+	c = NumCmp(n, PriceZero());
 	if (c < 0 || (positive && c == 0))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -127,7 +127,7 @@ PriceLoad(HeapTupleHeader row, Price *p)
 	if (p->fixed_amount_per_event == NULL)
 		p->fixed_amount_per_event = PriceZero();
 	if (p->min_per_event != NULL && p->max_per_event != NULL &&
-		PriceCmp(p->min_per_event, p->max_per_event) > 0)
+		NumCmp(p->min_per_event, p->max_per_event) > 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("price min_per_event (%s) must not be above max_per_event (%s)",
