@@ -32,7 +32,7 @@ COMMENT ON FUNCTION metering._valid_time_zone(text) IS
 -- metering.allow_backdated_rules.  True for a restored row, false for a
 -- new one; 22023 for a restored row from anyone else.
 CREATE FUNCTION metering._restored(what text, created_at timestamptz) RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF created_at IS NOT DISTINCT FROM metering.now() THEN
     RETURN false;

@@ -32,7 +32,7 @@ COMMENT ON COLUMN metering.meters.created_at IS 'when the meter was defined (met
 COMMENT ON COLUMN metering.meters.deleted_at IS 'when the meter was deleted; a deleted meter cannot be queried';
 
 CREATE FUNCTION metering._meters_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   g record;
   path jsonpath;
@@ -88,7 +88,7 @@ COMMENT ON FUNCTION metering._meters_before_insert() IS
 -- A new meter starts with an empty rollup (watermark 0): it reads every
 -- stored event of its type until refresh_rollups() rolls them up.
 CREATE FUNCTION metering._meters_after_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF NEW.deleted_at IS NULL THEN
     INSERT INTO metering.meter_rollup_state (meter) VALUES (NEW.slug);
@@ -99,7 +99,7 @@ COMMENT ON FUNCTION metering._meters_after_insert() IS
   'internal: gives a new meter its (empty) rollup';
 
 CREATE FUNCTION metering._meters_before_update() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF (NEW.slug, NEW.event_type, NEW.aggregation, NEW.value_property::text, NEW.group_by,
       NEW.window_size, NEW.created_at)
@@ -127,7 +127,7 @@ COMMENT ON FUNCTION metering._meters_before_update() IS
   'internal: meters are immutable but for description and the soft delete';
 
 CREATE FUNCTION metering._meters_after_delete_mark() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   DELETE FROM metering.meter_rollup_state WHERE meter = NEW.slug;
   DELETE FROM metering.meter_rollups WHERE meter = NEW.slug;
@@ -138,7 +138,7 @@ COMMENT ON FUNCTION metering._meters_after_delete_mark() IS
   'internal: drops the rollups and usage periods of a deleted meter';
 
 CREATE FUNCTION metering._soft_delete_meter() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   UPDATE metering.meters SET deleted_at = metering.now()
    WHERE slug = OLD.slug AND deleted_at IS NULL;

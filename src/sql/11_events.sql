@@ -94,7 +94,7 @@ COMMENT ON FUNCTION metering._events_deleted() IS
   'internal: rebuilds the rolled-up hours of deleted events';
 
 CREATE FUNCTION metering._events_immutable() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   RAISE EXCEPTION 'events are immutable: cannot update event "%" of source "%"', OLD.id, OLD.source
     USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -103,7 +103,7 @@ END $$;
 COMMENT ON FUNCTION metering._events_immutable() IS 'internal: events are never updated';
 
 CREATE FUNCTION metering._events_truncate() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   -- DELETE, not TRUNCATE: the same statement may be truncating the rollups too
   DELETE FROM metering.meter_rollups;

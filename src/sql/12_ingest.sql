@@ -11,7 +11,7 @@ COMMENT ON FUNCTION metering._parse_events(jsonb, boolean) IS
 
 -- _parse_events returns a batch in (source, id) order (see ingest.c).
 CREATE FUNCTION metering.ingest(event jsonb) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   n bigint;
 BEGIN
@@ -30,7 +30,7 @@ COMMENT ON FUNCTION metering.ingest(jsonb) IS
 
 CREATE FUNCTION metering.ingest_batch(events jsonb)
   RETURNS TABLE(accepted bigint, duplicates bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   n bigint;
 BEGIN

@@ -44,7 +44,7 @@ CREATE FUNCTION metering.query_meter(
   group_by text[] DEFAULT NULL,
   filter_group_by jsonb DEFAULT NULL)
 RETURNS SETOF metering.meter_value
-LANGUAGE plpgsql STABLE AS $fn$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   m metering.meters;
   w text := upper(window_size);

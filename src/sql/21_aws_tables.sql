@@ -70,7 +70,7 @@ COMMENT ON COLUMN metering.usage_records.usage_timestamp IS 'the timestamp as se
 COMMENT ON COLUMN metering.usage_records.created_at IS 'when the record was accepted';
 
 CREATE FUNCTION metering._usage_records_immutable() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   RAISE EXCEPTION 'usage records are immutable'
     USING ERRCODE = 'object_not_in_prerequisite_state',

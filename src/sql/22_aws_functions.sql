@@ -3,7 +3,7 @@
 -- the start of the message ("TimestampOutOfBounds: ...").
 
 CREATE FUNCTION metering._aws_error(name text, sqlstate text, message text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   RAISE EXCEPTION '%: %', name, message USING ERRCODE = sqlstate;
 END $$;
@@ -11,7 +11,7 @@ COMMENT ON FUNCTION metering._aws_error(text, text, text) IS
   'internal: raises an error named after an AWS exception';
 
 CREATE FUNCTION metering._aws_check_product(product text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF product IS NULL OR NOT EXISTS (SELECT 1 FROM metering.products p WHERE p.product_code = product) THEN
     PERFORM metering._aws_error('InvalidProductCode', '22023',
@@ -21,7 +21,7 @@ END $$;
 COMMENT ON FUNCTION metering._aws_check_product(text) IS 'internal: InvalidProductCode unless the product exists';
 
 CREATE FUNCTION metering._aws_check_dimension(product text, dim text, what text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF dim IS NULL OR NOT EXISTS (SELECT 1 FROM metering.product_dimensions d
                                  WHERE d.product_code = product AND d.dimension = dim) THEN
@@ -36,7 +36,7 @@ COMMENT ON FUNCTION metering._aws_check_dimension(text, text, text) IS
 -- Timestamps are judged as given (not yet rounded to the hour): not in the
 -- future, and not more than max_age in the past, the bound included.
 CREATE FUNCTION metering._aws_check_timestamp(ts timestamptz, batch boolean, what text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   max_age interval := metering._usage_max_age(batch);
 BEGIN
@@ -59,7 +59,7 @@ COMMENT ON FUNCTION metering._usage_max_age(boolean) IS
   'internal: the settings metering.meter_usage_max_age (false) and metering.batch_meter_usage_max_age (true)';
 
 CREATE FUNCTION metering._aws_check_quantity(q jsonb, what text, field text) RETURNS bigint
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF jsonb_typeof(q) <> 'number' OR (q #>> '{}')::numeric <> trunc((q #>> '{}')::numeric)
      OR (q #>> '{}')::numeric NOT BETWEEN 0 AND 2147483647 THEN
@@ -75,7 +75,7 @@ COMMENT ON FUNCTION metering._aws_check_quantity(jsonb, text, text) IS
 -- record's; each with 1..5 tags (key 1..100, value 1..256 characters, AWS's
 -- published pattern); no two allocations with the same tag set.
 CREATE FUNCTION metering._aws_check_allocations(allocations jsonb, quantity bigint, what text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   a jsonb;
   t jsonb;
@@ -170,7 +170,7 @@ COMMENT ON FUNCTION metering._aws_subscribed(text, text, timestamptz) IS
 CREATE FUNCTION metering._aws_record(p_product text, p_customer text, p_dimension text,
   p_timestamp timestamptz, p_quantity bigint, p_allocations jsonb, p_dry_run boolean,
   OUT status text, OUT record_id uuid)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   hour timestamptz := date_trunc('hour', p_timestamp, 'UTC');
   r metering.usage_records;
@@ -220,7 +220,7 @@ COMMENT ON FUNCTION metering._aws_record(text, text, text, timestamptz, bigint, 
 
 CREATE FUNCTION metering.resolve_customer(registration_token text)
 RETURNS TABLE(customer_identifier text, product_code text, customer_aws_account_id text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
   c metering.customers;
@@ -312,7 +312,7 @@ CREATE FUNCTION metering.meter_usage(product_code text, customer_identifier text
   usage_timestamp timestamptz, usage_dimension text, usage_quantity bigint DEFAULT 0,
   usage_allocations jsonb DEFAULT NULL, dry_run boolean DEFAULT false)
 RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
   res record;

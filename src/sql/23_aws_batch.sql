@@ -1,7 +1,7 @@
 -- BatchMeterUsage in the AWS JSON shape.
 
 CREATE FUNCTION metering._aws_batch_timestamp(ts jsonb, what text) RETURNS timestamptz
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t timestamptz;
   secs numeric;
@@ -25,7 +25,7 @@ COMMENT ON FUNCTION metering._aws_batch_timestamp(jsonb, text) IS
   'internal: a BatchMeterUsage Timestamp (RFC 3339 string or epoch seconds)';
 
 CREATE FUNCTION metering.batch_meter_usage(request jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   product text;
   rec jsonb;

@@ -51,7 +51,7 @@ COMMENT ON COLUMN metering.features.archived_at IS 'when it was archived: no new
 COMMENT ON COLUMN metering.features.deleted_at IS 'when it was deleted (DELETE keeps the row)';
 
 CREATE FUNCTION metering._features_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   m metering.meters;
   f record;
@@ -118,7 +118,7 @@ END $$;
 COMMENT ON FUNCTION metering._features_before_insert() IS 'internal: validates a feature';
 
 CREATE FUNCTION metering._features_before_update() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   -- compared as JSON, where '1 mon' and '30 days' differ and no column is forgotten
   IF (to_jsonb(NEW) - 'archived_at' - 'deleted_at' - 'updated_at')
@@ -148,7 +148,7 @@ COMMENT ON FUNCTION metering._features_before_update() IS
   'internal: features are immutable but for archiving and deleting, which take metering.now()';
 
 CREATE FUNCTION metering._soft_delete_feature() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   UPDATE metering.features SET deleted_at = metering.now() WHERE id = OLD.id AND deleted_at IS NULL;
   RETURN NULL;
@@ -164,7 +164,7 @@ CREATE TRIGGER features_soft_delete BEFORE DELETE ON metering.features
 
 CREATE FUNCTION metering.create_feature(key text, name text, meter_slug text DEFAULT NULL,
   meter_group_by_filters jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL) RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   id uuid;
 BEGIN
@@ -184,7 +184,7 @@ COMMENT ON FUNCTION metering.create_feature(text, text, text, jsonb, jsonb) IS
 
 -- a feature by key (the live one) or by id
 CREATE FUNCTION metering._find_feature(feature text) RETURNS metering.features
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   f metering.features;
 BEGIN
@@ -203,7 +203,7 @@ END $$;
 COMMENT ON FUNCTION metering._find_feature(text) IS 'internal: a feature by id, or by key (the live one first)';
 
 CREATE FUNCTION metering.archive_feature(feature text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   f metering.features := metering._find_feature(feature);
 BEGIN

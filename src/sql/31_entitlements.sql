@@ -45,7 +45,7 @@ COMMENT ON COLUMN metering.entitlements.created_at IS 'when it was created (mete
 COMMENT ON COLUMN metering.entitlements.deleted_at IS 'when it was deleted; questions about earlier instants still see it';
 
 CREATE FUNCTION metering._entitlements_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   f metering.features;
   fresh boolean := NOT metering._restored('entitlement', NEW.created_at);
@@ -126,7 +126,7 @@ COMMENT ON FUNCTION metering._entitlements_before_insert() IS 'internal: validat
 -- issue_after_reset: a grant made with the entitlement, effective from the
 -- first period, never expiring, rolled over to exactly its amount
 CREATE FUNCTION metering._entitlements_after_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   -- only for a new entitlement: a restored one comes with its grant
   IF NEW.issue_after_reset IS NOT NULL AND NEW.deleted_at IS NULL AND NEW.created_at = metering.now() THEN
@@ -140,7 +140,7 @@ END $$;
 COMMENT ON FUNCTION metering._entitlements_after_insert() IS 'internal: the grant of issue_after_reset';
 
 CREATE FUNCTION metering._entitlements_before_update() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   -- an update that changes nothing is skipped (it would only renew the row's xmin)
   IF to_jsonb(NEW) = to_jsonb(OLD) THEN
@@ -167,7 +167,7 @@ COMMENT ON FUNCTION metering._entitlements_before_update() IS
   'internal: entitlements are immutable; deleting sets deleted_at to metering.now()';
 
 CREATE FUNCTION metering._soft_delete_entitlement() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   UPDATE metering.entitlements SET deleted_at = metering.now() WHERE id = OLD.id AND deleted_at IS NULL;
   RETURN NULL;
@@ -189,7 +189,7 @@ CREATE FUNCTION metering.create_entitlement(subject text, feature text,
   is_soft_limit boolean DEFAULT false, issue_after_reset numeric DEFAULT NULL,
   issue_after_reset_priority integer DEFAULT 1, preserve_overage_at_reset boolean DEFAULT false,
   config jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL) RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   f metering.features := metering._find_feature(feature);
   id uuid;
@@ -219,7 +219,7 @@ COMMENT ON FUNCTION metering.create_entitlement(text, text, metering.entitlement
   'gives a subject an entitlement to a feature (key or id) and returns its id';
 
 CREATE FUNCTION metering.delete_entitlement(entitlement uuid) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e metering.entitlements;
 BEGIN

@@ -126,7 +126,7 @@ COMMENT ON FUNCTION metering._unchanged_since_snapshot(uuid) IS
   'internal: at REPEATABLE READ or SERIALIZABLE, raises 40001 when another transaction changed the entitlement''s grants or resets after this one''s snapshot';
 
 CREATE FUNCTION metering._lock_entitlement(entitlement uuid) RETURNS metering.entitlements
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e metering.entitlements;
 BEGIN
@@ -143,7 +143,7 @@ COMMENT ON FUNCTION metering._lock_entitlement(uuid) IS
 -- Rows that carry their own created_at (a restore, a migration) are checked
 -- for shape only; rows made now are also checked against now.
 CREATE FUNCTION metering._grants_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e metering.entitlements := metering._lock_entitlement(NEW.entitlement_id);
   fresh boolean := NOT metering._restored('grant', NEW.created_at);
@@ -231,7 +231,7 @@ END $$;
 COMMENT ON FUNCTION metering._grants_before_insert() IS 'internal: validates a grant and fills expires_at';
 
 CREATE FUNCTION metering._grants_before_update() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering._minute(metering.now(), 'metering.now()');
 BEGIN
@@ -269,7 +269,7 @@ COMMENT ON FUNCTION metering._grants_before_update() IS
   'internal: grants are immutable; voiding and deleting take metering.now(), to the minute';
 
 CREATE FUNCTION metering._soft_delete_grant() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   UPDATE metering.grants SET deleted_at = metering.now() WHERE id = OLD.id AND deleted_at IS NULL;
   RETURN NULL;
@@ -284,7 +284,7 @@ CREATE TRIGGER grants_soft_delete BEFORE DELETE ON metering.grants
   FOR EACH ROW EXECUTE FUNCTION metering._soft_delete_grant();
 
 CREATE FUNCTION metering._resets_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e metering.entitlements := metering._lock_entitlement(NEW.entitlement_id);
   fresh boolean := NOT metering._restored('reset', NEW.created_at);
@@ -330,7 +330,7 @@ END $$;
 COMMENT ON FUNCTION metering._resets_before_insert() IS 'internal: validates a manual reset';
 
 CREATE FUNCTION metering._resets_immutable() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   RAISE EXCEPTION 'resets are immutable' USING ERRCODE = 'object_not_in_prerequisite_state';
 END $$;
@@ -345,7 +345,7 @@ CREATE FUNCTION metering.create_grant(entitlement uuid, amount numeric, effectiv
   priority integer DEFAULT 0, expiration interval DEFAULT NULL, recurrence interval DEFAULT NULL,
   recurrence_anchor timestamptz DEFAULT NULL, min_rollover_amount numeric DEFAULT 0,
   max_rollover_amount numeric DEFAULT 0, metadata jsonb DEFAULT NULL) RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   id uuid;
 BEGIN
@@ -365,7 +365,7 @@ COMMENT ON FUNCTION metering.create_grant(uuid, numeric, timestamptz, integer, i
   'grants an amount of usage to a metered entitlement and returns the grant''s id';
 
 CREATE FUNCTION metering.void_grant(grant_id uuid) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   g metering.grants;
 BEGIN
@@ -385,7 +385,7 @@ COMMENT ON FUNCTION metering.void_grant(uuid) IS
 
 CREATE FUNCTION metering.reset_entitlement(entitlement uuid, effective_at timestamptz DEFAULT NULL,
   retain_anchor boolean DEFAULT false, preserve_overage boolean DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM metering.entitlements e WHERE e.id = entitlement) THEN
     RAISE EXCEPTION 'entitlement % does not exist', entitlement USING ERRCODE = 'no_data_found';
@@ -443,7 +443,7 @@ CREATE FUNCTION metering.balance_history(entitlement uuid, from_time timestamptz
   to_time timestamptz DEFAULT NULL, window_size text DEFAULT 'DAY', window_time_zone text DEFAULT 'UTC')
   RETURNS TABLE(window_start timestamptz, window_end timestamptz, usage numeric,
                 balance_at_start numeric, overage numeric)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF upper(window_size) NOT IN ('HOUR', 'DAY') OR window_size IS NULL THEN
     RAISE EXCEPTION 'window_size must be HOUR or DAY, not "%"', window_size
@@ -521,7 +521,7 @@ COMMENT ON AGGREGATE metering.burndown(timestamptz, numeric, jsonb, timestamptz)
 -- TRUNCATE is a wipe, not a change: what the snapshots were computed from is
 -- gone, so they go too
 CREATE FUNCTION metering._entitlement_tables_truncated() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   DELETE FROM metering.entitlement_snapshots;
   DELETE FROM metering.entitlement_snapshot_queue;
@@ -537,7 +537,7 @@ CREATE TRIGGER resets_truncated AFTER TRUNCATE ON metering.resets
 -- a deleted meter has no rollups and no refreshes: its entitlements'
 -- snapshots go (their answers come from the events from then on)
 CREATE FUNCTION metering._meter_deleted() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   DELETE FROM metering.entitlement_snapshots s
    USING metering.entitlements e, metering.features f

@@ -64,7 +64,7 @@ COMMENT ON COLUMN metering.entitlement_turns.armed_until IS 'a: until when its h
 COMMENT ON COLUMN metering.entitlement_turns.headroom IS 'a: how much more usage in the period may come before a threshold that is not crossed can be; events that add less skip the full evaluation';
 
 CREATE FUNCTION metering._reservations_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e metering.entitlements;
 BEGIN
@@ -85,7 +85,7 @@ COMMENT ON FUNCTION metering._reservations_before_insert() IS
   'internal: a reservation names its entitlement''s subject and feature';
 
 CREATE FUNCTION metering._reservations_before_update() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF (to_jsonb(NEW) - 'committed_at' - 'committed_amount' - 'released_at')
      IS DISTINCT FROM (to_jsonb(OLD) - 'committed_at' - 'committed_amount' - 'released_at') THEN
@@ -107,7 +107,7 @@ COMMENT ON FUNCTION metering._reservations_before_update() IS
   'internal: a reservation changes once, to committed or to released';
 
 CREATE FUNCTION metering._reservations_no_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   RAISE EXCEPTION 'reservations are kept: release reservation % instead', OLD.id
     USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -185,7 +185,7 @@ COMMENT ON FUNCTION metering._check_instant(metering.entitlements, timestamptz, 
 -- a feature without a meter).
 CREATE FUNCTION metering._event_usage(e metering.entitlements, subject text, type text, data jsonb, what text)
   RETURNS numeric
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   f metering.features;
   m metering.meters;
@@ -220,7 +220,7 @@ COMMENT ON FUNCTION metering._event_usage(metering.entitlements, text, text, jso
 CREATE FUNCTION metering.reserve(subject text, feature text, amount numeric, ttl interval DEFAULT '5 minutes',
   idempotency_key text DEFAULT NULL)
   RETURNS TABLE(granted boolean, reservation_id uuid, available numeric, expires_at timestamptz)
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   e metering.entitlements;
@@ -287,7 +287,7 @@ COMMENT ON FUNCTION metering.reserve(text, text, numeric, interval, text) IS
 
 CREATE FUNCTION metering.commit_reservation(reservation_id uuid, event jsonb)
   RETURNS TABLE(stored boolean, amount numeric, balance numeric, available numeric)
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   r metering.reservations;
@@ -331,7 +331,7 @@ COMMENT ON FUNCTION metering.commit_reservation(uuid, jsonb) IS
   'records the usage a hold was made for (a CloudEvent of the reservation''s subject and the feature''s meter; stored as ingest stores it, stored false for a repeat) and ends the hold; the usage may exceed the hold; 55000 when it was already committed or released';
 
 CREATE FUNCTION metering.release_reservation(reservation_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   r metering.reservations;
@@ -355,7 +355,7 @@ COMMENT ON FUNCTION metering.release_reservation(uuid) IS
 
 CREATE FUNCTION metering.consume(event jsonb, feature text)
   RETURNS TABLE(granted boolean, stored boolean, amount numeric, available numeric)
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   e metering.entitlements;

@@ -63,7 +63,7 @@ COMMENT ON COLUMN metering.notification_events.created_at IS 'when it was writte
 COMMENT ON COLUMN metering.notification_events.seq IS 'the order in which notifications were written';
 
 CREATE FUNCTION metering._notification_rules_before_write() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t jsonb;
   i integer := 0;
@@ -126,7 +126,7 @@ COMMENT ON FUNCTION metering._notification_rules_before_write() IS
   'internal: validates a notification rule (22023 naming the field); disabling and deleting take metering.now()';
 
 CREATE FUNCTION metering._soft_delete_notification_rule() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   UPDATE metering.notification_rules SET deleted_at = metering.now() WHERE id = OLD.id AND deleted_at IS NULL;
   RETURN NULL;
@@ -139,7 +139,7 @@ CREATE TRIGGER notification_rules_soft_delete BEFORE DELETE ON metering.notifica
   FOR EACH ROW EXECUTE FUNCTION metering._soft_delete_notification_rule();
 
 CREATE FUNCTION metering._notification_events_immutable() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   RAISE EXCEPTION 'notification events are immutable' USING ERRCODE = 'object_not_in_prerequisite_state';
 END $$;
@@ -170,7 +170,7 @@ COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notificati
 -- expires (the trigger of events uses it).
 CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean)
   RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   at timestamptz;
@@ -265,7 +265,7 @@ COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) IS
 
 -- a change of the rules re-arms every entitlement's headroom
 CREATE FUNCTION metering._notification_rules_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   UPDATE metering.entitlement_turns SET headroom = NULL WHERE purpose = 'a' AND headroom IS NOT NULL;
   RETURN NULL;
@@ -283,7 +283,7 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 -- still the window once the turn is ours); the others get no headroom and
 -- are evaluated in full.
 CREATE FUNCTION metering._events_alerts() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   x record;
@@ -337,7 +337,7 @@ CREATE TRIGGER events_alerts AFTER INSERT ON metering.events
 
 -- grants, voids and resets: the entitlement they change
 CREATE FUNCTION metering._entitlement_changed_alerts() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF metering._alerts_live() THEN
     PERFORM metering._evaluate_alerts(NEW.entitlement_id, NULL, true);

@@ -16,7 +16,7 @@ COMMENT ON FUNCTION metering._hashmap_unchanged_since_snapshot(uuid) IS
 
 -- services, fields and groups: named once, never renamed; DELETE is soft
 CREATE FUNCTION metering._hashmap_named_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   what text := CASE TG_TABLE_NAME WHEN 'hashmap_services' THEN 'service'
                                   WHEN 'hashmap_fields' THEN 'field' ELSE 'group' END;
@@ -46,7 +46,7 @@ COMMENT ON FUNCTION metering._hashmap_named_before_insert() IS
   'internal: validates a new hashmap service, field or group';
 
 CREATE FUNCTION metering._hashmap_named_before_update() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   what text := CASE TG_TABLE_NAME WHEN 'hashmap_services' THEN 'service'
                                   WHEN 'hashmap_fields' THEN 'field' ELSE 'group' END;
@@ -68,7 +68,7 @@ COMMENT ON FUNCTION metering._hashmap_named_before_update() IS
 
 -- what goes with a deleted service or field: its fields and rules
 CREATE FUNCTION metering._hashmap_named_after_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
 BEGIN
@@ -109,7 +109,7 @@ COMMENT ON FUNCTION metering._hashmap_named_after_delete() IS
   'internal: deleting a service deletes its fields and rules; deleting a field, its rules; deleting a group hands its running and future rules to the default group';
 
 CREATE FUNCTION metering._hashmap_soft_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF OLD.deleted_at IS NULL THEN
     IF TG_TABLE_NAME = 'hashmap_groups' THEN
@@ -125,7 +125,7 @@ COMMENT ON FUNCTION metering._hashmap_soft_delete() IS
 
 -- mappings and thresholds
 CREATE FUNCTION metering._hashmap_rule_before_write() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   mapping boolean := TG_TABLE_NAME = 'hashmap_mappings';
@@ -350,7 +350,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION metering.delete_hashmap_group(group_id uuid, recursive boolean DEFAULT false) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   g metering.hashmap_groups;
 BEGIN

@@ -24,7 +24,7 @@ COMMENT ON COLUMN metering.subjects.created_at IS 'when it was created (metering
 COMMENT ON COLUMN metering.subjects.deleted_at IS 'when it was deleted: its usage stays, reports still name it';
 
 CREATE FUNCTION metering._subjects_before_write() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF NEW.key IS NULL OR NEW.key = '' THEN
     RAISE EXCEPTION 'subject: key is required' USING ERRCODE = 'invalid_parameter_value';
@@ -69,7 +69,7 @@ CREATE TRIGGER subjects_before_write BEFORE INSERT OR UPDATE ON metering.subject
   FOR EACH ROW EXECUTE FUNCTION metering._subjects_before_write();
 
 CREATE FUNCTION metering._subjects_soft_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF OLD.deleted_at IS NULL THEN
     UPDATE metering.subjects SET deleted_at = metering.now() WHERE key = OLD.key;

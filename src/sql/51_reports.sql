@@ -47,7 +47,7 @@ COMMENT ON COLUMN metering.daily_usage.value IS 'the meter''s value for the day'
 -- Report times are instants of the years 1 to 9999, as everywhere in the
 -- extension: calendar bounds around them stay representable.
 CREATE FUNCTION metering._report_time(t timestamptz, what text) RETURNS timestamptz
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF t IS NULL OR NOT metering._time_in_range(t) THEN
     RAISE EXCEPTION '%: must be a finite time in the years 1 to 9999, got %', what, coalesce(t::text, 'NULL')
@@ -60,7 +60,7 @@ COMMENT ON FUNCTION metering._report_time(timestamptz, text) IS 'internal: a rep
 CREATE FUNCTION metering.usage_overview(subject text, meter text, at timestamptz DEFAULT NULL,
   OUT period_start timestamptz, OUT period_end timestamptz, OUT included numeric, OUT used numeric,
   OUT projected numeric)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t timestamptz := coalesce(at, metering.now());
   m metering.meters;

@@ -47,7 +47,7 @@ COMMENT ON FUNCTION metering._read_cursor(text) IS 'internal: the payload of a c
 
 -- "2018-08-04T18:15:30", as the reference writes times (UTC, no zone)
 CREATE FUNCTION metering._search_time(value jsonb, what text) RETURNS timestamptz
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   s text := value #>> '{}';
 BEGIN
@@ -74,7 +74,7 @@ COMMENT ON FUNCTION metering._search_format(timestamptz) IS 'internal: a time as
 -- The conditions of a search (checked already) as SQL over columns
 -- start_time, end_time, subject, meter, kind and trial; values are quoted.
 CREATE FUNCTION metering._search_where(search jsonb) RETURNS text
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   c record;
   col text;
@@ -115,7 +115,7 @@ END $$;
 COMMENT ON FUNCTION metering._search_where(jsonb) IS 'internal: the conditions of a search as SQL';
 
 CREATE FUNCTION metering.search_usage(request jsonb) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   q jsonb;                      -- the query: conditions, order, limit
   c jsonb;

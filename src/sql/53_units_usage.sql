@@ -28,7 +28,7 @@ COMMENT ON FUNCTION metering._url_encode(text) IS 'internal: percent-encodes a v
 
 CREATE FUNCTION metering.units_usage(meter text, start_date timestamptz DEFAULT NULL, end_date timestamptz DEFAULT NULL,
   account_group text DEFAULT NULL, cursor text DEFAULT NULL, page_size integer DEFAULT 100) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   m metering.meters;
   q jsonb;

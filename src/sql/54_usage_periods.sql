@@ -80,7 +80,7 @@ COMMENT ON FUNCTION metering._usage_period_id(text, text, text, timestamptz) IS
 -- Recomputes a meter's periods from its rollups: all of them, or those of
 -- the given (subject, instant) pairs.
 CREATE FUNCTION metering._usage_periods_rebuild(meter text, subjects text[] DEFAULT NULL, times timestamptz[] DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   -- the touched periods, as three parallel arrays (NULL: all of them)
   t_subjects text[];
@@ -128,7 +128,7 @@ COMMENT ON FUNCTION metering._usage_periods_rebuild(text, text[], timestamptz[])
 -- refresh_rollups() calls this once it has rolled up a meter's events in
 -- (from_seq, to_seq]: a few events are added in, many rebuild from the rollups.
 CREATE FUNCTION metering._usage_periods_add(meter text, from_seq bigint, to_seq bigint) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   m metering.meters;
 BEGIN

@@ -66,7 +66,7 @@ COMMENT ON FUNCTION metering._visible_subjects(name) IS
 
 -- A function that takes a subject refuses one the caller may not see.
 CREATE FUNCTION metering._require_subject(subject text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   visible text[] := metering._visible_subjects(current_user);
 BEGIN
@@ -161,7 +161,7 @@ REVOKE EXECUTE ON FUNCTION
 FROM PUBLIC;
 
 CREATE FUNCTION metering.setup_roles() RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   r text;
   t record;

@@ -113,7 +113,7 @@ COMMENT ON FUNCTION metering._prices_unchanged_since_snapshot(text) IS
   'internal: at REPEATABLE READ or SERIALIZABLE, raises 40001 when another transaction changed the meter''s prices after this one''s snapshot';
 
 CREATE FUNCTION metering._prices_before_write() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   backdated boolean := current_setting('metering.allow_backdated_rules')::boolean;
@@ -271,7 +271,7 @@ COMMENT ON FUNCTION metering._prices_before_write() IS
   'internal: validates a price, its validity period and its uniqueness; started prices may only get an end; deletions are stamped';
 
 CREATE FUNCTION metering._prices_soft_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF OLD.deleted_at IS NULL THEN
     UPDATE metering.prices SET deleted_at = metering.now() WHERE id = OLD.id;
@@ -289,7 +289,7 @@ COMMENT ON TRIGGER prices_soft_delete ON metering.prices IS 'DELETE is a soft de
 
 CREATE FUNCTION metering.price_quote(price_id uuid, quantity numeric)
   RETURNS TABLE(amount numeric, details jsonb)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   p metering.prices;
 BEGIN
@@ -308,7 +308,7 @@ COMMENT ON FUNCTION metering.price_quote(uuid, numeric) IS
 -- reset are not usage).  NULL when the subject has no such entitlement.
 CREATE FUNCTION metering._price_overage(subject text, meter text, filters jsonb, from_time timestamptz, to_time timestamptz)
   RETURNS numeric
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   ent uuid;
   since timestamptz;
@@ -357,7 +357,7 @@ COMMENT ON FUNCTION metering._events_after_watermark(text) IS
 CREATE FUNCTION metering.price_usage(subject text, from_time timestamptz, to_time timestamptz)
   RETURNS TABLE(price_id uuid, meter text, model text, currency text, quantity numeric,
                 amount numeric, rounded numeric, details jsonb)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   p metering.prices;
   m metering.meters;

@@ -6,10 +6,11 @@
 --
 --   * SQL functions are written with SQL-standard bodies (RETURN or BEGIN
 --     ATOMIC): they are parsed once, here, and keep the objects they named.
---   * Everything else gets search_path = pg_catalog, pg_temp (functions
---     are never looked up in pg_temp), so plpgsql bodies, their dynamic SQL
---     and the SPI queries of C functions resolve in pg_catalog and in
---     metering (which every body names explicitly).
+--   * plpgsql functions say SET search_path = pg_catalog, pg_temp where they
+--     are defined (functions are never looked up in pg_temp), so their
+--     bodies and dynamic SQL resolve in pg_catalog and in metering (which
+--     every body names explicitly); C functions that run SQL get the same
+--     setting here, and so would any function defined without it.
 --   * Except the C functions below, which run no SQL (or pin the path
 --     themselves, as the rating cache does) and are called once per row,
 --     where a SET clause would cost: they stay as they are.
