@@ -33,17 +33,19 @@ SELECT bool_and(pg_temp.use('e' || i, '2024-01-01'::timestamptz + i * interval '
 CREATE TEMP TABLE before AS SELECT pg_temp.answers() AS a;
 SELECT * FROM metering.entitlement_value('acme', 'f');
 
--- the refresh saves the state at the last cut before now (today's refill)
+-- the refresh saves the state at the last whole hour at least ten minutes
+-- before now (past today's refill, the last cut): a reader starting there
+-- reads whole hourly rollups
 SELECT metering.refresh_rollups() > 0 AS refreshed;
 SELECT * FROM pg_temp.snapshots();
 SELECT pg_temp.answers() = (SELECT a FROM before) AS same_answers;
 
 -- the snapshot is really used: falsify it and the answer follows it...
 UPDATE metering.entitlement_snapshots SET balances = '{7,7}';
-SELECT balance FROM metering.entitlement_value('acme', 'f', '2024-01-20 01:00');
+SELECT balance FROM metering.entitlement_value('acme', 'f', '2024-01-20 11:30');
 -- ...unless its inputs no longer match (a change it missed), then it is ignored
 UPDATE metering.entitlement_snapshots SET inputs = inputs + 1;
-SELECT balance FROM metering.entitlement_value('acme', 'f', '2024-01-20 01:00');
+SELECT balance FROM metering.entitlement_value('acme', 'f', '2024-01-20 11:30');
 TRUNCATE metering.entitlement_snapshots;
 SELECT metering.refresh_rollups();
 SELECT metering._snapshot_meter('u', 0, 1000000) AS written;
@@ -123,6 +125,30 @@ SELECT count(*) AS snapshots FROM metering.entitlement_snapshots;
 BEGIN;
 TRUNCATE metering.entitlement_snapshots;
 SELECT pg_temp.answers() = (SELECT a FROM with_snap2) AS same_answers;
+ROLLBACK;
+
+-- hourly snapshots: past the last cut (today's refill at midnight), the
+-- state at the last whole hour ten minutes before now; a newer one replaces
+-- the older, the cut's stays
+SET metering.now = '2024-01-23 05:30:00+00';
+SELECT pg_temp.use('x-6', '2024-01-23 03:10', 2);
+SELECT metering.refresh_rollups() AS refreshed;
+SELECT * FROM pg_temp.snapshots() WHERE at >= '2024-01-23';
+SET metering.now = '2024-01-23 07:05:00+00';
+SELECT pg_temp.use('x-7', '2024-01-23 06:10', 2), pg_temp.use('x-8', '2024-01-23 07:01', 4);
+SELECT metering.refresh_rollups() AS refreshed;
+SELECT * FROM pg_temp.snapshots() WHERE at >= '2024-01-23';
+-- a reader after 06:00 starts there; an instant inside the 06:00 hour cuts
+-- its bucket once; the answers are those without snapshots
+CREATE TEMP TABLE hourly AS
+SELECT at, v.balance, v.usage FROM unnest(ARRAY['2024-01-23 06:00', '2024-01-23 06:10', '2024-01-23 06:30',
+                                                '2024-01-23 07:01', '2024-01-23 07:05']::timestamptz[]) at,
+       LATERAL metering.entitlement_value('acme', 'f', at) v;
+SELECT * FROM hourly ORDER BY at;
+BEGIN;
+TRUNCATE metering.entitlement_snapshots;
+SELECT count(*) AS differing FROM hourly h, LATERAL metering.entitlement_value('acme', 'f', h.at) v
+ WHERE (v.balance, v.usage) IS DISTINCT FROM (h.balance, h.usage);
 ROLLBACK;
 
 -- deleting the entitlement removes the snapshots from its deletion on

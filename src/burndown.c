@@ -464,6 +464,18 @@ BdNextCut(BdEngine *e)
 	return next;
 }
 
+bool
+BdIsCut(BdPlan *plan, BdGrant *grants, int ngrants, TimestampTz t)
+{
+	BdEngine	probe;
+	Numeric		zero = int64_to_numeric(0);
+
+	if (t <= plan->measure_from)
+		return false;
+	BdRestore(&probe, plan, grants, ngrants, t - 1, zero, zero, zero);
+	return BdNextCut(&probe) == t;
+}
+
 void
 BdPhase(BdEngine *e, Numeric usage, TimestampTz to)
 {

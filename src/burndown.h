@@ -105,6 +105,12 @@ extern TimestampTz BdNextBoundary(BdEngine *e);
 /* The first cut instant after the state's `at`, or DT_NOEND. */
 extern TimestampTz BdNextCut(BdEngine *e);
 
+/*
+ * Whether t is a cut instant (the engine just before it would stop there);
+ * leaves the grants in burn order and their `used` at zero.
+ */
+extern bool BdIsCut(BdPlan *plan, BdGrant *grants, int ngrants, TimestampTz t);
+
 /* Whether grant g is active at t. */
 static inline bool
 BdActive(const BdGrant *g, TimestampTz t)

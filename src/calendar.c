@@ -109,6 +109,19 @@ TruncMinute(TimestampTz t)
 	return r;
 }
 
+TimestampTz
+TruncHour(TimestampTz t)
+{
+	TimestampTz r;
+
+	if (TIMESTAMP_NOT_FINITE(t))
+		return t;
+	r = t - t % USECS_PER_HOUR;
+	if (t % USECS_PER_HOUR < 0)
+		r -= USECS_PER_HOUR;
+	return r;
+}
+
 /* metering.calendar_step(anchor, step, n): anchor + n * step, in UTC, never chained. */
 PG_FUNCTION_INFO_V1(metering_calendar_step);
 Datum

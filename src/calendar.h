@@ -26,6 +26,9 @@ extern bool IntervalIsAtLeast(const Interval *iv, int64 usecs);
 /* t truncated to the minute (UTC minutes: offsets are whole minutes) */
 extern TimestampTz TruncMinute(TimestampTz t);
 
+/* t truncated to the UTC hour: the rollups' buckets */
+extern TimestampTz TruncHour(TimestampTz t);
+
 /*
  * The extension's instants are those of the years 1 to 9999 (UTC): the
  * clock, every argument time and every stored start.  Calendar steps from

@@ -19,6 +19,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "calendar.h"
 #include "entitlement.h"
 #include "metering.h"
 
@@ -199,6 +200,9 @@ EntStartFromSnapshot(BdEngine *e, Entitlement *ent, EntSnapshot *snap)
 
 /* ---- writing ---- */
 
+/* how long before now the hourly snapshot is taken */
+#define SNAPSHOT_LAG (10 * USECS_PER_MINUTE)
+
 static bool SnapshotOneLocked(pg_uuid_t *id, TimestampTz now);
 
 /* Writes the snapshot of one entitlement at its last cut; true when it did. */
@@ -256,10 +260,13 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	BdEngine	e;
 	EntSnapshot snap;
 	bool		from_snapshot = false;
-	TimestampTz x;
+	TimestampTz x,
+				aligned,
+				cut = DT_NOEND;
 	BdBudget	budget = {0};
 	BdArena		arena;
 	MemoryContext outer = CurrentMemoryContext;
+	bool		written;
 	int			ret;
 
 	if (!EntLoadEntitlement(&ent, id, CurrentMemoryContext, true) || ent.type != 'm' ||
@@ -293,6 +300,22 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		x = c;
 	}
 	MemoryContextSwitchTo(outer);
+
+	/*
+	 * Past the last cut, the state at the last whole hour a while ago: a
+	 * reader that starts there reads whole rollup buckets, where one that
+	 * starts at a cut inside an hour reads that hour's events, of every
+	 * subject (the events have no per-subject index).  Within a phase usage
+	 * burns the same in two parts as in one, so any instant can be a
+	 * snapshot's.  The lag keeps events still on their way from dropping it
+	 * at once.
+	 */
+	aligned = TruncHour(now - SNAPSHOT_LAG);
+	if (aligned > x)
+	{
+		cut = x;
+		x = aligned;
+	}
 	if (x == e.plan->measure_from || (from_snapshot && x <= snap.at))
 		return false;
 
@@ -335,8 +358,31 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 									   8, itypes), iargs, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "could not write the snapshot: %s", SPI_result_code_string(ret));
+		written = SPI_processed > 0;
 	}
-	return SPI_processed > 0;
+
+	/*
+	 * An hourly snapshot replaces the hourly ones since the last cut (and the
+	 * one it started from, when no cut came since), so that they do not pile
+	 * up; the snapshots at cuts stay, for the histories.
+	 */
+	if (cut != DT_NOEND)
+	{
+		static SPIPlanPtr prune_plan = NULL;
+		Oid			ptypes[3] = {UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+		bool		started_hourly = from_snapshot && cut == snap.at &&
+			!BdIsCut(&ent.plan, ent.grants, ent.ngrants, cut);
+		Datum		pargs[3] = {UUIDPGetDatum(id), TimestampTzGetDatum(started_hourly ? cut - 1 : cut),
+		TimestampTzGetDatum(x)};
+
+		ret = SPI_execute_plan(EntPrepare(&prune_plan,
+										  "DELETE FROM metering.entitlement_snapshots "
+										  "WHERE entitlement_id = $1 AND at > $2 AND at < $3",
+										  3, ptypes), pargs, NULL, false, 0);
+		if (ret != SPI_OK_DELETE)
+			elog(ERROR, "could not prune the snapshots: %s", SPI_result_code_string(ret));
+	}
+	return written;
 }
 
 /* Writes the snapshots of the entitlements in SPI_tuptable (ids in column 1). */

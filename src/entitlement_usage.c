@@ -12,7 +12,9 @@
 
 #include "utils/timestamp.h"
 
+#include "calendar.h"
 #include "entitlement.h"
+#include "numeric_ops.h"
 
 static void
 AddPoint(UsageList *l, TimestampTz t, Numeric amount)
@@ -37,9 +39,12 @@ ComparePoints(const void *x, const void *y)
 	return (a > b) - (a < b);
 }
 
-/* Whether some instant of the sorted `stops` lies in (lo, hi]. */
-static bool
-StopInside(TimestampTz *stops, int n, TimestampTz lo, TimestampTz hi)
+/*
+ * How many instants of the sorted `stops` lie in (lo, hi] (0, 1 or 2 for
+ * more); *one receives the first.
+ */
+static int
+StopsInside(TimestampTz *stops, int n, TimestampTz lo, TimestampTz hi, TimestampTz *one)
 {
 	int			a = 0,
 				b = n;
@@ -54,7 +59,10 @@ StopInside(TimestampTz *stops, int n, TimestampTz lo, TimestampTz hi)
 		else
 			a = m + 1;
 	}
-	return a < n && stops[a] <= hi;
+	if (a == n || stops[a] > hi)
+		return 0;
+	*one = stops[a];
+	return a + 1 < n && stops[a + 1] <= hi ? 2 : 1;
 }
 
 /*
@@ -153,18 +161,126 @@ EntReadPoints(Portal portal, UsageList *l, TimestampTz from, TimestampTz to, Tim
 	SPI_cursor_close(portal);
 }
 
+/* A rollup bucket cut once, at `at`: read by the smaller side (see SplitOnce). */
+typedef struct OneCut
+{
+	TimestampTz bucket,
+				first,
+				last,
+				at;
+	Numeric		amount;
+	bool		from_cut;		/* `at` is `from`: what lies before it is not counted */
+} OneCut;
+
+/*
+ * The points of a bucket cut once: the events on the side of the cut with
+ * the shorter span (the later side, when the cut is the answer's instant and
+ * only events still arriving lie after it), and the rest of the bucket as
+ * one point.  Both sides are exact: a bucket read this way holds no negative
+ * value, so its rollup is the sum of its events.
+ */
+static void
+SplitOnce(Entitlement *ent, OneCut *c, TimestampTz from, TimestampTz to, UsageList *out)
+{
+	TimestampTz end = c->bucket + USECS_PER_HOUR;
+	bool		later = c->last - c->at <= c->at - c->first;
+	Datum		one = TimestampTzGetDatum(c->bucket);
+	ArrayType  *arr = construct_array(&one, 1, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+	UsageList	side = {0};
+	Numeric		sum = int64_to_numeric(0);
+
+	EntReadPoints(EntOpenUsage(ent, 2, later ? c->at : c->bucket, later ? end : c->at, arr),
+				  &side, PG_INT64_MIN, PG_INT64_MAX, NULL);
+	for (int i = 0; i < side.n; i++)
+	{
+		TimestampTz t = side.points[i].time;
+
+		sum = NumAdd(sum, side.points[i].amount);
+		if (t >= from && t < to && !(c->from_cut && t < c->at))
+			AddPoint(out, t, side.points[i].amount);
+	}
+	/* the other side, as one point where it starts */
+	if (later && !c->from_cut)
+		AddPoint(out, c->first, NumSub(c->amount, sum));
+	else if (!later && c->at < to)
+		AddPoint(out, c->at, NumSub(c->amount, sum));
+}
+
 /*
  * The usage points of [from, to): whole rollup buckets where no stop falls
- * inside their events' span, the events of the others, and the tail.
+ * inside their events' span, the buckets cut once by the smaller side, the
+ * events of the others, and the tail.
+ */
+/* One rollup bucket: its rows (one per group values) taken together. */
+typedef struct Bucket
+{
+	TimestampTz bucket,
+				first,
+				last;
+	Numeric		amount;
+	bool		negative;
+} Bucket;
+
+/* Decides how bucket b is read: whole, cut once, or event by event (`split`). */
+static void
+PlaceBucket(Bucket *b, TimestampTz from, TimestampTz to, TimestampTz *stops, int nstops,
+			UsageList *out, OneCut **cuts, int *ncuts, Datum **split, int *nsplit)
+{
+	TimestampTz at = 0;
+	int			inside;
+
+	if (b->last < from || b->first >= to)
+		return;
+	inside = StopsInside(stops, nstops, b->first, b->last, &at);
+	if (!b->negative && b->first >= from && inside == 0)
+	{
+		AddPoint(out, b->first, b->amount);
+		return;
+	}
+
+	/*
+	 * Cut once (by `from` or by a stop): the smaller side's events.
+	 * Otherwise, or when the bucket holds a negative value, event by event:
+	 * a correction is not usage (an entitlement counts only the positive
+	 * values, so that the answer never depends on where negative and
+	 * positive values happen to be netted).
+	 */
+	if (!b->negative && inside + (b->first < from) == 1)
+	{
+		OneCut	   *c;
+
+		if ((*ncuts & 7) == 0)
+			*cuts = *cuts ? repalloc(*cuts, sizeof(OneCut) * (*ncuts + 8)) : palloc(sizeof(OneCut) * 8);
+		c = &(*cuts)[(*ncuts)++];
+		c->bucket = b->bucket;
+		c->first = b->first;
+		c->last = b->last;
+		c->from_cut = b->first < from;
+		c->at = c->from_cut ? from : at;
+		c->amount = b->amount;
+		return;
+	}
+	*split = *split ? repalloc(*split, sizeof(Datum) * (*nsplit + 1)) : palloc(sizeof(Datum));
+	(*split)[(*nsplit)++] = TimestampTzGetDatum(b->bucket);
+}
+
+/*
+ * The usage points of [from, to): whole rollup buckets where no stop falls
+ * inside their events' span, the buckets cut once by the smaller side, the
+ * events of the others, and the tail.  A bucket's rows are decided together,
+ * since its events are read together.
  */
 void
 EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *stops, int nstops,
 			 UsageList *tail, UsageList *out)
 {
-	TimestampTz hour_from = from - (from % USECS_PER_HOUR + USECS_PER_HOUR) % USECS_PER_HOUR;
-	Portal		portal = EntOpenUsage(ent, 1, hour_from, to, NULL);
+	Portal		portal = EntOpenUsage(ent, 1, TruncHour(from), to, NULL);
 	Datum	   *split = NULL;
 	int			nsplit = 0;
+	OneCut	   *cuts = NULL;
+	int			ncuts = 0;
+	Bucket		cur = {0};
+	bool		have = false;
 
 	for (;;)
 	{
@@ -188,31 +304,33 @@ EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *st
 				negative = isnull || NumCmp(DatumGetNumeric(min), int64_to_numeric(0)) < 0;
 			}
 			amount = EntCopyCol(i, 4, &isnull);
-			if (last < from || first >= to || isnull)
+			if (isnull)
 				continue;
-
-			/*
-			 * A bucket is read event by event when an instant the engine stops
-			 * at falls inside it, or when it holds a negative value: a
-			 * correction is not usage (an entitlement counts only the
-			 * positive values, so that the answer never depends on where
-			 * negative and positive values happen to be netted).
-			 */
-			if (negative || first < from || StopInside(stops, nstops, first, last))
+			if (have && cur.bucket == bucket)
 			{
-				if (nsplit == 0 || DatumGetTimestampTz(split[nsplit - 1]) != bucket)
-				{
-					split = split ? repalloc(split, sizeof(Datum) * (nsplit + 1)) : palloc(sizeof(Datum));
-					split[nsplit++] = TimestampTzGetDatum(bucket);
-				}
+				cur.first = Min(cur.first, first);
+				cur.last = Max(cur.last, last);
+				cur.amount = NumAdd(cur.amount, DatumGetNumeric(amount));
+				cur.negative |= negative;
 				continue;
 			}
-			AddPoint(out, first, DatumGetNumeric(amount));
+			if (have)
+				PlaceBucket(&cur, from, to, stops, nstops, out, &cuts, &ncuts, &split, &nsplit);
+			cur.bucket = bucket;
+			cur.first = first;
+			cur.last = last;
+			cur.amount = DatumGetNumeric(amount);
+			cur.negative = negative;
+			have = true;
 		}
 		SPI_freetuptable(SPI_tuptable);
 	}
 	SPI_cursor_close(portal);
+	if (have)
+		PlaceBucket(&cur, from, to, stops, nstops, out, &cuts, &ncuts, &split, &nsplit);
 
+	for (int i = 0; i < ncuts; i++)
+		SplitOnce(ent, &cuts[i], from, to, out);
 	if (nsplit > 0)
 	{
 		ArrayType  *arr = construct_array(split, nsplit, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);

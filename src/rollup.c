@@ -28,6 +28,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "calendar.h"
 #include "metering.h"
 #include "refresh.h"
 #include "rollup.h"
@@ -37,17 +38,6 @@
 
 static SPIPlanPtr meters_plan = NULL;
 static SPIPlanPtr upsert_plan = NULL;
-
-static TimestampTz
-HourOf(TimestampTz t)
-{
-	/* UTC hours: timestamps count microseconds from a midnight UTC */
-	TimestampTz b = t - (t % USECS_PER_HOUR);
-
-	if (t % USECS_PER_HOUR < 0)
-		b -= USECS_PER_HOUR;
-	return b;
-}
 
 static SPIPlanPtr
 SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
@@ -186,7 +176,7 @@ RollupAddEvent(RollupBuffer *buf, int only, text *subject, text *type,
 		e->meter = i;
 		e->subject = subject_copy;
 		e->subject_len = VARSIZE_ANY_EXHDR(subject);
-		e->bucket = HourOf(time);
+		e->bucket = TruncHour(time);
 		e->time = time;
 		e->groups = pstrdup(groups);
 		e->valued = valued;

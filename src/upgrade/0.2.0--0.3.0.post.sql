@@ -53,3 +53,12 @@ BEGIN
   COMMENT ON POLICY entitlement_turns_by_subject ON metering.entitlement_turns IS
     'a role sees the rows of the entitlements it may see';
 END $$;
+
+-- the events' BRIN index summarizes each range as it fills (a scan reads
+-- every range not summarized yet); its comment is its definition
+ALTER INDEX metering.events_seq_time_brin SET (autosummarize = on);
+DO $$
+BEGIN
+  EXECUTE format('COMMENT ON INDEX metering.events_seq_time_brin IS %L',
+                 regexp_replace(pg_catalog.pg_get_indexdef('metering.events_seq_time_brin'::regclass), '^CREATE ', ''));
+END $$;
