@@ -25,7 +25,8 @@ CREATE TABLE metering.events (
 -- per insert.  Per-subject questions are answered from the rollups, which
 -- are indexed by subject; a btree on (subject, type, time) here would cost a
 -- third of the ingest rate (README, Scaling).
-CREATE INDEX events_seq_time_brin ON metering.events USING brin (seq, time) WITH (autosummarize = on);
+CREATE INDEX events_seq_time_brin ON metering.events USING brin (seq, time)
+  WITH (pages_per_range = 32, autosummarize = on);
 COMMENT ON TABLE metering.events IS
   'usage events (CloudEvents 1.0); (source, id) is unique and a repeat is a duplicate; rows are immutable; a plain INSERT is as good as metering.ingest';
 COMMENT ON COLUMN metering.events.id IS 'the CloudEvents id, unique per source';

@@ -54,9 +54,11 @@ BEGIN
     'a role sees the rows of the entitlements it may see';
 END $$;
 
--- the events' BRIN index summarizes each range as it fills (a scan reads
--- every range not summarized yet); its comment is its definition
-ALTER INDEX metering.events_seq_time_brin SET (autosummarize = on);
+-- the events' BRIN index has ranges of 32 pages and summarizes each as it
+-- fills (src/sql/11_events.sql); its comment is its definition
+DROP INDEX metering.events_seq_time_brin;
+CREATE INDEX events_seq_time_brin ON metering.events USING brin (seq, time)
+  WITH (pages_per_range = 32, autosummarize = on);
 DO $$
 BEGIN
   EXECUTE format('COMMENT ON INDEX metering.events_seq_time_brin IS %L',
