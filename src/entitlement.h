@@ -70,6 +70,7 @@ typedef struct EntSnapshot
 {
 	TimestampTz at;
 	int64		inputs;			/* SnapshotInputs when it was written */
+	Numeric		hour_before;	/* usage of at's hour before at, or NULL */
 	Numeric		usage,
 				grant_usage,
 				overage;
@@ -87,8 +88,9 @@ extern bool EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cx
 /* entitlement_usage.c: which is 0 (events above the watermark), 1 (rollups), 2 (split buckets) */
 extern Portal EntOpenUsage(Entitlement *ent, int which, TimestampTz from, TimestampTz to, ArrayType *buckets);
 extern void EntReadPoints(Portal portal, UsageList *l, TimestampTz from, TimestampTz to, TimestampTz *first);
-extern void EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *stops, int nstops,
-						 UsageList *tail, UsageList *out);
+extern void EntReadUsage(Entitlement *ent, TimestampTz from, Numeric from_hour_before, TimestampTz to,
+						 TimestampTz *stops, int nstops, UsageList *tail, UsageList *out);
+extern Numeric EntHourUsageBefore(Entitlement *ent, TimestampTz at);
 
 /* entitlement_snapshot.c: reading a snapshot */
 extern bool EntLoadEntitlementSnapshot(Entitlement *ent, TimestampTz limit, EntSnapshot *snap);

@@ -112,7 +112,7 @@ EntEvaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 	BdCheckWork(budget, (double) nstops * BdStopCost(e));
 
 	/* the usage between the stops, then the real run */
-	EntReadUsage(ent, begin, to, stops, nstops, &tail, &usage);
+	EntReadUsage(ent, begin, from_snapshot ? snap.hour_before : NULL, to, stops, nstops, &tail, &usage);
 	MemoryContextSwitchTo(arena.cxt);
 	if (from_snapshot)
 		EntStartFromSnapshot(e, ent, &snap);

@@ -36,7 +36,7 @@ EntLoadEntitlementSnapshot(Entitlement *ent, TimestampTz limit, EntSnapshot *sna
 	int			n1,
 				n2;
 	int			ret = SPI_execute_plan(EntPrepare(&plan,
-											   "SELECT at, usage, grant_usage, overage, grant_ids, balances, inputs "
+											   "SELECT at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before "
 											   "FROM metering.entitlement_snapshots "
 											   "WHERE entitlement_id = $1 AND at <= $2 ORDER BY at DESC LIMIT 1",
 											   2, types),
@@ -51,6 +51,11 @@ EntLoadEntitlementSnapshot(Entitlement *ent, TimestampTz limit, EntSnapshot *sna
 	snap->grant_usage = DatumGetNumeric(EntCopyCol(0, 3, &isnull));
 	snap->overage = DatumGetNumeric(EntCopyCol(0, 4, &isnull));
 	snap->inputs = DatumGetInt64(EntGetCol(0, 7, &isnull));
+	{
+		Datum		hb = EntCopyCol(0, 8, &isnull);
+
+		snap->hour_before = isnull ? NULL : DatumGetNumeric(hb);
+	}
 	deconstruct_array(DatumGetArrayTypePCopy(EntGetCol(0, 5, &isnull)), UUIDOID, UUID_LEN, false,
 					  TYPALIGN_CHAR, &ids, NULL, &n1);
 	deconstruct_array(DatumGetArrayTypePCopy(EntGetCol(0, 6, &isnull)), NUMERICOID, -1, false,
@@ -316,15 +321,21 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		cut = x;
 		x = aligned;
 	}
-	if (x == e.plan->measure_from || (from_snapshot && x <= snap.at))
+	/*
+	 * (The state at the start is where the engine begins anyway; it is kept
+	 * only when the start falls inside an hour, for that hour's usage.)
+	 */
+	if ((x == e.plan->measure_from && TruncHour(x) == x) || (from_snapshot && x <= snap.at))
 		return false;
 
 	/* the writer: bounded by the loop above, not by a reader's budget */
 	EntEvaluate(&ent, &e, x, x, NULL, 0, NULL, true);
 	{
-		Oid			itypes[8] = {UUIDOID, TIMESTAMPTZOID, NUMERICOID, NUMERICOID, NUMERICOID,
-		UUIDARRAYOID, NUMERICARRAYOID, INT8OID};
-		Datum		iargs[8];
+		Oid			itypes[9] = {UUIDOID, TIMESTAMPTZOID, NUMERICOID, NUMERICOID, NUMERICOID,
+		UUIDARRAYOID, NUMERICARRAYOID, INT8OID, NUMERICOID};
+		Datum		iargs[9];
+		char		inulls[9] = "        ";
+		Numeric		hour_before = EntHourUsageBefore(&ent, x);
 		Datum	   *ids = palloc(sizeof(Datum) * Max(e.ngrants, 1));
 		Datum	   *bals = palloc(sizeof(Datum) * Max(e.ngrants, 1));
 		int			n = 0;
@@ -344,18 +355,21 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		iargs[5] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
 		iargs[6] = PointerGetDatum(construct_array(bals, n, NUMERICOID, -1, false, TYPALIGN_INT));
 		iargs[7] = Int64GetDatum(SnapshotInputs(&ent, x));
+		iargs[8] = hour_before ? NumericGetDatum(hour_before) : (Datum) 0;
+		inulls[8] = hour_before ? ' ' : 'n';
 		ret = SPI_execute_plan(EntPrepare(&insert_plan,
 									   "INSERT INTO metering.entitlement_snapshots AS s "
-									   "(entitlement_id, at, usage, grant_usage, overage, grant_ids, balances, inputs) "
-									   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+									   "(entitlement_id, at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before) "
+									   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
 									   "ON CONFLICT (entitlement_id, at) DO UPDATE SET usage = EXCLUDED.usage, "
 									   "grant_usage = EXCLUDED.grant_usage, overage = EXCLUDED.overage, "
 									   "grant_ids = EXCLUDED.grant_ids, balances = EXCLUDED.balances, "
-									   "inputs = EXCLUDED.inputs, created_at = EXCLUDED.created_at "
-									   "WHERE (s.usage, s.grant_usage, s.overage, s.grant_ids, s.balances, s.inputs) "
+									   "inputs = EXCLUDED.inputs, created_at = EXCLUDED.created_at, "
+									   "hour_usage_before = EXCLUDED.hour_usage_before "
+									   "WHERE (s.usage, s.grant_usage, s.overage, s.grant_ids, s.balances, s.inputs, s.hour_usage_before) "
 									   "IS DISTINCT FROM (EXCLUDED.usage, EXCLUDED.grant_usage, EXCLUDED.overage, "
-									   "EXCLUDED.grant_ids, EXCLUDED.balances, EXCLUDED.inputs)",
-									   8, itypes), iargs, NULL, false, 0);
+									   "EXCLUDED.grant_ids, EXCLUDED.balances, EXCLUDED.inputs, EXCLUDED.hour_usage_before)",
+									   9, itypes), iargs, inulls, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "could not write the snapshot: %s", SPI_result_code_string(ret));
 		written = SPI_processed > 0;

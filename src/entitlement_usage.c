@@ -207,10 +207,28 @@ SplitOnce(Entitlement *ent, OneCut *c, TimestampTz from, TimestampTz to, UsageLi
 }
 
 /*
- * The usage points of [from, to): whole rollup buckets where no stop falls
- * inside their events' span, the buckets cut once by the smaller side, the
- * events of the others, and the tail.
+ * The usage of the events of at's UTC hour before `at`, up to the watermark,
+ * as the rollups count it (NULL when `at` is a whole hour): what a snapshot
+ * at `at` keeps, so that its readers need not read that hour's events.
  */
+Numeric
+EntHourUsageBefore(Entitlement *ent, TimestampTz at)
+{
+	TimestampTz hour = TruncHour(at);
+	Datum		one = TimestampTzGetDatum(hour);
+	UsageList	l = {0};
+	Numeric		sum = int64_to_numeric(0);
+
+	if (hour == at)
+		return NULL;
+	EntReadPoints(EntOpenUsage(ent, 2, hour, at,
+							   construct_array(&one, 1, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE)),
+				  &l, PG_INT64_MIN, PG_INT64_MAX, NULL);
+	for (int i = 0; i < l.n; i++)
+		sum = NumAdd(sum, l.points[i].amount);
+	return sum;
+}
+
 /* One rollup bucket: its rows (one per group values) taken together. */
 typedef struct Bucket
 {
@@ -223,14 +241,30 @@ typedef struct Bucket
 
 /* Decides how bucket b is read: whole, cut once, or event by event (`split`). */
 static void
-PlaceBucket(Bucket *b, TimestampTz from, TimestampTz to, TimestampTz *stops, int nstops,
-			UsageList *out, OneCut **cuts, int *ncuts, Datum **split, int *nsplit)
+PlaceBucket(Bucket *b, TimestampTz from, Numeric from_hour_before, TimestampTz to,
+			TimestampTz *stops, int nstops, UsageList *out, OneCut **cuts, int *ncuts,
+			Datum **split, int *nsplit)
 {
 	TimestampTz at = 0;
 	int			inside;
+	Bucket		rest;
 
 	if (b->last < from || b->first >= to)
 		return;
+
+	/*
+	 * The hour `from` (a snapshot's instant) falls inside, when the snapshot
+	 * kept that hour's usage before it: the rest of the rollup is what lies
+	 * after `from`.  (Exact: a snapshot is dropped by any later change to the
+	 * events before it, and ignored while one is not rolled up.)
+	 */
+	if (from_hour_before && !b->negative && b->first < from && b->bucket == TruncHour(from))
+	{
+		rest = *b;
+		rest.first = from;
+		rest.amount = NumSub(b->amount, from_hour_before);
+		b = &rest;
+	}
 	inside = StopsInside(stops, nstops, b->first, b->last, &at);
 	if (!b->negative && b->first >= from && inside == 0)
 	{
@@ -271,8 +305,8 @@ PlaceBucket(Bucket *b, TimestampTz from, TimestampTz to, TimestampTz *stops, int
  * since its events are read together.
  */
 void
-EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *stops, int nstops,
-			 UsageList *tail, UsageList *out)
+EntReadUsage(Entitlement *ent, TimestampTz from, Numeric from_hour_before, TimestampTz to,
+			 TimestampTz *stops, int nstops, UsageList *tail, UsageList *out)
 {
 	Portal		portal = EntOpenUsage(ent, 1, TruncHour(from), to, NULL);
 	Datum	   *split = NULL;
@@ -315,7 +349,7 @@ EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *st
 				continue;
 			}
 			if (have)
-				PlaceBucket(&cur, from, to, stops, nstops, out, &cuts, &ncuts, &split, &nsplit);
+				PlaceBucket(&cur, from, from_hour_before, to, stops, nstops, out, &cuts, &ncuts, &split, &nsplit);
 			cur.bucket = bucket;
 			cur.first = first;
 			cur.last = last;
@@ -327,7 +361,7 @@ EntReadUsage(Entitlement *ent, TimestampTz from, TimestampTz to, TimestampTz *st
 	}
 	SPI_cursor_close(portal);
 	if (have)
-		PlaceBucket(&cur, from, to, stops, nstops, out, &cuts, &ncuts, &split, &nsplit);
+		PlaceBucket(&cur, from, from_hour_before, to, stops, nstops, out, &cuts, &ncuts, &split, &nsplit);
 
 	for (int i = 0; i < ncuts; i++)
 		SplitOnce(ent, &cuts[i], from, to, out);

@@ -10,12 +10,17 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_am.h"
+#include "catalog/pg_class.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/syscache.h"
 
 #include "refresh.h"
 #include "rollup.h"
@@ -215,6 +220,38 @@ MeteringRefreshAnalyze(int64 written)
 }
 
 /*
+ * Summarizes the events' BRIN ranges filled since the last time: every read
+ * of the latest events (the tail above the watermarks, the end of the
+ * current hour) scans all ranges not summarized yet, and autovacuum's
+ * summarization (autosummarize) falls behind under heavy ingest.  Skipped
+ * when the lock is taken (a vacuum, which summarizes too, or another
+ * refresh): waiting would cancel a running autovacuum.
+ */
+void
+MeteringRefreshSummarize(int64 events)
+{
+	Oid			nsp = get_namespace_oid("metering", true);
+	Oid			heap = OidIsValid(nsp) ? get_relname_relid("events", nsp) : InvalidOid;
+	Oid			index = OidIsValid(nsp) ? get_relname_relid("events_seq_time_brin", nsp) : InvalidOid;
+
+	HeapTuple	tup;
+	bool		brin;
+
+	if (events <= 0 || !OidIsValid(heap) || !OidIsValid(index))
+		return;
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(index));
+	if (!HeapTupleIsValid(tup))
+		return;
+	brin = ((Form_pg_class) GETSTRUCT(tup))->relam == BRIN_AM_OID;
+	ReleaseSysCache(tup);
+	if (!brin)
+		return;
+	if (!ConditionalLockRelationOid(heap, ShareUpdateExclusiveLock))
+		return;
+	(void) DirectFunctionCall1(brin_summarize_new_values, ObjectIdGetDatum(index));
+}
+
+/*
  * metering.refresh_rollups(meter text DEFAULT NULL): rolls up, for every live
  * meter (or one), the events stored since its watermark; returns how many
  * (meter, event) pairs it added.  All in the caller's transaction: each
@@ -238,6 +275,7 @@ metering_refresh_rollups(PG_FUNCTION_ARGS)
 		MeteringRefreshMeter((const char *) lfirst(lc), upto, &counts);
 	counts.snapshots += MeteringRefreshQueue();
 	MeteringRefreshAnalyze(counts.rows);
+	MeteringRefreshSummarize(counts.events);
 	SPI_finish();
 	PG_RETURN_INT64(counts.events);
 }

@@ -34,4 +34,6 @@ extern int64 MeteringRefreshQueue(void);
 /* Analyzes the rollups when a refresh grew them by much. */
 extern void MeteringRefreshAnalyze(int64 written);
 
+extern void MeteringRefreshSummarize(int64 events);
+
 #endif

@@ -317,8 +317,11 @@ StepBegin(Round *r, void *arg)
 static void
 StepMeter(Round *r, void *arg)
 {
+	int64		before = r->counts.events;
+
 	MeteringRefreshMeter((const char *) arg, round_upto, &r->counts);
 	MeteringRefreshAnalyze(r->counts.rows);
+	MeteringRefreshSummarize(r->counts.events - before);
 }
 
 static void

@@ -70,12 +70,15 @@ CREATE TABLE metering.entitlement_snapshots (
   balances       numeric[] NOT NULL,
   inputs         bigint NOT NULL,
   created_at     timestamptz NOT NULL DEFAULT metering.now(),
+  hour_usage_before numeric,
   PRIMARY KEY (entitlement_id, at)
 );
 COMMENT ON TABLE metering.entitlement_snapshots IS
   'derived: the burndown state of a metered entitlement after the cut at an instant, written by refresh_rollups() and removed by any change it depends on';
 COMMENT ON COLUMN metering.entitlement_snapshots.entitlement_id IS 'the entitlement';
-COMMENT ON COLUMN metering.entitlement_snapshots.at IS 'the instant (a cut: period boundary, grant change or recurrence)';
+COMMENT ON COLUMN metering.entitlement_snapshots.at IS 'the instant (a cut: period boundary, grant change or recurrence; or the last whole hour past the last cut)';
+COMMENT ON COLUMN metering.entitlement_snapshots.hour_usage_before IS
+  'the usage of the events of the UTC hour of `at` before `at` (NULL when `at` is a whole hour): a reader subtracts it from that hour''s rollup instead of reading the hour''s events';
 COMMENT ON COLUMN metering.entitlement_snapshots.usage IS 'usage in the period up to `at`';
 COMMENT ON COLUMN metering.entitlement_snapshots.grant_usage IS 'what grants paid in the period up to `at`';
 COMMENT ON COLUMN metering.entitlement_snapshots.overage IS 'the unpaid usage at `at`';

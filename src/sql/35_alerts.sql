@@ -287,8 +287,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   x record;
+  every boolean;
+  keys text[];
 BEGIN
-  IF NOT metering._alerts_live() THEN
+  -- the features the live rules cover, once (nothing more when none is live)
+  SELECT bool_or(r.feature_key IS NULL), array_agg(r.feature_key) INTO every, keys
+    FROM metering.notification_rules r WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL;
+  IF every IS NULL THEN
     RETURN NULL;
   END IF;
   FOR x IN
@@ -302,9 +307,7 @@ BEGIN
         JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
         JOIN metering.features f ON f.id = e.feature_id
         JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
-       WHERE EXISTS (SELECT 1 FROM metering.notification_rules r
-                      WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL
-                        AND (r.feature_key IS NULL OR r.feature_key = e.feature_key)))
+       WHERE every OR e.feature_key = ANY (keys))
     INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom)
     SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until,
            -- (the usage in the window, carried to the update as the new row's headroom)

@@ -7,6 +7,12 @@
 -- 0.2.0--0.3.0.objects (tools/sql-extract) and the files every update runs
 -- again (FINAL_SQL) to build metering--0.2.0--0.3.0.sql.
 
+-- a snapshot inside an hour keeps the usage of that hour before it
+ALTER TABLE metering.entitlement_snapshots ADD COLUMN hour_usage_before numeric;
+COMMENT ON COLUMN metering.entitlement_snapshots.at IS 'the instant (a cut: period boundary, grant change or recurrence; or the last whole hour past the last cut)';
+COMMENT ON COLUMN metering.entitlement_snapshots.hour_usage_before IS
+  'the usage of the events of the UTC hour of `at` before `at` (NULL when `at` is a whole hour): a reader subtracts it from that hour''s rollup instead of reading the hour''s events';
+
 -- restored rows of every table are checked by metering._restored now
 DROP FUNCTION metering._hashmap_may_restore();
 
