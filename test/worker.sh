@@ -70,12 +70,14 @@ check "and it wrote the entitlement's snapshot" "$(q "SELECT count(*) > 0 FROM m
 check "the answers are those of the events" "$(q "$answers")" "$(q "$oracle")"
 
 # another session holds meter a's watermark: a waits, b goes on
-psql -X -q -d $db -c "BEGIN; SELECT 1 FROM metering.meter_rollup_state WHERE meter = 'a' FOR UPDATE; SELECT pg_sleep(25); COMMIT;" >/dev/null 2>&1 &
+# (held for 40 s: b's new events may come just after a round began, and are
+# then rolled up by the next one, after a has timed out twice: 10 s each)
+psql -X -q -d $db -c "BEGIN; SELECT 1 FROM metering.meter_rollup_state WHERE meter = 'a' FOR UPDATE; SELECT pg_sleep(40); COMMIT;" >/dev/null 2>&1 &
 holder=$!
 sleep 1
 q "$(batch a2 acme ea 500)" >/dev/null
 q "$(batch b2 acme eb 500)" >/dev/null
-wait_for "SELECT rolled_up_to >= (SELECT max(seq) FROM metering.events WHERE type = 'eb') FROM metering.meter_rollup_state WHERE meter = 'b'" 20
+wait_for "SELECT rolled_up_to >= (SELECT max(seq) FROM metering.events WHERE type = 'eb') FROM metering.meter_rollup_state WHERE meter = 'b'" 32
 check "a meter held by another session does not hold up the others" \
   "$(q "SELECT (SELECT rolled_up_to FROM metering.meter_rollup_state WHERE meter = 'b') >= (SELECT max(seq) FROM metering.events WHERE type = 'eb')
               AND (SELECT rolled_up_to FROM metering.meter_rollup_state WHERE meter = 'a') < (SELECT max(seq) FROM metering.events WHERE type = 'ea')")" "t"
