@@ -96,30 +96,30 @@ IntervalIsAtLeast(const Interval *iv, int64 usecs)
 		(double) iv->time >= (double) usecs;
 }
 
-TimestampTz
-TruncMinute(TimestampTz t)
+/* t rounded down to a multiple of `unit` microseconds (UTC: no offsets) */
+static TimestampTz
+TruncTo(TimestampTz t, int64 unit)
 {
 	TimestampTz r;
 
 	if (TIMESTAMP_NOT_FINITE(t))
 		return t;
-	r = t - t % USECS_PER_MINUTE;
-	if (t % USECS_PER_MINUTE < 0)
-		r -= USECS_PER_MINUTE;
+	r = t - t % unit;
+	if (t % unit < 0)
+		r -= unit;
 	return r;
+}
+
+TimestampTz
+TruncMinute(TimestampTz t)
+{
+	return TruncTo(t, USECS_PER_MINUTE);
 }
 
 TimestampTz
 TruncHour(TimestampTz t)
 {
-	TimestampTz r;
-
-	if (TIMESTAMP_NOT_FINITE(t))
-		return t;
-	r = t - t % USECS_PER_HOUR;
-	if (t % USECS_PER_HOUR < 0)
-		r -= USECS_PER_HOUR;
-	return r;
+	return TruncTo(t, USECS_PER_HOUR);
 }
 
 /* metering.calendar_step(anchor, step, n): anchor + n * step, in UTC, never chained. */
