@@ -173,6 +173,24 @@ typedef struct OneCut
 } OneCut;
 
 /*
+ * The usage points of the events of the rollup bucket `hour` in [a, b), as
+ * the rollups count them, into l; returns their sum.
+ */
+static Numeric
+ReadHour(Entitlement *ent, TimestampTz hour, TimestampTz a, TimestampTz b, UsageList *l)
+{
+	Datum		one = TimestampTzGetDatum(hour);
+	Numeric		sum = int64_to_numeric(0);
+
+	EntReadPoints(EntOpenUsage(ent, 2, a, b,
+							   construct_array(&one, 1, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE)),
+				  l, PG_INT64_MIN, PG_INT64_MAX, NULL);
+	for (int i = 0; i < l->n; i++)
+		sum = NumAdd(sum, l->points[i].amount);
+	return sum;
+}
+
+/*
  * The points of a bucket cut once: the events on the side of the cut with
  * the shorter span (the later side, when the cut is the answer's instant and
  * only events still arriving lie after it), and the rest of the bucket as
@@ -182,20 +200,15 @@ typedef struct OneCut
 static void
 SplitOnce(Entitlement *ent, OneCut *c, TimestampTz from, TimestampTz to, UsageList *out)
 {
-	TimestampTz end = c->bucket + USECS_PER_HOUR;
 	bool		later = c->last - c->at <= c->at - c->first;
-	Datum		one = TimestampTzGetDatum(c->bucket);
-	ArrayType  *arr = construct_array(&one, 1, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
 	UsageList	side = {0};
-	Numeric		sum = int64_to_numeric(0);
+	Numeric		sum = later ? ReadHour(ent, c->bucket, c->at, c->bucket + USECS_PER_HOUR, &side)
+		: ReadHour(ent, c->bucket, c->bucket, c->at, &side);
 
-	EntReadPoints(EntOpenUsage(ent, 2, later ? c->at : c->bucket, later ? end : c->at, arr),
-				  &side, PG_INT64_MIN, PG_INT64_MAX, NULL);
 	for (int i = 0; i < side.n; i++)
 	{
 		TimestampTz t = side.points[i].time;
 
-		sum = NumAdd(sum, side.points[i].amount);
 		if (t >= from && t < to && !(c->from_cut && t < c->at))
 			AddPoint(out, t, side.points[i].amount);
 	}
@@ -215,18 +228,9 @@ Numeric
 EntHourUsageBefore(Entitlement *ent, TimestampTz at)
 {
 	TimestampTz hour = TruncHour(at);
-	Datum		one = TimestampTzGetDatum(hour);
 	UsageList	l = {0};
-	Numeric		sum = int64_to_numeric(0);
 
-	if (hour == at)
-		return NULL;
-	EntReadPoints(EntOpenUsage(ent, 2, hour, at,
-							   construct_array(&one, 1, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE)),
-				  &l, PG_INT64_MIN, PG_INT64_MAX, NULL);
-	for (int i = 0; i < l.n; i++)
-		sum = NumAdd(sum, l.points[i].amount);
-	return sum;
+	return hour == at ? NULL : ReadHour(ent, hour, hour, at, &l);
 }
 
 /* One rollup bucket: its rows (one per group values) taken together. */
