@@ -44,6 +44,7 @@
 #include "utils/timestamp.h"
 
 #include "hashmap.h"
+#include "metering.h"
 
 static HmCache *cache = NULL;
 static uint64 generation = 0;	/* invalidations seen */
@@ -342,6 +343,8 @@ Load(void)
 	PG_TRY();
 	{
 		SPI_connect();
+		/* a Citus worker holds no rules of its own (80_distribute.sql) */
+		MeteringRequireCoordinator("rating");
 		/* groups, numbered as RulesSql numbers them */
 		ret = SPI_execute("SELECT name FROM metering.hashmap_groups ORDER BY id", true, 0);
 		if (ret != SPI_OK_SELECT)

@@ -16,8 +16,11 @@
 #include "access/table.h"
 #include "access/xact.h"
 #include "catalog/indexing.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_type.h"
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
@@ -25,6 +28,7 @@
 #include "pgtime.h"
 #include "utils/datetime.h"
 #include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -121,6 +125,25 @@ ParseClockValue(const char *str, TimestampTz *result)
  * (0 when the extension is not installed): the library is installed before
  * ALTER EXTENSION metering UPDATE runs, and works with older SQL until then.
  */
+/*
+ * Without Citus's catalog there is nothing to ask (and no query to pay);
+ * with it, the SQL helper decides.
+ */
+void
+MeteringRequireCoordinator(const char *what)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+	int			ret;
+
+	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+		return;
+	args[0] = CStringGetTextDatum(what);
+	ret = SPI_execute_with_args("SELECT metering._require_coordinator($1)", 1, types, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not check the node: %s", SPI_result_code_string(ret));
+}
+
 int
 MeteringInstalledVersion(void)
 {

@@ -33,6 +33,9 @@ extern int	MeteringInstalledVersion(void);
 /* The extension owner, or InvalidOid when the extension is not installed. */
 extern Oid	MeteringExtensionOwner(void);
 
+/* 0A000 on a Citus worker of a distributed install (inside SPI; see 80_distribute.sql) */
+extern void MeteringRequireCoordinator(const char *what);
+
 /* Random bytes from the server's strong source; errors when it fails. */
 extern void MeteringRandomBytes(void *buf, size_t len);
 

@@ -528,6 +528,13 @@ metering_events_deleted(PG_FUNCTION_ARGS)
 		trig->tg_oldtable == NULL)
 		elog(ERROR, "metering._events_deleted must be an AFTER DELETE ... REFERENCING OLD TABLE AS old_events FOR EACH STATEMENT trigger");
 
+	/* a shard of the distributed events: its node's meters are not the coordinator's */
+	if (strcmp(RelationGetRelationName(trig->tg_relation), "events") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("events cannot be deleted once distributed"),
+				 errdetail("The rollups of deleted events are rebuilt on the coordinator only in this release."),
+				 errhint("Record correcting events instead.")));
 	SPI_connect();
 	buf = RollupBufferCreate();
 	/* FOR UPDATE: deleters take turns, each rebuilding on the last one's rows */

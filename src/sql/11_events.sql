@@ -106,6 +106,11 @@ COMMENT ON FUNCTION metering._events_immutable() IS 'internal: events are never 
 CREATE FUNCTION metering._events_truncate() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  -- distributed (80_distribute.sql): the coordinator's table fires this too
+  -- and empties the derived tables; a shard's copy has nothing to add
+  IF TG_TABLE_NAME <> 'events' THEN
+    RETURN NULL;
+  END IF;
   -- DELETE, not TRUNCATE: the same statement may be truncating the rollups too
   DELETE FROM metering.meter_rollups;
   DELETE FROM metering.usage_periods;

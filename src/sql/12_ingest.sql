@@ -10,6 +10,10 @@ COMMENT ON FUNCTION metering._parse_events(jsonb, boolean) IS
   'internal: validates one CloudEvents object (batch false) or an array of them, and returns the rows to store';
 
 -- _parse_events returns a batch in (source, id) order (see ingest.c).
+-- The conflict target is left out: it is the events' one unique key,
+-- (source, id) on one node and (subject, source, id) once distributed
+-- (metering.distribute()).  Stored rows are counted from RETURNING: Citus's
+-- ROW_COUNT of an INSERT ... SELECT counts the duplicates too.
 CREATE FUNCTION metering.ingest(event jsonb) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -18,11 +22,12 @@ BEGIN
   IF event IS NULL THEN
     RAISE EXCEPTION 'event must not be NULL' USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  INSERT INTO metering.events AS e (id, source, subject, type, time, data)
-  SELECT p.id, p.source, p.subject, p.type, p.time, p.data
-    FROM metering._parse_events(event, false) p
-  ON CONFLICT (source, id) DO NOTHING;
-  GET DIAGNOSTICS n = ROW_COUNT;
+  WITH stored AS (
+    INSERT INTO metering.events AS e (id, source, subject, type, time, data)
+    SELECT p.id, p.source, p.subject, p.type, p.time, p.data
+      FROM metering._parse_events(event, false) p
+    ON CONFLICT DO NOTHING RETURNING 1)
+  SELECT count(*) INTO n FROM stored;
   RETURN n = 1;
 END $$;
 COMMENT ON FUNCTION metering.ingest(jsonb) IS
@@ -37,11 +42,12 @@ BEGIN
   IF events IS NULL THEN
     RAISE EXCEPTION 'events must not be NULL' USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  INSERT INTO metering.events AS e (id, source, subject, type, time, data)
-  SELECT p.id, p.source, p.subject, p.type, p.time, p.data
-    FROM metering._parse_events(events, true) p
-  ON CONFLICT (source, id) DO NOTHING;
-  GET DIAGNOSTICS n = ROW_COUNT;
+  WITH stored AS (
+    INSERT INTO metering.events AS e (id, source, subject, type, time, data)
+    SELECT p.id, p.source, p.subject, p.type, p.time, p.data
+      FROM metering._parse_events(events, true) p
+    ON CONFLICT DO NOTHING RETURNING 1)
+  SELECT count(*) INTO n FROM stored;
   accepted := n;
   duplicates := jsonb_array_length(events) - n;
   RETURN NEXT;

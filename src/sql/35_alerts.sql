@@ -290,6 +290,11 @@ DECLARE
   every boolean;
   keys text[];
 BEGIN
+  -- a shard of the distributed events (80_distribute.sql): its node's rules
+  -- are not the coordinator's, and alerts are evaluated there
+  IF TG_TABLE_NAME <> 'events' THEN
+    RETURN NULL;
+  END IF;
   -- the features the live rules cover, once (nothing more when none is live)
   SELECT bool_or(r.feature_key IS NULL), array_agg(r.feature_key) INTO every, keys
     FROM metering.notification_rules r WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL;

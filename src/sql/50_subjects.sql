@@ -71,8 +71,12 @@ CREATE TRIGGER subjects_before_write BEFORE INSERT OR UPDATE ON metering.subject
 CREATE FUNCTION metering._subjects_soft_delete() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  -- the table the trigger fired on: on a Citus node that is this node's
+  -- copy of the reference table (80_distribute.sql), which the others'
+  -- triggers mark the same way
   IF OLD.deleted_at IS NULL THEN
-    UPDATE metering.subjects SET deleted_at = metering.now() WHERE key = OLD.key;
+    EXECUTE format('UPDATE %I.%I SET deleted_at = metering.now() WHERE key = $1', TG_TABLE_SCHEMA, TG_TABLE_NAME)
+      USING OLD.key;
   END IF;
   RETURN NULL;
 END $$;
@@ -92,10 +96,13 @@ BEGIN ATOMIC
 END;
 COMMENT ON FUNCTION metering.subject_tree(text) IS 'a subject and its children, their children, and so on';
 
+-- (the known keys first: distributed events do not join the coordinator's
+-- subjects directly, they are sent the keys)
 CREATE VIEW metering.unknown_subjects WITH (security_invoker = true) AS
+WITH known AS MATERIALIZED (SELECT s.key FROM metering.subjects s)
 SELECT e.subject, count(*) AS events, min(e.time) AS first_seen, max(e.time) AS last_seen
   FROM metering.events e
- WHERE NOT EXISTS (SELECT 1 FROM metering.subjects s WHERE s.key = e.subject)
+ WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.key = e.subject)
  GROUP BY e.subject;
 COMMENT ON VIEW metering.unknown_subjects IS
   'subjects that events name but metering.subjects does not know (their usage is stored all the same); reads every event';

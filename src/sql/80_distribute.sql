@@ -1,0 +1,142 @@
+-- Scale-out on Citus (opt-in): metering.distribute() turns the tables of a
+-- coordinator into distributed and reference tables.  A single node never
+-- calls anything here.
+
+-- The row-security rule of distributed tables: Citus refuses subqueries in
+-- their policies, and this function, which a shard evaluates per row,
+-- answers once per statement (src/visible_subjects.c).
+CREATE FUNCTION metering._visible_subjects_once(who name) RETURNS text[]
+  AS 'MODULE_PATHNAME', 'metering_visible_subjects_once'
+  LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION metering._visible_subjects_once(name) IS
+  'internal (distributed mode): metering._visible_subjects(who), asked once per statement';
+
+CREATE FUNCTION metering._role_is_mine(role_name name) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+-- (a row may name a role that was dropped since: it is nobody's)
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_roles g
+                WHERE g.rolname = _role_is_mine.role_name AND pg_catalog.pg_has_role(g.oid, 'MEMBER'));
+COMMENT ON FUNCTION metering._role_is_mine(name) IS
+  'internal (distributed mode): whether the current role is a member of the named role (false for a dropped one)';
+
+-- Whether this database's metering tables are distributed (Citus holds
+-- metering.events as a distributed table); false without Citus.
+CREATE FUNCTION metering._distributed() RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  d boolean;
+BEGIN
+  IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+    RETURN false;
+  END IF;
+  EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = ''metering.events''::regclass)'
+    INTO d;
+  RETURN d;
+END $$;
+COMMENT ON FUNCTION metering._distributed() IS
+  'internal: true when metering.distribute() has distributed this database''s tables';
+
+-- Whether this session runs on a Citus worker of a distributed install:
+-- there, the configuration tables (meters, rules, subjects, ...) are the
+-- worker's own, empty copies, so whatever reads them must not run there.
+CREATE FUNCTION metering._on_worker() RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  w boolean;
+BEGIN
+  IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+    RETURN false;
+  END IF;
+  EXECUTE 'SELECT NOT pg_catalog.citus_is_coordinator() AND EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition '
+          'WHERE logicalrelid = ''metering.events''::regclass)' INTO w;
+  RETURN w;
+END $$;
+COMMENT ON FUNCTION metering._on_worker() IS
+  'internal: true on a Citus worker of a distributed install (where the configuration tables are not the coordinator''s)';
+
+CREATE FUNCTION metering._require_coordinator(what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF metering._on_worker() THEN
+    RAISE EXCEPTION '% runs on the Citus coordinator only, and this query sent it to a worker', what
+      USING ERRCODE = 'feature_not_supported',
+            HINT = 'See "Scaling out on Citus" in the README for what runs where.';
+  END IF;
+END $$;
+COMMENT ON FUNCTION metering._require_coordinator(text) IS
+  'internal: 0A000 on a Citus worker of a distributed install';
+
+CREATE FUNCTION metering.distribute(shard_count integer DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  workers bigint;
+  tab text;
+  stmt text;
+  prep text[] := '{}';
+  failed text;
+  parent_fkey text;
+BEGIN
+  IF to_regclass('pg_catalog.pg_dist_node') IS NULL THEN
+    RAISE EXCEPTION 'distribute: Citus is not installed in this database'
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Add citus to shared_preload_libraries, CREATE EXTENSION citus, and add the workers with citus_add_node().';
+  END IF;
+  EXECUTE 'SELECT count(*) FROM pg_catalog.pg_dist_node WHERE noderole = ''primary'' AND isactive AND groupid <> 0'
+    INTO workers;
+  IF workers = 0 THEN
+    RAISE EXCEPTION 'distribute: the Citus cluster has no worker nodes'
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Add them on the coordinator with citus_add_node(host, port).';
+  END IF;
+  IF shard_count IS NOT NULL AND (shard_count < 1 OR shard_count > 64000) THEN
+    RAISE EXCEPTION 'distribute: shard_count must be from 1 to 64000, got %', shard_count
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF metering._distributed() THEN
+    RETURN;
+  END IF;
+  PERFORM set_config('client_min_messages', 'warning', true);
+  -- (the events keep their triggers: see the notes of 11_events.sql)
+  PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+
+  -- What changes before the tables are converted, run on every node: the
+  -- workers hold the extension's tables too (Citus leaves the tables of an
+  -- extension to it), and their definitions must stay the same.  Each
+  -- statement can run again, so a distribute() that failed half-way can.
+  -- The dedup key names the distribution column:
+  prep := prep || ('ALTER TABLE metering.events DROP CONSTRAINT IF EXISTS events_pkey, '
+                   'ADD CONSTRAINT events_pkey PRIMARY KEY (subject, source, id)')::text;
+  -- policies without subqueries (see above):
+  FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods'] LOOP
+    prep := prep || format('ALTER POLICY %I ON metering.%I USING (metering._visible_subjects_once(current_user) IS NULL '
+                           'OR subject = ANY (metering._visible_subjects_once(current_user)))', tab || '_by_subject', tab);
+  END LOOP;
+  prep := prep || 'ALTER POLICY subjects_by_subject ON metering.subjects USING (metering._visible_subjects_once(current_user) IS NULL '
+                  'OR key = ANY (metering._visible_subjects_once(current_user)))'::text
+               || 'ALTER POLICY subject_access_own ON metering.subject_access USING ('
+                  'metering._visible_subjects_once(current_user) IS NULL OR metering._role_is_mine(role_name))'::text;
+  -- the subjects' own foreign key would be made twice on the workers
+  SELECT pg_get_constraintdef(oid) INTO parent_fkey FROM pg_constraint
+   WHERE conrelid = 'metering.subjects'::regclass AND conname = 'subjects_parent_key_fkey';
+  prep := prep || 'ALTER TABLE metering.subjects DROP CONSTRAINT IF EXISTS subjects_parent_key_fkey'::text;
+  FOREACH stmt IN ARRAY prep LOOP
+    EXECUTE stmt;
+    EXECUTE 'SELECT string_agg(nodename || '':'' || nodeport || '': '' || result, ''; '') '
+            'FROM run_command_on_workers($1) WHERE NOT success' INTO failed USING stmt;
+    IF failed IS NOT NULL THEN
+      RAISE EXCEPTION 'distribute: a worker could not run "%": %', stmt, failed
+        USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+  END LOOP;
+  -- row security on the workers reads who may see which subjects
+  EXECUTE 'SELECT create_reference_table(''metering.subject_access'')';
+  EXECUTE 'SELECT create_reference_table(''metering.subjects'')';
+  EXECUTE 'ALTER TABLE metering.subjects ADD CONSTRAINT subjects_parent_key_fkey '
+          || coalesce(parent_fkey, 'FOREIGN KEY (parent_key) REFERENCES metering.subjects(key) DEFERRABLE INITIALLY DEFERRED');
+  EXECUTE 'SELECT create_distributed_table(''metering.events'', ''subject'', shard_count => $1)' USING shard_count;
+  EXECUTE 'SELECT create_distributed_table(''metering.meter_rollups'', ''subject'', colocate_with => ''metering.events'')';
+  EXECUTE 'SELECT create_distributed_table(''metering.usage_periods'', ''subject'', colocate_with => ''metering.events'')';
+END $$;
+COMMENT ON FUNCTION metering.distribute(integer) IS
+  'on a Citus coordinator with workers: distributes the events and their rollups and usage periods by subject (co-located); idempotent; 55000 without Citus or workers';
+REVOKE ALL ON FUNCTION metering.distribute(integer) FROM PUBLIC;

@@ -1,0 +1,86 @@
+/*
+ * visible_subjects.c: metering._visible_subjects_once(role), the row-security
+ * rule of distributed tables (80_distribute.sql).
+ *
+ * On one node the policies call metering._visible_subjects() in an
+ * uncorrelated subquery, evaluated once per statement.  Citus refuses
+ * subqueries in the policies of distributed and reference tables, so there
+ * the policy calls this function, which a shard's scan evaluates per row:
+ * it answers from the last call of the same statement (same transaction,
+ * statement start and role name) and asks _visible_subjects() otherwise.
+ * That query reads the reference tables subject_access and subjects, which
+ * Citus would refuse inside a shard's task as a nested distributed query;
+ * it is allowed here, for this query only: a reference table has a copy on
+ * every node and is read in place, in the same transaction.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "storage/proc.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#define NESTED_GUC "citus.allow_nested_distributed_execution"
+
+static LocalTransactionId cached_lxid = InvalidLocalTransactionId;
+static TimestampTz cached_stmt = 0;
+static NameData cached_role;
+static ArrayType *cached_value = NULL;	/* in TopMemoryContext; NULL: all subjects */
+
+PG_FUNCTION_INFO_V1(metering_visible_subjects_once);
+Datum
+metering_visible_subjects_once(PG_FUNCTION_ARGS)
+{
+	Name		who = PG_GETARG_NAME(0);
+	Oid			types[1] = {NAMEOID};
+	Datum		args[1] = {NameGetDatum(who)};
+	bool		isnull;
+	int			guc_level;
+	int			ret;
+	Datum		d;
+
+	if (cached_lxid == MyProc->lxid && cached_stmt == GetCurrentStatementStartTimestamp() &&
+		strcmp(NameStr(cached_role), NameStr(*who)) == 0)
+	{
+		if (cached_value == NULL)
+			PG_RETURN_NULL();
+		PG_RETURN_ARRAYTYPE_P(DatumGetArrayTypePCopy(PointerGetDatum(cached_value)));
+	}
+
+	SPI_connect();
+	guc_level = NewGUCNestLevel();
+	if (GetConfigOption(NESTED_GUC, true, false) != NULL)
+		(void) set_config_option(NESTED_GUC, "on", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	ret = SPI_execute_with_args("SELECT metering._visible_subjects($1)", 1, types, args, NULL, true, 1);
+	AtEOXact_GUC(true, guc_level);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read the visible subjects: %s", SPI_result_code_string(ret));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+	if (cached_value != NULL)
+		pfree(cached_value);
+	cached_value = NULL;
+	cached_lxid = InvalidLocalTransactionId;
+	if (!isnull)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		cached_value = DatumGetArrayTypePCopy(d);
+		MemoryContextSwitchTo(old);
+	}
+	cached_lxid = MyProc->lxid;
+	cached_stmt = GetCurrentStatementStartTimestamp();
+	namestrcpy(&cached_role, NameStr(*who));
+	SPI_finish();
+
+	if (cached_value == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_ARRAYTYPE_P(DatumGetArrayTypePCopy(PointerGetDatum(cached_value)));
+}

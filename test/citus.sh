@@ -1,0 +1,172 @@
+#!/bin/sh
+# Scale-out on Citus: a coordinator and two workers on loopback ports
+# (tools/citus-cluster), metering.distribute(), and the same data in the
+# cluster and in a database of one node (test/citus/data.sql); then every
+# question of test/citus/queries.sql gets the same answers from both, the
+# events are spread over both workers, the dedup key is (subject, source,
+# id), what would read a worker's own (empty) configuration refuses to,
+# a batch whose worker is killed half-way is all or nothing, and an
+# isolation spec ingests one event from two coordinator sessions at once.
+# Emits TAP; skips when Citus is not installed (tools/citus installs it).
+# Needs root or the right to start servers as the current user.
+set -u
+here=$(cd "$(dirname "$0")/.." && pwd)
+PG_CONFIG=${PG_CONFIG:-pg_config}
+if [ ! -f "$("$PG_CONFIG" --pkglibdir)/citus.so" ]; then
+  echo "1..0 # SKIP Citus is not installed (tools/citus builds it from ../shared/vendor/citus)"
+  exit 0
+fi
+bindir=$("$PG_CONFIG" --bindir)
+dir=$(mktemp -d /tmp/metering-citus.XXXXXX)
+port=${CITUS_TEST_PORT:-57410}
+tmp=$dir/tmp
+n=1
+failed=0
+cleanup() { "$here/tools/citus-cluster" stop "$dir" >/dev/null 2>&1; rm -rf "$dir"; }
+trap cleanup EXIT
+say() { echo "# $*"; }
+ok() {  # description, condition status
+  if [ "$2" = 0 ]; then echo "ok $n - $1"; else echo "not ok $n - $1"; failed=$((failed + 1)); fi
+  n=$((n + 1))
+}
+check() {  # description, got, expected
+  if [ "$2" = "$3" ]; then echo "ok $n - $1"
+  else echo "not ok $n - $1"; echo "#   got: $2"; echo "#   expected: $3"; failed=$((failed + 1)); fi
+  n=$((n + 1))
+}
+# psql as the servers' superuser, on the coordinator
+sql() {  # database, query
+  "$bindir/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d "$1" -c "$2" 2>"$tmp.err"
+}
+errcode() {  # database, statements: the SQLSTATE they fail with, or "none"
+  e=$("$bindir/psql" -X -A -t -q -v VERBOSITY=sqlstate -h "$dir" -p "$port" -U postgres -d "$1" -c "$2" 2>&1 >/dev/null |
+      sed -n 's/^ERROR: *//p' | head -1)
+  echo "${e:-none}"
+}
+
+"$here/tools/citus-cluster" start "$dir" "$port" m || { echo "Bail out! the Citus cluster did not start"; exit 1; }
+[ "$(id -u)" = 0 ] && chown postgres "$dir"
+w1=$((port + 1))
+w2=$((port + 2))
+sql postgres "CREATE DATABASE single" && sql single "CREATE EXTENSION metering" ||
+  { echo "Bail out! no single-node database"; exit 1; }
+sql postgres "CREATE DATABASE lonely" && sql lonely "SET client_min_messages = warning; CREATE EXTENSION citus; CREATE EXTENSION metering" ||
+  { echo "Bail out! no database without workers"; exit 1; }
+
+say "distribute(): 55000 without Citus or without workers; idempotent"
+check "distribute() where Citus is not installed" "$(errcode single 'SELECT metering.distribute()')" 55000
+check "distribute() on a coordinator without workers" "$(errcode lonely 'SELECT metering.distribute()')" 55000
+sql m "SELECT metering.distribute(8)" >/dev/null && sql m "SELECT metering.distribute(8)" >/dev/null
+check "distribute() twice: the events, rollups and usage periods distributed, co-located by subject; subjects and their access replicated" \
+  "$(sql m "SELECT string_agg(logicalrelid::text || ':' || partmethod::text, ' ' ORDER BY logicalrelid::text) || ' ' || count(DISTINCT colocationid)
+              FROM pg_dist_partition WHERE logicalrelid::text LIKE 'metering.%'")" \
+  "metering.events:h metering.meter_rollups:h metering.subject_access:n metering.subjects:n metering.usage_periods:h 2"
+
+say "the same data in both"
+for db in single m; do
+  "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d $db \
+    -f "$here/test/citus/data.sql" >"$tmp.load.$db" 2>&1 || { sed 's/^/#   /' "$tmp.load.$db"; echo "Bail out! loading $db failed"; exit 1; }
+done
+diff "$tmp.load.single" "$tmp.load.m" >"$tmp.diff"
+ok "loading the data answers the same (ingest, ingest_batch, meter_usage, reserve, commit, consume)" $?
+sed 's/^/#   /' "$tmp.diff"
+
+say "every question, the same answers"
+# one file per question
+awk -v out="$tmp.q" '/^-- q:/ { k++; sub(/^-- q: */, ""); print > (out "." k ".name"); next }
+                     k { print > (out "." k ".sql") }' "$here/test/citus/queries.sql"
+k=1
+while [ -f "$tmp.q.$k.sql" ]; do
+  for db in single m; do
+    { echo "SET metering.now = '2026-03-04 12:00:00+00';"; cat "$tmp.q.$k.sql"; } |
+      "$bindir/psql" -X -A -t -q -h "$dir" -p "$port" -U postgres -d $db >"$tmp.a.$db" 2>&1
+  done
+  if cmp -s "$tmp.a.single" "$tmp.a.m" && ! grep -q ERROR "$tmp.a.single"; then
+    echo "ok $n - $(cat "$tmp.q.$k.name") ($(wc -l <"$tmp.a.m") rows)"
+  else
+    echo "not ok $n - $(cat "$tmp.q.$k.name")"; failed=$((failed + 1))
+    diff "$tmp.a.single" "$tmp.a.m" | head -20 | sed 's/^/#   /'
+  fi
+  n=$((n + 1)); k=$((k + 1))
+done
+
+say "where the events are"
+check "the events are on both workers, each shard on a worker" \
+  "$(sql m "SELECT string_agg(nodeport || ':' || (r.result::bigint > 0), ' ' ORDER BY nodeport)
+              FROM (SELECT p.nodeport, sum(x.result::bigint) AS result
+                      FROM run_command_on_shards('metering.events', 'SELECT count(*) FROM %s') x
+                      JOIN pg_dist_shard_placement p USING (shardid) GROUP BY p.nodeport) r")" \
+  "$w1:true $w2:true"
+sql m "SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"same\", \"source\": \"dup\", \"type\": \"api.call\", \"subject\": \"s1\"}'),
+              metering.ingest('{\"specversion\": \"1.0\", \"id\": \"same\", \"source\": \"dup\", \"type\": \"api.call\", \"subject\": \"s2\"}'),
+              metering.ingest('{\"specversion\": \"1.0\", \"id\": \"same\", \"source\": \"dup\", \"type\": \"api.call\", \"subject\": \"s2\"}')" >"$tmp.dup"
+check "distributed, the dedup key is (subject, source, id): a repeat is stored once, another subject's is another event" \
+  "$(tr '\n' ' ' <"$tmp.dup")$(sql m "SELECT count(*) FROM metering.events WHERE source = 'dup'")" "t|t|f 2"
+
+say "what reads a node's own configuration runs on the coordinator only"
+check "DELETE of distributed events is refused (their rollups would be rebuilt on the workers)" \
+  "$(errcode m "DELETE FROM metering.events WHERE subject = 's1'")" 0A000
+check "rated_total over the distributed events is refused on the workers (the rules are on the coordinator)" \
+  "$(errcode m "SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events GROUP BY subject") $(errcode m "SELECT metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events")" \
+  "0A000 0A000"
+sql m "CREATE ROLE citus_reader LOGIN" >/dev/null 2>&1
+# (in the cluster first: roles made there are made on every node)
+for db in m single; do
+  sql $db "SELECT metering.setup_roles(); GRANT metering_reader TO citus_reader;
+           INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_reader', 's3')" >/dev/null
+done
+check "row security on the workers: a role that sees one subject reads its events only, as on one node" \
+  "$(sql m "SET ROLE citus_reader; SELECT count(DISTINCT subject) || ' ' || min(subject) || ' ' || count(*) FROM metering.events")" \
+  "$(sql single "SET ROLE citus_reader; SELECT count(DISTINCT subject) || ' ' || min(subject) || ' ' || count(*) FROM metering.events")"
+check "... and the functions answer it as on one node" \
+  "$(sql m "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")" \
+  "$(sql single "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")"
+sql m "DELETE FROM metering.subjects WHERE key = 's40'" >/dev/null
+check "a subject deleted on the coordinator is deleted on every node" \
+  "$(sql m "SELECT string_agg(DISTINCT x.result, ',') FROM run_command_on_placements('metering.subjects',
+              'SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL) || ''/'' || count(*) FROM %s') x")" "1/40"
+check "TRUNCATE empties the events and what is derived from them" \
+  "$(sql m "BEGIN; TRUNCATE metering.events;
+              SELECT (SELECT count(*) FROM metering.events) + (SELECT count(*) FROM metering.meter_rollups)
+                     + (SELECT count(*) FROM metering.usage_periods); ROLLBACK")" 0
+
+say "a worker killed in the middle of a batch: all or nothing"
+before=$(sql m "SELECT count(*) FROM metering.events")
+( sql m "SELECT metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object('specversion', '1.0', 'id', 'k' || i, 'source', 'kill',
+          'type', 'llm.tokens', 'subject', 's' || (1 + i % 40), 'data', jsonb_build_object('tokens', 1)))
+          FROM generate_series(1, 300000) i))" >"$tmp.kill" 2>&1; echo $? >"$tmp.kill.rc" ) &
+# the batch is running once it has written to the workers
+i=0
+while [ $i -lt 100 ]; do
+  sql m "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%ingest_batch%' AND state = 'active' AND pid <> pg_backend_pid()" | grep -q t && break
+  sleep 0.1; i=$((i + 1))
+done
+sleep 2
+if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$bindir/pg_ctl" -D "$dir/n$w2" -m immediate stop >/dev/null 2>&1
+else "$bindir/pg_ctl" -D "$dir/n$w2" -m immediate stop >/dev/null 2>&1; fi
+wait
+check "the batch failed when its worker went away" "$(cat "$tmp.kill.rc")" 1
+if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$bindir/pg_ctl" -D "$dir/n$w2" -l "$dir/n$w2.log" -w start >/dev/null
+else "$bindir/pg_ctl" -D "$dir/n$w2" -l "$dir/n$w2.log" -w start >/dev/null; fi
+sql m "SELECT recover_prepared_transactions()" >/dev/null
+check "after the worker's recovery, none of the batch is stored, and nothing else is lost" \
+  "$(sql m "SELECT count(*) FILTER (WHERE source = 'kill') || ' ' || (count(*) = $before) FROM metering.events")" "0 true"
+check "ingest works again" \
+  "$(sql m "SELECT accepted FROM metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object('specversion', '1.0', 'id', 'r' || i,
+              'source', 'again', 'type', 'api.call', 'subject', 's' || i)) FROM generate_series(1, 40) i))")" 40
+
+say "isolation: one event from two coordinator sessions at once"
+mkdir -p "$dir/iso"
+[ "$(id -u)" = 0 ] && chown postgres "$dir/iso"
+isolation=$("$PG_CONFIG" --pkglibdir)/pgxs/src/test/isolation/pg_isolation_regress
+if [ "$(id -u)" = 0 ]; then run="runuser -u postgres --"; else run=""; fi
+sql m "SELECT citus_internal.replace_isolation_tester_func()" >/dev/null
+$run "$isolation" --use-existing --host="$dir" --port="$port" --user=postgres --dbname=m \
+  --inputdir="$here/test/citus" --outputdir="$dir/iso" citus_ingest_race >"$tmp.iso" 2>&1
+ok "isolation spec citus_ingest_race" $?
+sql m "SELECT citus_internal.restore_isolation_tester_func()" >/dev/null
+grep -E "ok|FAILED|failed" "$tmp.iso" | sed 's/^/#   /'
+[ -f "$dir/iso/regression.diffs" ] && sed 's/^/#   /' "$dir/iso/regression.diffs"
+[ -n "${CITUS_TEST_KEEP:-}" ] && cp "$dir/iso/results/citus_ingest_race.out" "$CITUS_TEST_KEEP"
+echo "1..$((n - 1))"
+exit $((failed > 0))

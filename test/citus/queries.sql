@@ -1,0 +1,81 @@
+-- The questions test/citus.sh asks one node and a Citus coordinator holding
+-- the same data (test/citus/data.sql); each "-- q:" line names one whose
+-- answers must be the same, row by row.  Signed cursors are compared
+-- without their signatures (each database signs with its own secret), and
+-- identifiers a database draws (uuids, seq) are left out.
+-- q: events stored
+SELECT count(*), count(DISTINCT (source, id)), sum(length(data::text)) FROM metering.events;
+-- q: query_meter SUM by day and model
+SELECT * FROM metering.query_meter('tokens', '2026-03-01', '2026-03-05', 'DAY', 'UTC', NULL, '{model}', NULL) ORDER BY 1, 2, 3, 4;
+-- q: query_meter COUNT by hour, two subjects, by route
+SELECT * FROM metering.query_meter('calls', '2026-03-01', '2026-03-05', 'HOUR', 'UTC', '{s3,s4}', '{route}', NULL) ORDER BY 1, 2, 3, 4;
+-- q: query_meter UNIQUE_COUNT, no window
+SELECT * FROM metering.query_meter('users', '2026-03-01', '2026-03-05', NULL, 'UTC', NULL, NULL, NULL) ORDER BY 1, 2, 3, 4;
+-- q: query_meter MAX by day in a time zone, filtered
+SELECT * FROM metering.query_meter('peak', '2026-03-01', '2026-03-05', 'DAY', 'Europe/Paris', '{s1,s9,s17}', NULL, NULL) ORDER BY 1, 2, 3, 4;
+-- q: query_meter with a group filter and minute windows
+SELECT * FROM metering.query_meter('tokens', '2026-03-04', '2026-03-04 02:00', 'MINUTE', 'UTC', '{s12}', NULL, '{"model": "big"}') ORDER BY 1, 2, 3, 4;
+-- q: entitlement_value of every entitlement
+SELECT e.subject, e.feature_key, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
+-- q: entitlement_value in the past
+SELECT e.subject, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, 'gpt', '2026-03-02 13:00') v WHERE e.feature_key = 'gpt' ORDER BY 1;
+-- q: entitlement_status
+SELECT subject, feature, type, access, balance, usage, overage, period_start, period_end, reserved, available FROM metering.entitlement_status ORDER BY 1, 2;
+-- q: grant_balances
+SELECT e.subject, g.amount, g.priority, b.balance FROM metering.entitlements e, metering.grant_balances(e.id) b
+  JOIN metering.grants g ON g.id = b.grant_id WHERE e.feature_key = 'gpt' ORDER BY 1, 2, 3;
+-- q: balance_history
+SELECT e.subject, b.* FROM metering.entitlements e, metering.balance_history(e.id, '2026-03-01', '2026-03-04 12:00', 'DAY') b
+ WHERE e.subject IN ('s5', 's8', 's20') AND e.feature_key = 'gpt' ORDER BY 1, 2;
+-- q: burndown_history
+SELECT e.subject, b.segment_start, b.segment_end, b.balance_at_start, b.overage_at_start, b.usage, b.overage, b.terminations,
+       (SELECT array_agg(u.v ORDER BY u.v) FROM jsonb_each_text(b.grant_usages) u(k, v)) AS grant_usages
+  FROM metering.entitlements e, metering.burndown_history(e.id, '2026-03-01', '2026-03-04 12:00') b
+ WHERE e.subject IN ('s5', 's10') AND e.feature_key = 'gpt' ORDER BY 1, 2, 3;
+-- q: usage_overview
+SELECT s, o.* FROM unnest(ARRAY['s1', 's6', 's7', 's40']) s, metering.usage_overview(s, 'calls') o ORDER BY 1, 2;
+-- q: usage_overview of an entitlement's meter
+SELECT s, o.* FROM unnest(ARRAY['s2', 's11']) s, metering.usage_overview(s, 'tokens') o ORDER BY 1, 2;
+-- q: search_usage by count
+SELECT regexp_replace(metering.search_usage('{"searchByAttributes": [
+  {"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2026-03-01T00:00:00"},
+  {"name": "aggregationPeriod", "operator": "EQUALS", "value": "DAILY"}],
+  "orderByAttribute": {"name": "count", "ascending": false}, "limit": 7}')::text, '\.[A-Za-z0-9_-]{20,}"', '"', 'g');
+-- q: search_usage of some tenants, weekly
+SELECT regexp_replace(metering.search_usage('{"searchByAttributes": [
+  {"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2026-02-20T00:00:00"},
+  {"name": "tenantId", "operator": "IN", "value": ["s3", "s4", "s5"]},
+  {"name": "aggregationPeriod", "operator": "EQUALS", "value": "WEEKLY"}], "limit": 20}')::text, '\.[A-Za-z0-9_-]{20,}"', '"', 'g');
+-- q: units_usage
+SELECT regexp_replace(metering.units_usage('calls', '2026-03-01', '2026-03-05', page_size => 25)::text, '\.[A-Za-z0-9_-]{20,}"', '"', 'g');
+-- q: daily_usage
+SELECT * FROM metering.daily_usage ORDER BY 1, 2, 3, 4;
+-- q: unknown_subjects
+SELECT * FROM metering.unknown_subjects ORDER BY 1;
+-- q: price_usage
+SELECT s, p.meter, p.model, p.currency, p.quantity, p.amount, p.rounded FROM unnest(ARRAY['s1', 's2', 's30']) s,
+       metering.price_usage(s, '2026-03-01', '2026-03-05') p ORDER BY 1, 2;
+-- q: rate on the coordinator
+SELECT metering.rate('llm.tokens', q) FROM unnest(ARRAY[1, 99, 100, 5000]) q;
+-- q: AWS usage records
+SELECT customer_identifier, product_code, dimension, usage_hour, quantity FROM metering.usage_records ORDER BY 1, 2, 3, 4;
+-- q: AWS events
+SELECT subject, type, time, data - 'allocations' FROM metering.events WHERE source LIKE 'aws-marketplace/%' ORDER BY 1, 2, 3;
+-- q: reservations
+SELECT subject, feature_key, amount, committed_amount, committed_at IS NOT NULL FROM metering.reservations ORDER BY 1, 3;
+-- q: refresh_rollups
+SELECT metering.refresh_rollups();
+-- q: rollups after the refresh
+SELECT meter, subject, bucket, groups, events, valued, sum, min, max, first_time, last_time FROM metering.meter_rollups ORDER BY 1, 2, 3, groups::text;
+-- q: usage periods after the refresh
+SELECT meter, subject, kind, start_time, end_time, events, valued, sum, min, max FROM metering.usage_periods ORDER BY 1, 2, 3, 4;
+-- q: entitlement_value after the refresh
+SELECT e.subject, e.feature_key, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
+-- q: query_meter after the refresh
+SELECT * FROM metering.query_meter('tokens', '2026-03-01', '2026-03-05', 'HOUR', 'UTC', NULL, '{model}', NULL) ORDER BY 1, 2, 3, 4;
+-- q: search_usage after the refresh
+SELECT regexp_replace(metering.search_usage('{"searchByAttributes": [
+  {"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2026-03-01T00:00:00"},
+  {"name": "aggregationPeriod", "operator": "EQUALS", "value": "MONTHLY"}], "limit": 50}')::text, '\.[A-Za-z0-9_-]{20,}"', '"', 'g');
+-- q: snapshots after the refresh
+SELECT e.subject, e.feature_key, s.at, s.usage, s.overage FROM metering.entitlement_snapshots s JOIN metering.entitlements e ON e.id = s.entitlement_id ORDER BY 1, 2, 3;
