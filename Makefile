@@ -60,7 +60,7 @@ $(UPGRADE): $(UPGRADE_SRC).sql $(NEW_SQL) $(UPGRADE_SRC).objects $(UPGRADE_POST)
 	@./tools/sql-extract --unlisted upgrade/$(EXTENSION)--$(PREVVERSION).sql $(UPGRADE_SRC).objects \
 	  $(filter-out $(NEW_SQL),$(SQL_SOURCES))
 
-.PHONY: deps demo test bench
+.PHONY: deps demo test test-citus bench
 # Installs the Debian packages the build and the suites need (as root only).
 deps:
 	@./tools/deps
@@ -74,6 +74,14 @@ test: deps
 	$(MAKE) all
 	./tools/install
 	./tools/test
+
+# Only the scale-out suite: Citus is built from ../shared/vendor/citus when
+# missing (tools/citus), then test/citus.sh starts its own three nodes.
+test-citus: deps
+	$(MAKE) all
+	./tools/install
+	./tools/citus
+	prove -v test/citus.sh
 
 bench: deps
 	$(MAKE) all

@@ -3,7 +3,8 @@
 # (tools/citus-cluster; the same PostgreSQL, settings and data): ingest_batch
 # of 1,000-event batches (random subjects of 1,000) and entitlement_value of
 # a random subject (100 events each above the refreshed rollups), pgbench
-# 10 s at 2 clients each.  On loopback, with every node on the same cores,
+# 10 s at 2 clients each; the coordinator keeps 8 connections per worker
+# (tools/citus-cluster) and the events have 4 shards.  On loopback, with every node on the same cores,
 # the ratio is the overhead of distribution, not its scaling (README,
 # Scaling).  Skipped when Citus is not installed (tools/citus installs it).
 #   sh bench/citus.sh [seconds]
@@ -24,7 +25,8 @@ trap '"$here/tools/citus-cluster" stop "$dir" >/dev/null 2>&1; rm -rf "$dir"' EX
 q() { "$bindir/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d "$1" -c "$2"; }
 q postgres "CREATE DATABASE metering_bench_single"
 q metering_bench_single "CREATE EXTENSION metering"
-q metering_bench_citus "SELECT metering.distribute(32)" >/dev/null
+# a few shards per worker core (README, Scaling out on Citus)
+q metering_bench_citus "SELECT metering.distribute(4)" >/dev/null
 for db in metering_bench_single metering_bench_citus; do
   "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d $db >/dev/null <<'SQL'
 SET client_min_messages = warning;
@@ -50,9 +52,10 @@ run() {  # database, script: "tps latency"
   "$bindir/pgbench" -n -c 2 -j 2 -T "$secs" -h "$dir" -p "$port" -U postgres -f "$dir/$2.pgbench" "$1" 2>&1 |
     awk '/latency average/ { l = $4 } /^tps/ { t = $3 } END { print t, l }'
 }
+# (the reads first: the batches leave events above the rollups, which a read adds up)
 for db in metering_bench_single metering_bench_citus; do
-  set -- $(run $db batch); eval "${db#metering_bench_}_batch=\$1"
   set -- $(run $db value); eval "${db#metering_bench_}_value=\$2"
+  set -- $(run $db batch); eval "${db#metering_bench_}_batch=\$1"
 done
 awk -v sb="$single_batch" -v cb="$citus_batch" -v sv="$single_value" -v cv="$citus_value" 'BEGIN {
   printf "ingest_batch of 1,000 events, 2 clients: one node %.0f events/s, coordinator + 2 workers %.0f events/s (ratio %.2f)\n", sb * 1000, cb * 1000, cb / sb

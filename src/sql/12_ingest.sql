@@ -13,11 +13,15 @@ COMMENT ON FUNCTION metering._parse_events(jsonb, boolean) IS
 -- The conflict target is left out: it is the events' one unique key,
 -- (source, id) on one node and (subject, source, id) once distributed
 -- (metering.distribute()).  Stored rows are counted from RETURNING: Citus's
--- ROW_COUNT of an INSERT ... SELECT counts the duplicates too.
+-- ROW_COUNT of an INSERT ... SELECT counts the duplicates too.  Once
+-- distributed, the keys of the stored events are kept for their alerts
+-- (35_alerts.sql: the events' trigger runs on the shards there).
 CREATE FUNCTION metering.ingest(event jsonb) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   n bigint;
+  dist boolean := metering._distributed();
+  k record;
 BEGIN
   IF event IS NULL THEN
     RAISE EXCEPTION 'event must not be NULL' USING ERRCODE = 'invalid_parameter_value';
@@ -26,9 +30,14 @@ BEGIN
     INSERT INTO metering.events AS e (id, source, subject, type, time, data)
     SELECT p.id, p.source, p.subject, p.type, p.time, p.data
       FROM metering._parse_events(event, false) p
-    ON CONFLICT DO NOTHING RETURNING 1)
-  SELECT count(*) INTO n FROM stored;
-  RETURN n = 1;
+    ON CONFLICT DO NOTHING RETURNING e.subject, e.source, e.id)
+  SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects,
+         array_agg(source) FILTER (WHERE dist) AS sources, array_agg(id) FILTER (WHERE dist) AS ids
+    INTO k FROM stored;
+  IF dist THEN
+    PERFORM metering._alerts_after_distributed_ingest(k.subjects, k.sources, k.ids);
+  END IF;
+  RETURN k.n = 1;
 END $$;
 COMMENT ON FUNCTION metering.ingest(jsonb) IS
   'stores one CloudEvents 1.0 event; true when stored, false when (source, id) was already stored (also by a concurrent session)';
@@ -37,7 +46,8 @@ CREATE FUNCTION metering.ingest_batch(events jsonb)
   RETURNS TABLE(accepted bigint, duplicates bigint)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  n bigint;
+  dist boolean := metering._distributed();
+  k record;
 BEGIN
   IF events IS NULL THEN
     RAISE EXCEPTION 'events must not be NULL' USING ERRCODE = 'invalid_parameter_value';
@@ -46,10 +56,15 @@ BEGIN
     INSERT INTO metering.events AS e (id, source, subject, type, time, data)
     SELECT p.id, p.source, p.subject, p.type, p.time, p.data
       FROM metering._parse_events(events, true) p
-    ON CONFLICT DO NOTHING RETURNING 1)
-  SELECT count(*) INTO n FROM stored;
-  accepted := n;
-  duplicates := jsonb_array_length(events) - n;
+    ON CONFLICT DO NOTHING RETURNING e.subject, e.source, e.id)
+  SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects,
+         array_agg(source) FILTER (WHERE dist) AS sources, array_agg(id) FILTER (WHERE dist) AS ids
+    INTO k FROM stored;
+  IF dist THEN
+    PERFORM metering._alerts_after_distributed_ingest(k.subjects, k.sources, k.ids);
+  END IF;
+  accepted := k.n;
+  duplicates := jsonb_array_length(events) - k.n;
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION metering.ingest_batch(jsonb) IS

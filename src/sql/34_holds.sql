@@ -326,6 +326,9 @@ BEGIN
     VALUES (p.id, p.source, p.subject, p.type, p.time, p.data)
     ON CONFLICT DO NOTHING RETURNING 1)
   SELECT count(*) INTO n FROM stored;
+  IF n = 1 AND metering._distributed() THEN
+    PERFORM metering._alerts_after_distributed_ingest(ARRAY[p.subject], ARRAY[p.source], ARRAY[p.id]);
+  END IF;
   SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   RETURN QUERY SELECT n = 1, usage, v.balance, v.available;
 END $$;
@@ -382,7 +385,7 @@ BEGIN
   e := metering._lock_entitlement(e.id);
   at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', greatest(p.time, now)));
   -- a repeat consumes nothing again
-  IF EXISTS (SELECT 1 FROM metering.events x WHERE x.source = p.source AND x.id = p.id) THEN
+  IF EXISTS (SELECT 1 FROM metering.events x WHERE x.subject = p.subject AND x.source = p.source AND x.id = p.id) THEN
     SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
     RETURN QUERY SELECT true, false, usage, v.available;
     RETURN;
@@ -405,6 +408,9 @@ BEGIN
     VALUES (p.id, p.source, p.subject, p.type, p.time, p.data)
     ON CONFLICT DO NOTHING RETURNING 1)
   SELECT count(*) INTO n FROM stored;
+  IF n = 1 AND metering._distributed() THEN
+    PERFORM metering._alerts_after_distributed_ingest(ARRAY[p.subject], ARRAY[p.source], ARRAY[p.id]);
+  END IF;
   -- what is left once this usage burns (it burns the balance, then becomes overage)
   RETURN QUERY SELECT true, n = 1, usage,
     CASE WHEN e.type = 'metered' THEN greatest(v.balance - CASE WHEN n = 1 THEN usage ELSE 0 END, 0) - v.reserved END;

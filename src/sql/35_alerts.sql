@@ -282,7 +282,11 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 -- window of the headroom read before the turn, and taken only if that is
 -- still the window once the turn is ours); the others get no headroom and
 -- are evaluated in full.
-CREATE FUNCTION metering._events_alerts() RETURNS trigger
+-- The events come as arrays (one element per event): from the statement's
+-- transition table on one node, and read back from the distributed events
+-- by _alerts_after_distributed_ingest() (below) on a coordinator.
+CREATE FUNCTION metering._alerts_for_events(subjects text[], types text[], times timestamptz[], datas jsonb[])
+  RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
@@ -290,16 +294,11 @@ DECLARE
   every boolean;
   keys text[];
 BEGIN
-  -- a shard of the distributed events (80_distribute.sql): its node's rules
-  -- are not the coordinator's, and alerts are evaluated there
-  IF TG_TABLE_NAME <> 'events' THEN
-    RETURN NULL;
-  END IF;
   -- the features the live rules cover, once (nothing more when none is live)
   SELECT bool_or(r.feature_key IS NULL), array_agg(r.feature_key) INTO every, keys
     FROM metering.notification_rules r WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL;
   IF every IS NULL THEN
-    RETURN NULL;
+    RETURN;
   END IF;
   FOR x IN
     WITH usage AS (
@@ -308,7 +307,7 @@ BEGIN
                        AND NOT metering._meter_groups(n.data, m.group_by) @> f.meter_group_by_filters THEN 0
                   WHEN m.aggregation = 'COUNT' THEN 1
                   ELSE greatest(coalesce(metering._meter_number(n.data, m.value_property), 0), 0) END AS amount
-        FROM new_events n
+        FROM unnest(subjects, types, times, datas) AS n(subject, type, "time", data)
         JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
         JOIN metering.features f ON f.id = e.feature_id
         JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
@@ -335,10 +334,44 @@ BEGIN
       PERFORM metering._evaluate_alerts(x.entitlement_id, x.usage_until, false);
     END IF;
   END LOOP;
+END $$;
+COMMENT ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) IS
+  'internal: evaluates the alerts of each metered entitlement that the given stored events reach, once';
+
+CREATE FUNCTION metering._events_alerts() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  -- a shard of the distributed events (80_distribute.sql): its node's rules
+  -- and entitlements are not the coordinator's; the coordinator's ingest
+  -- functions evaluate instead
+  IF TG_TABLE_NAME <> 'events' OR NOT metering._alerts_live() THEN
+    RETURN NULL;
+  END IF;
+  PERFORM metering._alerts_for_events(array_agg(n.subject), array_agg(n.type), array_agg(n.time), array_agg(n.data))
+     FROM new_events n;
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._events_alerts() IS
   'internal: after a statement stored events, evaluates the alerts of each metered entitlement they reach once';
+
+-- On a Citus coordinator the events' trigger runs on the shards, so what
+-- stores events there (ingest, ingest_batch, commit_reservation, consume)
+-- names what it stored, and this reads those events back: a caller can only
+-- have real events counted, never usage that was not stored.
+CREATE FUNCTION metering._alerts_after_distributed_ingest(subjects text[], sources text[], ids text[])
+  RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF subjects IS NULL OR NOT metering._alerts_live() THEN
+    RETURN;
+  END IF;
+  PERFORM metering._alerts_for_events(array_agg(e.subject), array_agg(e.type), array_agg(e.time), array_agg(e.data))
+     FROM metering.events e
+     JOIN unnest(subjects, sources, ids) AS k(subject, source, id)
+       ON e.subject = k.subject AND e.source = k.source AND e.id = k.id;
+END $$;
+COMMENT ON FUNCTION metering._alerts_after_distributed_ingest(text[], text[], text[]) IS
+  'internal (distributed mode): evaluates the alerts that the named stored events reach, as the events'' trigger does on one node';
 CREATE TRIGGER events_alerts AFTER INSERT ON metering.events
   REFERENCING NEW TABLE AS new_events
   FOR EACH STATEMENT EXECUTE FUNCTION metering._events_alerts();
@@ -364,6 +397,9 @@ CREATE TRIGGER resets_alerts AFTER INSERT ON metering.resets
 ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) SECURITY DEFINER;
 ALTER FUNCTION metering._notification_rules_changed() SECURITY DEFINER;
 ALTER FUNCTION metering._events_alerts() SECURITY DEFINER;
+ALTER FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) SECURITY DEFINER;
+ALTER FUNCTION metering._alerts_after_distributed_ingest(text[], text[], text[]) SECURITY DEFINER;
+REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) FROM PUBLIC;
 ALTER FUNCTION metering._entitlement_changed_alerts() SECURITY DEFINER;
 REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) FROM PUBLIC;
 

@@ -1,7 +1,8 @@
 -- The same data for one node and for a Citus cluster (test/citus.sh): meters,
 -- features, 40 subjects with entitlements and grants, and 6,000 events over
 -- three days, stored by ingest_batch, ingest and plain INSERT, with
--- duplicates; then a refresh and more events above the watermark.
+-- duplicates, and alert rules; then a refresh and more events above the
+-- watermark.
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
 SELECT set_config('metering.now', '2026-03-01 00:00:00+00', false) IS NOT NULL AS clock;
@@ -25,6 +26,9 @@ SELECT count(metering.create_grant(e.id, 900, '2026-03-02', priority => 5, expir
   FROM metering.entitlements e WHERE e.feature_key = 'gpt' AND right(e.subject, -1)::int % 5 = 0;
 SELECT count(metering.create_grant(e.id, 400, '2026-03-01', priority => 1))
   FROM metering.entitlements e WHERE e.feature_key = 'api';
+-- alerts of the token entitlements (what stores events evaluates them)
+INSERT INTO metering.notification_rules (name, feature_key, thresholds)
+VALUES ('gpt', 'gpt', '[{"type": "USAGE_PERCENT", "value": 50}, {"type": "USAGE_PERCENT", "value": 90}, {"type": "BALANCE_VALUE", "value": 0}]');
 SELECT set_config('metering.now', '2026-03-04 12:00:00+00', false) IS NOT NULL AS clock;
 -- 5,000 events in 50 batches
 SELECT sum(b.accepted) AS accepted, sum(b.duplicates) AS duplicates FROM generate_series(0, 49) k,

@@ -63,6 +63,9 @@ SELECT customer_identifier, product_code, dimension, usage_hour, quantity FROM m
 SELECT subject, type, time, data - 'allocations' FROM metering.events WHERE source LIKE 'aws-marketplace/%' ORDER BY 1, 2, 3;
 -- q: reservations
 SELECT subject, feature_key, amount, committed_amount, committed_at IS NOT NULL FROM metering.reservations ORDER BY 1, 3;
+-- q: notification events
+SELECT n.subject, n.feature_key, n.kind, n.threshold, n.period_start, n.usage, n.balance, n.total_available_grant_amount, n.created_at
+  FROM metering.notification_events n ORDER BY 1, 2, 5, 4::text, 3;
 -- q: refresh_rollups
 SELECT metering.refresh_rollups();
 -- q: rollups after the refresh
