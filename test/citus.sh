@@ -5,6 +5,7 @@
 # question of test/citus/queries.sql gets the same answers from both, the
 # events are spread over both workers, the dedup key is (subject, source,
 # id), what would read a worker's own (empty) configuration refuses to,
+# a dump of the coordinator restores as a database of one node,
 # a batch whose worker is killed half-way is all or nothing, and an
 # isolation spec ingests one event from two coordinator sessions at once.
 # Emits TAP; skips when Citus is not installed (tools/citus installs it).
@@ -94,6 +95,45 @@ while [ -f "$tmp.q.$k.sql" ]; do
   fi
   n=$((n + 1)); k=$((k + 1))
 done
+
+say "pg_dump of the coordinator"
+# Citus reads a distributed table's rows from its shards for COPY TO, so the
+# dump holds every event; restored elsewhere it is a database of one node
+"$bindir/pg_dump" -h "$dir" -p "$port" -U postgres -Fc -f "$tmp.dump" m 2>"$tmp.dump.err" &&
+  sql postgres "CREATE DATABASE restored" &&
+  "$bindir/pg_restore" -h "$dir" -p "$port" -U postgres -d restored "$tmp.dump" 2>"$tmp.restore.err"
+ok "pg_dump of the coordinator restores without an error" $?
+sed 's/^/#   /' "$tmp.restore.err"
+sql restored "SELECT metering.refresh_rollups()" >/dev/null
+answers() {  # database: the events, entitlement values and a meter's answer
+  "$bindir/psql" -X -A -t -q -h "$dir" -p "$port" -U postgres -d "$1" <<'SQL' 2>&1
+SET metering.now = '2026-03-04 12:00:00+00';
+SELECT count(*), sum(length(data::text)), count(DISTINCT (subject, source, id)) FROM metering.events;
+SELECT e.subject, e.feature_key, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
+SELECT * FROM metering.query_meter('tokens', '2026-03-01', '2026-03-05', 'DAY', 'UTC', NULL, '{model}', NULL) ORDER BY 1, 2, 3, 4;
+SELECT count(*) FROM metering.reservations;
+SELECT count(*) FROM metering.notification_events;
+SQL
+}
+answers m >"$tmp.ans.m"
+answers restored >"$tmp.ans.restored"
+cmp -s "$tmp.ans.m" "$tmp.ans.restored" && ! grep -q ERROR "$tmp.ans.m"
+ok "... and the restored database answers as the cluster ($(wc -l <"$tmp.ans.m") rows: events, entitlement values, query_meter, holds, alerts)" $?
+diff "$tmp.ans.m" "$tmp.ans.restored" | head -10 | sed 's/^/#   /'
+# the same dump into a cluster database that has data when it is distributed
+for p in $port $w1 $w2; do
+  "$bindir/psql" -X -q -h "$dir" -p "$p" -U postgres -d postgres -c "CREATE DATABASE redist" >/dev/null &&
+    "$bindir/psql" -X -q -h "$dir" -p "$p" -U postgres -d redist -c "SET client_min_messages = warning; CREATE EXTENSION citus" >/dev/null
+done
+sql redist "SELECT citus_set_coordinator_host('127.0.0.1', $port); SELECT citus_add_node('127.0.0.1', $w1); SELECT citus_add_node('127.0.0.1', $w2)" >/dev/null &&
+  "$bindir/pg_restore" -h "$dir" -p "$port" -U postgres -d redist "$tmp.dump" 2>"$tmp.restore.err" &&
+  sql redist "SELECT metering.distribute(4); SELECT metering.refresh_rollups()" >/dev/null
+ok "the dump restored into a cluster and distributed with its rows" $?
+sed 's/^/#   /' "$tmp.restore.err" "$tmp.err"
+answers redist >"$tmp.ans.redist"
+check "... answers as before, and the coordinator keeps no copy of the rows it moved" \
+  "$(cmp -s "$tmp.ans.m" "$tmp.ans.redist" && echo same) $(sql redist "SELECT pg_relation_size('metering.events') + pg_relation_size('metering.subjects')")" "same 0"
+diff "$tmp.ans.m" "$tmp.ans.redist" | head -10 | sed 's/^/#   /'
 
 say "where the events are"
 check "the events are on both workers, each shard on a worker" \

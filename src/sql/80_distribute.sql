@@ -60,7 +60,7 @@ BEGIN
   IF metering._on_worker() THEN
     RAISE EXCEPTION '% runs on the Citus coordinator only, and this query sent it to a worker', what
       USING ERRCODE = 'feature_not_supported',
-            HINT = 'See "Scaling out on Citus" in the README for what runs where.';
+            HINT = 'Read the distributed rows in a MATERIALIZED CTE and call it on them: WITH e AS MATERIALIZED (SELECT ... FROM metering.events ...) SELECT ... FROM e runs on the coordinator.';
   END IF;
 END $$;
 COMMENT ON FUNCTION metering._require_coordinator(text) IS
@@ -136,6 +136,17 @@ BEGIN
   EXECUTE 'SELECT create_distributed_table(''metering.events'', ''subject'', shard_count => $1)' USING shard_count;
   EXECUTE 'SELECT create_distributed_table(''metering.meter_rollups'', ''subject'', colocate_with => ''metering.events'')';
   EXECUTE 'SELECT create_distributed_table(''metering.usage_periods'', ''subject'', colocate_with => ''metering.events'')';
+  -- Citus copied the rows of a database that had some into the shards and
+  -- left them in the coordinator's tables too, where nothing reads them any
+  -- more: they go, without the events' TRUNCATE trigger, which would empty
+  -- what is derived from them (now on the workers)
+  FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods', 'subjects', 'subject_access'] LOOP
+    IF pg_relation_size(('metering.' || tab)::regclass) > 0 THEN
+      PERFORM set_config('session_replication_role', 'replica', true);
+      EXECUTE 'SELECT truncate_local_data_after_distributing_table($1)' USING ('metering.' || tab)::regclass;
+    END IF;
+  END LOOP;
+  PERFORM set_config('session_replication_role', 'origin', true);
 END $$;
 COMMENT ON FUNCTION metering.distribute(integer) IS
   'on a Citus coordinator with workers: distributes the events and their rollups and usage periods by subject (co-located); idempotent; 55000 without Citus or workers';

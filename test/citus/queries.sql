@@ -57,6 +57,11 @@ SELECT s, p.meter, p.model, p.currency, p.quantity, p.amount, p.rounded FROM unn
        metering.price_usage(s, '2026-03-01', '2026-03-05') p ORDER BY 1, 2;
 -- q: rate on the coordinator
 SELECT metering.rate('llm.tokens', q) FROM unnest(ARRAY[1, 99, 100, 5000]) q;
+-- q: rated_total over the events, read in a materialized CTE
+WITH ev AS MATERIALIZED (SELECT type, data, subject, time FROM metering.events)
+SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM ev GROUP BY subject
+UNION ALL
+SELECT NULL, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM ev ORDER BY 1 NULLS FIRST;
 -- q: AWS usage records
 SELECT customer_identifier, product_code, dimension, usage_hour, quantity FROM metering.usage_records ORDER BY 1, 2, 3, 4;
 -- q: AWS events
