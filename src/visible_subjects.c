@@ -7,7 +7,10 @@
  * subqueries in the policies of distributed and reference tables, so there
  * the policy calls this function, which a shard's scan evaluates per row:
  * it answers from the last call of the same statement (same transaction,
- * statement start and role name) and asks _visible_subjects() otherwise.
+ * statement start, role name and calling user: an answer about a role is
+ * only reused for the user it was computed for, since _visible_subjects()
+ * refuses to answer some users about others) and asks _visible_subjects()
+ * otherwise.
  * That query reads the reference tables subject_access and subjects, which
  * Citus would refuse inside a shard's task as a nested distributed query;
  * it is allowed here, for this query only: a reference table has a copy on
@@ -19,6 +22,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "storage/proc.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -31,6 +35,7 @@
 static LocalTransactionId cached_lxid = InvalidLocalTransactionId;
 static TimestampTz cached_stmt = 0;
 static NameData cached_role;
+static Oid	cached_user = InvalidOid;
 static ArrayType *cached_value = NULL;	/* in TopMemoryContext; NULL: all subjects */
 
 PG_FUNCTION_INFO_V1(metering_visible_subjects_once);
@@ -46,7 +51,7 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 	Datum		d;
 
 	if (cached_lxid == MyProc->lxid && cached_stmt == GetCurrentStatementStartTimestamp() &&
-		strcmp(NameStr(cached_role), NameStr(*who)) == 0)
+		cached_user == GetUserId() && strcmp(NameStr(cached_role), NameStr(*who)) == 0)
 	{
 		if (cached_value == NULL)
 			PG_RETURN_NULL();
@@ -77,6 +82,7 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 	}
 	cached_lxid = MyProc->lxid;
 	cached_stmt = GetCurrentStatementStartTimestamp();
+	cached_user = GetUserId();
 	namestrcpy(&cached_role, NameStr(*who));
 	SPI_finish();
 

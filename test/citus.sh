@@ -166,6 +166,11 @@ check "row security on the workers: a role that sees one subject reads its event
 check "... and the functions answer it as on one node" \
   "$(sql m "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")" \
   "$(sql single "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")"
+sql m "CREATE ROLE citus_other; GRANT metering_reader TO citus_other;
+       INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_other', 's5')" >/dev/null
+check "the policies' function answers a role about itself, and not about another role" \
+  "$(sql m "SET ROLE citus_reader; SELECT metering._visible_subjects_once('citus_reader')") $(errcode m "SET ROLE citus_reader; SELECT metering._visible_subjects_once('citus_other')")" \
+  "{s3} 42501"
 sql m "DELETE FROM metering.subjects WHERE key = 's40'" >/dev/null
 check "a subject deleted on the coordinator is deleted on every node" \
   "$(sql m "SELECT string_agg(DISTINCT x.result, ',') FROM run_command_on_placements('metering.subjects',
