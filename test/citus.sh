@@ -174,7 +174,7 @@ check "the policies' function answers a role about itself, and not about another
 sql m "DELETE FROM metering.subjects WHERE key = 's40'" >/dev/null
 check "a subject deleted on the coordinator is deleted on every node" \
   "$(sql m "SELECT string_agg(DISTINCT x.result, ',') FROM run_command_on_placements('metering.subjects',
-              'SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL) || ''/'' || count(*) FROM %s') x")" "1/40"
+              'SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL) || ''/'' || count(*) FROM %s') x")" "1/42"
 check "TRUNCATE empties the events and what is derived from them" \
   "$(sql m "BEGIN; TRUNCATE metering.events;
               SELECT (SELECT count(*) FROM metering.events) + (SELECT count(*) FROM metering.meter_rollups)

@@ -84,16 +84,19 @@ COMMENT ON FUNCTION metering._subjects_soft_delete() IS 'internal: DELETE keeps 
 CREATE TRIGGER subjects_soft_delete BEFORE DELETE ON metering.subjects
   FOR EACH ROW EXECUTE FUNCTION metering._subjects_soft_delete();
 
--- a subject and everything below it
+-- a subject and everything below it (PL/pgSQL: Citus plans no SQL function
+-- with a parameter that reads its tables, and subjects is one once
+-- distributed)
 CREATE FUNCTION metering.subject_tree(subject text) RETURNS SETOF text
-LANGUAGE sql STABLE
-BEGIN ATOMIC
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN QUERY
   WITH RECURSIVE down(key) AS (
-    SELECT subject COLLATE "C"
+    SELECT subject_tree.subject COLLATE "C"
     UNION
     SELECT s.key FROM metering.subjects s JOIN down ON s.parent_key = down.key)
-  SELECT key FROM down;
-END;
+  SELECT down.key FROM down;
+END $$;
 COMMENT ON FUNCTION metering.subject_tree(text) IS 'a subject and its children, their children, and so on';
 
 -- (the known keys first: distributed events do not join the coordinator's

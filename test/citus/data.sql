@@ -88,3 +88,13 @@ SELECT granted, stored, amount, available FROM metering.consume('{"specversion":
     "type": "llm.tokens", "subject": "s4", "data": {"tokens": 10, "model": "big"}}', 'gpt');
 SELECT granted, stored, amount, available FROM metering.consume('{"specversion": "1.0", "id": "c3", "source": "app",
     "type": "llm.tokens", "subject": "s4", "data": {"tokens": 10, "model": "big"}}', 'gpt');
+-- the other writers: a released hold, a voided grant, a reset, a deleted
+-- entitlement, a subject tree, snapshots
+SELECT metering.release_reservation(h.reservation_id) AS released FROM metering.reserve('s5', 'gpt', 100) h;
+SELECT metering.void_grant(g.id) IS NULL AS voided FROM metering.grants g JOIN metering.entitlements e ON e.id = g.entitlement_id
+ WHERE e.subject = 's10' AND e.feature_key = 'gpt' AND g.priority = 5;
+SELECT metering.reset_entitlement(e.id, '2026-03-04 06:00:00+00') IS NULL AS reset FROM metering.entitlements e
+ WHERE e.subject = 's7' AND e.feature_key = 'api';
+SELECT metering.delete_entitlement(e.id) IS NULL AS deleted FROM metering.entitlements e WHERE e.subject = 's13' AND e.feature_key = 'api';
+INSERT INTO metering.subjects (key, name, parent_key) VALUES ('s1-team', 'Team of s1', 's1'), ('s1-team-a', 'A', 's1-team');
+SELECT metering.refresh_snapshots() >= 0 AS snapshots;

@@ -62,6 +62,19 @@ WITH ev AS MATERIALIZED (SELECT type, data, subject, time FROM metering.events)
 SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM ev GROUP BY subject
 UNION ALL
 SELECT NULL, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM ev ORDER BY 1 NULLS FIRST;
+-- q: rate_explain
+SELECT * FROM metering.rate_explain('llm.tokens', 250) ORDER BY 1;
+-- q: subject_tree
+SELECT * FROM metering.subject_tree('s1') ORDER BY 1;
+-- q: price_quote
+SELECT q.amount, q.details FROM metering.prices p, metering.price_quote(p.id, 12345) q;
+-- q: the burndown aggregate over each subject's events
+SELECT subject, metering.burndown(time, (data->>'tokens')::numeric, '[{"amount": 20000, "priority": 1, "effective_at": "2026-03-01T00:00:00Z", "recurrence": "1 day"}]')
+  FROM (SELECT subject, time, data FROM metering.events WHERE type = 'llm.tokens' ORDER BY subject, time) e GROUP BY subject ORDER BY 1;
+-- q: grants, resets and entitlements after the other writers
+SELECT e.subject, e.feature_key, e.deleted_at IS NOT NULL, g.amount, g.priority, g.voided_at IS NOT NULL,
+       (SELECT count(*) FROM metering.resets r WHERE r.entitlement_id = e.id)
+  FROM metering.entitlements e LEFT JOIN metering.grants g ON g.entitlement_id = e.id ORDER BY 1, 2, 4, 5;
 -- q: AWS usage records
 SELECT customer_identifier, product_code, dimension, usage_hour, quantity FROM metering.usage_records ORDER BY 1, 2, 3, 4;
 -- q: AWS events
