@@ -218,5 +218,28 @@ sql m "SELECT citus_internal.restore_isolation_tester_func()" >/dev/null
 grep -E "ok|FAILED|failed" "$tmp.iso" | sed 's/^/#   /'
 [ -f "$dir/iso/regression.diffs" ] && sed 's/^/#   /' "$dir/iso/regression.diffs"
 [ -n "${CITUS_TEST_KEEP:-}" ] && cp "$dir/iso/results/citus_ingest_race.out" "$CITUS_TEST_KEEP"
+
+say "the background refresh, turned on in the database on every node"
+# (the workers' logs from here on)
+wlog1=$(wc -c <"$dir/n$w1.log")
+wlog2=$(wc -c <"$dir/n$w2.log")
+for p in $port $w1 $w2; do
+  "$bindir/psql" -X -q -h "$dir" -p "$p" -U postgres -d postgres -c "ALTER DATABASE m SET metering.refresh_interval = '1s'" >/dev/null
+done
+sql m "SELECT metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object('specversion', '1.0', 'id', 'bg' || i, 'source', 'bg',
+         'type', 'llm.tokens', 'subject', 's' || (1 + i % 40), 'time', '2026-03-04 11:00:00+00', 'data', jsonb_build_object('tokens', i, 'model', 'big')))
+         FROM generate_series(1, 400) i))" >/dev/null
+current="SELECT bool_and(s.rolled_up_to >= (SELECT max(e.seq) FROM metering.events e)) FROM metering.meter_rollup_state s
+           JOIN metering.meters m ON m.slug = s.meter WHERE m.deleted_at IS NULL"
+i=0
+while [ $i -lt 60 ] && [ "$(sql m "$current")" != t ]; do sleep 1; i=$((i + 1)); done
+check "the coordinator's refresh rolls up the distributed events without a call" "$(sql m "$current")" t
+check "... and query_meter then answers from the rollups as the events say" \
+  "$(sql m "SELECT sum(value) FROM metering.query_meter('tokens', '2026-03-04 11:00', '2026-03-04 12:00')")" \
+  "$(sql m "SELECT sum((data->>'tokens')::numeric) FROM metering.events WHERE type = 'llm.tokens' AND time >= '2026-03-04 11:00' AND time < '2026-03-04 12:00'")"
+sleep 3
+check "the workers' refresh rounds run without an error" \
+  "$({ tail -c +$((wlog1 + 1)) "$dir/n$w1.log"; tail -c +$((wlog2 + 1)) "$dir/n$w2.log"; } | grep -c 'ERROR') $("$bindir/psql" -X -A -t -q -h "$dir" -p "$w1" -U postgres -d m \
+      -c "SELECT count(*) > 0 AND bool_and(failed = 0) FROM metering.refresh_rounds")" "0 t"
 echo "1..$((n - 1))"
 exit $((failed > 0))
