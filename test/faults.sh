@@ -264,11 +264,17 @@ consistent "after the kill in refresh_rollups"
 
 # --- 3. kill -9 while refresh_rollups() writes snapshots -------------------
 # with no snapshots left, the refresh writes one per entitlement; it is
-# killed once the snapshot table has grown (its first rows are on disk)
+# killed once the snapshot table has grown (its first rows are on disk).
+# A test trigger makes each snapshot write take 50 ms, so that the kill
+# lands while the writes go on however fast the machine is (120 rows: 6 s)
+q "CREATE FUNCTION faults.slow_write() RETURNS trigger LANGUAGE plpgsql AS
+     \$\$BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END\$\$;
+   CREATE TRIGGER faults_slow_write BEFORE INSERT ON metering.entitlement_snapshots
+     FOR EACH ROW EXECUTE FUNCTION faults.slow_write()" >/dev/null || bail "cannot slow the snapshot writes"
 q "DELETE FROM metering.entitlement_snapshots" >/dev/null
 q "VACUUM FULL metering.entitlement_snapshots" >/dev/null
 kill_mid refresh_rollups "SELECT metering.refresh_rollups()" \
-  "pg_relation_size('metering.entitlement_snapshots') > 0" 0.2
+  "pg_relation_size('metering.entitlement_snapshots') > 0" 0.1
 check "snapshot write: the backend was killed inside the call, after its first snapshot rows" "$killed_inside" 1
 check "snapshot write: no snapshot of the killed refresh is there" \
   "$(q "SELECT count(*) FROM metering.entitlement_snapshots")" 0
@@ -289,6 +295,7 @@ kill_mid refresh_snapshots "SELECT metering.refresh_snapshots()" \
   "pg_relation_size('metering.entitlement_snapshots') > $size" 0.1
 check "refresh_snapshots: the backend was killed inside the call, after its first snapshot rows" "$killed_inside" 1
 check "refresh_snapshots: the snapshots are as before" "$(q "SELECT count(*) FROM metering.entitlement_snapshots")" "$snapshots"
+q "DROP TRIGGER faults_slow_write ON metering.entitlement_snapshots" >/dev/null || bail "cannot drop the test trigger"
 consistent "after the kill in refresh_snapshots"
 
 # --- after all the kills, a refresh completes and everything still agrees
