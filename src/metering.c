@@ -121,11 +121,6 @@ ParseClockValue(const char *str, TimestampTz *result)
 }
 
 /*
- * The version of the installed SQL, as major * 10000 + minor * 100 + patch
- * (0 when the extension is not installed): the library is installed before
- * ALTER EXTENSION metering UPDATE runs, and works with older SQL until then.
- */
-/*
  * Without Citus's catalog there is nothing to ask (and no query to pay);
  * with it, the SQL helper decides.
  */
@@ -144,6 +139,11 @@ MeteringRequireCoordinator(const char *what)
 		elog(ERROR, "could not check the node: %s", SPI_result_code_string(ret));
 }
 
+/*
+ * The version of the installed SQL, as major * 10000 + minor * 100 + patch
+ * (0 when the extension is not installed): the library is installed before
+ * ALTER EXTENSION metering UPDATE runs, and works with older SQL until then.
+ */
 int
 MeteringInstalledVersion(void)
 {
