@@ -226,6 +226,24 @@ SELECT regress.err('UPDATE metering.notification_events SET usage = 0');
 SELECT regress.err('DELETE FROM metering.notification_events');
 DELETE FROM metering.notification_rules WHERE name = 'big';
 SELECT name, deleted_at IS NOT NULL AS deleted FROM metering.notification_rules ORDER BY name;
+-- a rule of one feature, among other subjects' entitlements to it: a batch
+-- and single events notify each entitlement that crosses, and only those
+UPDATE metering.notification_rules SET disabled_at = NULL WHERE name = 'llm 80%';
+SELECT count(metering.create_grant(metering.create_entitlement('g' || i, 'llm', usage_period => '1 day',
+                                                               usage_period_anchor => '2024-03-16', measure_usage_from => '2024-03-16'),
+                                   100, '2024-03-16')) AS entitlements
+  FROM generate_series(1, 4) i;
+SELECT count(*) AS llm_entitlements FROM metering.entitlements WHERE feature_key = 'llm' AND deleted_at IS NULL;
+SELECT count(*) AS notifications FROM metering.notification_events \gset
+SELECT * FROM metering.ingest_batch(jsonb_build_array(
+  regress.tok('g1a', 90, subject => 'g1', "time" => '2024-03-16T14:50:00Z'),
+  regress.tok('g2a', 10, subject => 'g2', "time" => '2024-03-16T14:50:00Z')));
+SELECT metering.ingest(regress.tok('g3a', 85, subject => 'g3', "time" => '2024-03-16T14:50:00Z'));
+SELECT metering.ingest(regress.tok('g2b', 5, subject => 'g2', "time" => '2024-03-16T14:51:00Z'));
+SELECT n.subject, n.kind, n.threshold->>'type' AS type, n.usage FROM metering.notification_events n
+ WHERE n.seq > (SELECT max(seq) FROM (SELECT seq FROM metering.notification_events ORDER BY seq LIMIT :notifications) x)
+ ORDER BY n.seq;
+UPDATE metering.notification_rules SET disabled_at = now() WHERE name = 'llm 80%';
 
 -- who may: writers hold and consume (as the owner), nobody else; readers see their subjects' holds
 SELECT metering.setup_roles();
