@@ -14,8 +14,8 @@ COMMENT ON FUNCTION metering._parse_events(jsonb, boolean) IS
 -- (source, id) on one node and (subject, source, id) once distributed
 -- (metering.distribute()).  Stored rows are counted from RETURNING: Citus's
 -- ROW_COUNT of an INSERT ... SELECT counts the duplicates too.  Once
--- distributed, the keys of the stored events are kept for their alerts
--- (35_alerts.sql: the events' trigger runs on the shards there).
+-- distributed, the stored rows are handed to their alerts (35_alerts.sql:
+-- the events' trigger runs on the shards there).
 CREATE FUNCTION metering.ingest(event jsonb) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -30,12 +30,12 @@ BEGIN
     INSERT INTO metering.events AS e (id, source, subject, type, time, data)
     SELECT p.id, p.source, p.subject, p.type, p.time, p.data
       FROM metering._parse_events(event, false) p
-    ON CONFLICT DO NOTHING RETURNING e.subject, e.source, e.id)
-  SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects,
-         array_agg(source) FILTER (WHERE dist) AS sources, array_agg(id) FILTER (WHERE dist) AS ids
+    ON CONFLICT DO NOTHING RETURNING e.subject, e.type, e.time, e.data)
+  SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects, array_agg(type) FILTER (WHERE dist) AS types,
+         array_agg(time) FILTER (WHERE dist) AS times, array_agg(data) FILTER (WHERE dist) AS datas
     INTO k FROM stored;
-  IF dist THEN
-    PERFORM metering._alerts_after_distributed_ingest(k.subjects, k.sources, k.ids);
+  IF k.subjects IS NOT NULL THEN
+    PERFORM metering._alerts_for_events(k.subjects, k.types, k.times, k.datas);
   END IF;
   RETURN k.n = 1;
 END $$;
@@ -56,12 +56,12 @@ BEGIN
     INSERT INTO metering.events AS e (id, source, subject, type, time, data)
     SELECT p.id, p.source, p.subject, p.type, p.time, p.data
       FROM metering._parse_events(events, true) p
-    ON CONFLICT DO NOTHING RETURNING e.subject, e.source, e.id)
-  SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects,
-         array_agg(source) FILTER (WHERE dist) AS sources, array_agg(id) FILTER (WHERE dist) AS ids
+    ON CONFLICT DO NOTHING RETURNING e.subject, e.type, e.time, e.data)
+  SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects, array_agg(type) FILTER (WHERE dist) AS types,
+         array_agg(time) FILTER (WHERE dist) AS times, array_agg(data) FILTER (WHERE dist) AS datas
     INTO k FROM stored;
-  IF dist THEN
-    PERFORM metering._alerts_after_distributed_ingest(k.subjects, k.sources, k.ids);
+  IF k.subjects IS NOT NULL THEN
+    PERFORM metering._alerts_for_events(k.subjects, k.types, k.times, k.datas);
   END IF;
   accepted := k.n;
   duplicates := jsonb_array_length(events) - k.n;

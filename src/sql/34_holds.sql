@@ -327,7 +327,7 @@ BEGIN
     ON CONFLICT DO NOTHING RETURNING 1)
   SELECT count(*) INTO n FROM stored;
   IF n = 1 AND metering._distributed() THEN
-    PERFORM metering._alerts_after_distributed_ingest(ARRAY[p.subject], ARRAY[p.source], ARRAY[p.id]);
+    PERFORM metering._alerts_for_events(ARRAY[p.subject], ARRAY[p.type], ARRAY[p.time], ARRAY[p.data]);
   END IF;
   SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   RETURN QUERY SELECT n = 1, usage, v.balance, v.available;
@@ -409,7 +409,7 @@ BEGIN
     ON CONFLICT DO NOTHING RETURNING 1)
   SELECT count(*) INTO n FROM stored;
   IF n = 1 AND metering._distributed() THEN
-    PERFORM metering._alerts_after_distributed_ingest(ARRAY[p.subject], ARRAY[p.source], ARRAY[p.id]);
+    PERFORM metering._alerts_for_events(ARRAY[p.subject], ARRAY[p.type], ARRAY[p.time], ARRAY[p.data]);
   END IF;
   -- what is left once this usage burns (it burns the balance, then becomes overage)
   RETURN QUERY SELECT true, n = 1, usage,

@@ -283,8 +283,10 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 -- still the window once the turn is ours); the others get no headroom and
 -- are evaluated in full.
 -- The events come as arrays (one element per event): from the statement's
--- transition table on one node, and read back from the distributed events
--- by _alerts_after_distributed_ingest() (below) on a coordinator.
+-- transition table on one node; on a Citus coordinator, where the events'
+-- trigger runs on the shards, from the rows that the owner-run writers
+-- (ingest, ingest_batch, commit_reservation, consume) stored, as they
+-- returned them.  Nobody else may call it: the arrays are trusted.
 CREATE FUNCTION metering._alerts_for_events(subjects text[], types text[], times timestamptz[], datas jsonb[])
   RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -354,24 +356,6 @@ END $$;
 COMMENT ON FUNCTION metering._events_alerts() IS
   'internal: after a statement stored events, evaluates the alerts of each metered entitlement they reach once';
 
--- On a Citus coordinator the events' trigger runs on the shards, so what
--- stores events there (ingest, ingest_batch, commit_reservation, consume)
--- names what it stored, and this reads those events back: a caller can only
--- have real events counted, never usage that was not stored.
-CREATE FUNCTION metering._alerts_after_distributed_ingest(subjects text[], sources text[], ids text[])
-  RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-  IF subjects IS NULL OR NOT metering._alerts_live() THEN
-    RETURN;
-  END IF;
-  PERFORM metering._alerts_for_events(array_agg(e.subject), array_agg(e.type), array_agg(e.time), array_agg(e.data))
-     FROM metering.events e
-     JOIN unnest(subjects, sources, ids) AS k(subject, source, id)
-       ON e.subject = k.subject AND e.source = k.source AND e.id = k.id;
-END $$;
-COMMENT ON FUNCTION metering._alerts_after_distributed_ingest(text[], text[], text[]) IS
-  'internal (distributed mode): evaluates the alerts that the named stored events reach, as the events'' trigger does on one node';
 CREATE TRIGGER events_alerts AFTER INSERT ON metering.events
   REFERENCING NEW TABLE AS new_events
   FOR EACH STATEMENT EXECUTE FUNCTION metering._events_alerts();
@@ -398,7 +382,6 @@ ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) SECURITY DE
 ALTER FUNCTION metering._notification_rules_changed() SECURITY DEFINER;
 ALTER FUNCTION metering._events_alerts() SECURITY DEFINER;
 ALTER FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) SECURITY DEFINER;
-ALTER FUNCTION metering._alerts_after_distributed_ingest(text[], text[], text[]) SECURITY DEFINER;
 REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) FROM PUBLIC;
 ALTER FUNCTION metering._entitlement_changed_alerts() SECURITY DEFINER;
 REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) FROM PUBLIC;
