@@ -6,11 +6,15 @@
  * uncorrelated subquery, evaluated once per statement.  Citus refuses
  * subqueries in the policies of distributed and reference tables, so there
  * the policy calls this function, which a shard's scan evaluates per row:
- * it answers from the last call of the same statement (same transaction,
- * statement start, role name and calling user: an answer about a role is
- * only reused for the user it was computed for, since _visible_subjects()
- * refuses to answer some users about others) and asks _visible_subjects()
- * otherwise.
+ * it answers from the last call of the same query (same transaction,
+ * statement start and snapshot, role name and calling user: an answer about
+ * a role is only reused for the user it was computed for, since
+ * _visible_subjects() refuses to answer some users about others) and asks
+ * _visible_subjects() otherwise.  The snapshot is in the key so that each
+ * query of a function or DO block sees the access rights as they are when
+ * it starts, as the subquery of one node's policy does: a change of
+ * subject_access committed meanwhile (which counts as a completed
+ * transaction) or made by the same transaction (a new command id) is seen.
  * That query reads the reference tables subject_access and subjects, which
  * Citus would refuse inside a shard's task as a nested distributed query;
  * it is allowed here, for this query only: a reference table has a copy on
@@ -28,6 +32,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #define NESTED_GUC "citus.allow_nested_distributed_execution"
@@ -36,6 +41,9 @@ static LocalTransactionId cached_lxid = InvalidLocalTransactionId;
 static TimestampTz cached_stmt = 0;
 static NameData cached_role;
 static Oid	cached_user = InvalidOid;
+static uint64 cached_completions = 0;	/* the snapshot's snapXactCompletionCount */
+static TransactionId cached_xmin = InvalidTransactionId;
+static CommandId cached_cid = InvalidCommandId;
 static ArrayType *cached_value = NULL;	/* in TopMemoryContext; NULL: all subjects */
 
 PG_FUNCTION_INFO_V1(metering_visible_subjects_once);
@@ -50,7 +58,12 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 	int			ret;
 	Datum		d;
 
-	if (cached_lxid == MyProc->lxid && cached_stmt == GetCurrentStatementStartTimestamp() &&
+	Snapshot	snap = ActiveSnapshotSet() ? GetActiveSnapshot() : NULL;
+
+	if (snap != NULL && snap->snapXactCompletionCount != 0 &&
+		cached_lxid == MyProc->lxid && cached_stmt == GetCurrentStatementStartTimestamp() &&
+		cached_completions == snap->snapXactCompletionCount && cached_xmin == snap->xmin &&
+		cached_cid == snap->curcid &&
 		cached_user == GetUserId() && strcmp(NameStr(cached_role), NameStr(*who)) == 0)
 	{
 		if (cached_value == NULL)
@@ -80,7 +93,18 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 		cached_value = DatumGetArrayTypePCopy(d);
 		MemoryContextSwitchTo(old);
 	}
+	if (snap == NULL || snap->snapXactCompletionCount == 0)
+	{
+		/* no snapshot to tell this query from the next: ask every time */
+		SPI_finish();
+		if (cached_value == NULL)
+			PG_RETURN_NULL();
+		PG_RETURN_ARRAYTYPE_P(DatumGetArrayTypePCopy(PointerGetDatum(cached_value)));
+	}
 	cached_lxid = MyProc->lxid;
+	cached_completions = snap->snapXactCompletionCount;
+	cached_xmin = snap->xmin;
+	cached_cid = snap->curcid;
 	cached_stmt = GetCurrentStatementStartTimestamp();
 	cached_user = GetUserId();
 	namestrcpy(&cached_role, NameStr(*who));
