@@ -68,7 +68,11 @@ FindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not look up the entitlement: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
+	{
+		/* a Citus worker holds no entitlements: refuse rather than answer "none" */
+		MeteringRequireCoordinator("entitlement_value");
 		return false;
+	}
 	*out = *DatumGetUUIDP(EntGetCol(0, 1, &isnull));
 	return true;
 }
@@ -160,10 +164,13 @@ static void
 LoadMetered(Entitlement *ent, pg_uuid_t *id)
 {
 	if (!EntLoadEntitlement(ent, id, CurrentMemoryContext, true))
+	{
+		MeteringRequireCoordinator("an entitlement's balances and histories");
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
 				 errmsg("entitlement %s does not exist",
 						DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(id))))));
+	}
 	if (ent->type != 'm')
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -70,6 +70,9 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   visible text[] := metering._visible_subjects(current_user);
 BEGIN
+  -- (every per-subject report asks first; a Citus worker holds none of the
+  -- configuration they read)
+  PERFORM metering._require_coordinator('a report of metering');
   IF visible IS NOT NULL AND NOT (subject = ANY (visible)) THEN
     RAISE EXCEPTION 'permission denied for subject "%"', subject
       USING ERRCODE = 'insufficient_privilege',
