@@ -154,6 +154,9 @@ check "DELETE of distributed events is refused (their rollups would be rebuilt o
 check "rated_total over the distributed events is refused on the workers (the rules are on the coordinator)" \
   "$(errcode m "SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events GROUP BY subject") $(errcode m "SELECT metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events")" \
   "0A000 0A000"
+check "entitlement_value, grant_balances and price_usage pushed down to the workers refuse instead of answering from their empty configuration" \
+  "$(errcode m "SELECT subject, (metering.entitlement_value(subject, 'gpt')).has_access FROM metering.events WHERE subject = 's3' GROUP BY subject") $(errcode m "SELECT subject, (SELECT count(*) FROM metering.grant_balances(metering.uuid_v7())) FROM metering.events WHERE subject = 's3' GROUP BY subject") $(errcode m "SELECT subject, (SELECT count(*) FROM metering.price_usage(subject, '2024-01-01', '2024-02-01')) FROM metering.events WHERE subject = 's3' GROUP BY subject")" \
+  "0A000 0A000 0A000"
 sql m "CREATE ROLE citus_reader LOGIN" >/dev/null 2>&1
 # (in the cluster first: roles made there are made on every node)
 for db in m single; do
@@ -171,6 +174,46 @@ sql m "CREATE ROLE citus_other; GRANT metering_reader TO citus_other;
 check "the policies' function answers a role about itself, and not about another role" \
   "$(sql m "SET ROLE citus_reader; SELECT metering._visible_subjects_once('citus_reader')") $(errcode m "SET ROLE citus_reader; SELECT metering._visible_subjects_once('citus_other')")" \
   "{s3} 42501"
+# (the policies' answer is kept for one query: the next query of the same
+# statement asks again, after a change by its own transaction or one that
+# another transaction committed meanwhile; subjects is a reference table,
+# read on the coordinator itself)
+check "a revocation by the same transaction is seen by the next query of the same function" \
+  "$(sql m "BEGIN;
+    CREATE FUNCTION pg_temp.seen() RETURNS text LANGUAGE plpgsql AS \$\$
+    DECLARE a bigint; b bigint;
+    BEGIN
+      EXECUTE 'SET ROLE citus_reader';
+      SELECT count(*) INTO a FROM metering.subjects;
+      EXECUTE 'RESET ROLE';
+      DELETE FROM metering.subject_access WHERE role_name = 'citus_reader';
+      EXECUTE 'SET ROLE citus_reader';
+      SELECT count(*) INTO b FROM metering.subjects;
+      EXECUTE 'RESET ROLE';
+      RETURN a || ' ' || b;
+    END \$\$;
+    SELECT pg_temp.seen(); ROLLBACK")" "1 0"
+( sql m "CREATE FUNCTION pg_temp.watch() RETURNS text LANGUAGE plpgsql AS \$\$
+    DECLARE r text := '';
+    BEGIN
+      FOR i IN 1..3 LOOP
+        r := r || (SELECT count(*) FROM metering.subjects) || ' ';
+        PERFORM pg_sleep(1);
+      END LOOP;
+      RETURN r;
+    END \$\$;
+    SET ROLE citus_reader; SELECT pg_temp.watch()" >"$tmp.watch" 2>&1 ) &
+i=0  # (revoked once the watcher's first query is done: it sleeps)
+while [ $i -lt 200 ] && ! sql m "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_temp.watch()%' AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()" | grep -q 1; do
+  sleep 0.05; i=$((i + 1))
+done
+sql m "DELETE FROM metering.subject_access WHERE role_name = 'citus_reader'" >/dev/null
+wait
+sql m "INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_reader', 's3')" >/dev/null
+check "a revocation committed by another session is seen by the next query of a running function" \
+  "$(sed 's/ *$//' "$tmp.watch")" "1 0 0"
+check "only the extension's own writers hand stored events to the alerts" \
+  "$(errcode m "SET ROLE citus_reader; SELECT metering._alerts_for_events(ARRAY['s3'], ARRAY['llm.tokens'], ARRAY[now()], ARRAY['{}'::jsonb])")" 42501
 sql m "DELETE FROM metering.subjects WHERE key = 's40'" >/dev/null
 check "a subject deleted on the coordinator is deleted on every node" \
   "$(sql m "SELECT string_agg(DISTINCT x.result, ',') FROM run_command_on_placements('metering.subjects',
@@ -237,7 +280,12 @@ check "the coordinator's refresh rolls up the distributed events without a call"
 check "... and query_meter then answers from the rollups as the events say" \
   "$(sql m "SELECT sum(value) FROM metering.query_meter('tokens', '2026-03-04 11:00', '2026-03-04 12:00')")" \
   "$(sql m "SELECT sum((data->>'tokens')::numeric) FROM metering.events WHERE type = 'llm.tokens' AND time >= '2026-03-04 11:00' AND time < '2026-03-04 12:00'")"
-sleep 3
+# (a node's refresh starts within a minute of the setting: its launcher
+# tries a database whose worker found the interval 0 again after 60 s)
+rounds() { "$bindir/psql" -X -A -t -q -h "$dir" -p "$1" -U postgres -d m -c "SELECT count(*) FROM metering.refresh_rounds"; }
+i=0
+while [ $i -lt 90 ] && { [ "$(rounds $w1)" = 0 ] || [ "$(rounds $w2)" = 0 ]; }; do sleep 1; i=$((i + 1)); done
+sleep 2
 check "the workers' refresh rounds run without an error" \
   "$({ tail -c +$((wlog1 + 1)) "$dir/n$w1.log"; tail -c +$((wlog2 + 1)) "$dir/n$w2.log"; } | grep -c 'ERROR') $("$bindir/psql" -X -A -t -q -h "$dir" -p "$w1" -U postgres -d m \
       -c "SELECT count(*) > 0 AND bool_and(failed = 0) FROM metering.refresh_rounds")" "0 t"
