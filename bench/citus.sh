@@ -48,15 +48,44 @@ cat >"$dir/value.pgbench" <<'EOF'
 \set s random(1, 1000)
 SELECT * FROM metering.entitlement_value('c' || :s, 'llm');
 EOF
+# the CPU seconds a node has used so far: its postmaster, the children it
+# has reaped (cutime, cstime) and the live ones (Linux /proc; 0 elsewhere)
+node_cpu() {  # data directory
+  pm=$(head -1 "$1/postmaster.pid" 2>/dev/null) || { echo 0; return; }
+  { cat "/proc/$pm/stat"; for c in $(ps -o pid= --ppid "$pm"); do cat "/proc/$c/stat" 2>/dev/null; done; } |
+    awk -v hz="$(getconf CLK_TCK)" -v pm="$pm" '{ sub(/^.*\) /, ""); t += $12 + $13; if (NR == 1) t += $14 + $15 }
+                                             END { printf "%.3f", t / hz }'
+}
 run() {  # database, script: "tps latency"
   "$bindir/pgbench" -n -c 2 -j 2 -T "$secs" -h "$dir" -p "$port" -U postgres -f "$dir/$2.pgbench" "$1" 2>&1 |
     awk '/latency average/ { l = $4 } /^tps/ { t = $3 } END { print t, l }'
 }
-# (the reads first: the batches leave events above the rollups, which a read adds up)
+workers_cpu() { echo "$(node_cpu "$dir/n$((port + 1))") $(node_cpu "$dir/n$((port + 2))")" | awk '{ print $1 + $2 }'; }
+per_batch() {  # CPU seconds before, after, batches/s: CPU ms a batch
+  echo "$1 $2 $3 $secs" | awk '{ printf "%.2f", ($2 - $1) * 1000 / ($3 * $4) }'
+}
+# (the reads first: the batches leave events above the rollups, which a read
+# adds up); the CPU the nodes use during the batches
 for db in metering_bench_single metering_bench_citus; do
-  set -- $(run $db value); eval "${db#metering_bench_}_value=\$2"
-  set -- $(run $db batch); eval "${db#metering_bench_}_batch=\$1"
+  name=${db#metering_bench_}
+  set -- $(run $db value); eval "${name}_value=$2"
+  c0=$(node_cpu "$dir/n$port"); w0=$(workers_cpu)
+  set -- $(run $db batch); eval "${name}_batch=$1"
+  eval "${name}_cpu=$(per_batch "$c0" "$(node_cpu "$dir/n$port")" "$1")"
+  eval "${name}_wcpu=$(per_batch "$w0" "$(workers_cpu)" "$1")"
 done
 awk -v sb="$single_batch" -v cb="$citus_batch" -v sv="$single_value" -v cv="$citus_value" 'BEGIN {
   printf "ingest_batch of 1,000 events, 2 clients: one node %.0f events/s, coordinator + 2 workers %.0f events/s (ratio %.2f)\n", sb * 1000, cb * 1000, cb / sb
   printf "entitlement_value, 2 clients: one node %.3f ms, coordinator + 2 workers %.3f ms (ratio %.2f)\n", sv, cv, cv / sv }'
+# Where the work of ingestion goes: CPU ms per 1,000 events (a batch) on one
+# node, on the coordinator and on the two workers together (the workers'
+# share does not depend on how many there are).  With 16 cores a node, W
+# workers take W * 16 / workers_ms batches a millisecond at most and the
+# coordinator 16 / coordinator_ms: the rate is the smaller.  No lock waits
+# and no network are in it: the measured one-node rate of a many-core
+# machine is the check (README, Scaling out on Citus).
+awk -v s="$single_cpu" -v c="$citus_cpu" -v w="$citus_wcpu" 'BEGIN {
+  printf "CPU per 1,000 events: one node %.1f ms; coordinator %.1f ms, the workers %.1f ms in all\n", s, c, w
+  printf "projected events/s with 16 cores a node: one node %.0f", 16 * 1e6 / s
+  for (n = 2; n <= 16; n *= 2) { r = 16 * 1e6 / c; if (n * 16 * 1e6 / w < r) r = n * 16 * 1e6 / w; printf "; %d workers %.0f", n, r }
+  printf "\n" }'
