@@ -23,6 +23,11 @@ trap '"$here/tools/citus-cluster" stop "$dir" >/dev/null 2>&1; rm -rf "$dir"' EX
 "$here/tools/citus-cluster" start "$dir" "$port" metering_bench_citus
 [ "$(id -u)" = 0 ] && chown postgres "$dir"
 q() { "$bindir/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d "$1" -c "$2"; }
+# (no autovacuum during the runs: a vacuum of one database's events would
+# count as CPU of the next run, on its node)
+for p in $port $((port + 1)) $((port + 2)); do
+  "$bindir/psql" -X -A -t -q -h "$dir" -p $p -U postgres -d postgres -c "ALTER SYSTEM SET autovacuum = off" -c "SELECT pg_reload_conf()" >/dev/null
+done
 q postgres "CREATE DATABASE metering_bench_single"
 q metering_bench_single "CREATE EXTENSION metering"
 # a few shards per worker core (README, Scaling out on Citus)
