@@ -42,6 +42,16 @@ SELECT regress.err($$SELECT metering.ingest('{"specversion": "1.0", "id": "x", "
 SELECT regress.err($$SELECT metering.ingest('{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "subject": "u", "time": "2024-01-01 10:00:00"}')$$);
 SELECT regress.err($$SELECT metering.ingest('{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "subject": "u", "time": "2024-02-30T10:00:00Z"}')$$);
 SELECT regress.err($$SELECT metering.ingest('{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "subject": "u", "data": [1]}')$$);
+-- id, subject and type up to 512 bytes, source up to 1,024: at the limit stored, past it refused
+SELECT metering.ingest(jsonb_build_object('specversion', '1.0', 'id', repeat('i', 512), 'source', repeat('s', 1024),
+                                          'type', repeat('t', 512), 'subject', repeat('u', 512)));
+SELECT regress.err(format('SELECT metering.ingest(%L)', jsonb_build_object('specversion', '1.0', 'id', repeat('é', 257), 'source', 's', 'type', 't', 'subject', 'u')));
+SELECT regress.err(format('SELECT metering.ingest(%L)', jsonb_build_object('specversion', '1.0', 'id', 'x', 'source', repeat('s', 1025), 'type', 't', 'subject', 'u')));
+SELECT regress.err(format('SELECT metering.ingest(%L)', jsonb_build_object('specversion', '1.0', 'id', 'x', 'source', 's', 'type', repeat('t', 513), 'subject', 'u')));
+SELECT regress.err(format('SELECT * FROM metering.ingest_batch(%L)', jsonb_build_array(
+  jsonb_build_object('specversion', '1.0', 'id', 'ok', 'source', 's', 'type', 't', 'subject', 'u'),
+  jsonb_build_object('specversion', '1.0', 'id', 'x', 'source', 's', 'type', 't', 'subject', repeat('u', 513)))));
+DELETE FROM metering.events WHERE length(id) = 512;
 SELECT regress.err($$SELECT metering.ingest('{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "subject": "u", "data": "text"}')$$);
 SELECT count(*) AS still_stored FROM metering.events;
 

@@ -76,9 +76,20 @@ GetAttribute(JsonbContainer *obj, const char *name, JsonbValue *out)
 	return getKeyJsonValueFromContainer(obj, name, strlen(name), out) != NULL;
 }
 
-/* A required, non-empty string attribute. */
+#define EVENT_ID_MAX 512
+#define EVENT_SOURCE_MAX 1024
+#define EVENT_SUBJECT_MAX 512
+#define EVENT_TYPE_MAX 512
+
+/*
+ * A required, non-empty string attribute of at most max bytes.  The limits
+ * keep every key an event's attributes enter (the events' unique key, which
+ * is (subject, source, id) once distributed, the rollups', the usage
+ * periods') within what a btree entry may hold (2,704 bytes), so that no
+ * event is refused by an index, or stops a refresh, after it was accepted.
+ */
 static text *
-RequiredString(EventContext *ctx, JsonbContainer *obj, const char *name)
+RequiredString(EventContext *ctx, JsonbContainer *obj, const char *name, int max)
 {
 	JsonbValue	v;
 
@@ -96,6 +107,10 @@ RequiredString(EventContext *ctx, JsonbContainer *obj, const char *name)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s: \"%s\" must not be empty", EventPrefix(ctx), name)));
+	if (v.val.string.len > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s: \"%s\" is longer than %d bytes (%d)", EventPrefix(ctx), name, max, v.val.string.len)));
 	return cstring_to_text_with_len(v.val.string.val, v.val.string.len);
 }
 
@@ -118,7 +133,7 @@ ParseEvent(EventContext *ctx, JsonbValue *event, TimestampTz now,
 						EventPrefix(ctx), JsonbValueTypeName(event))));
 	obj = event->val.binary.data;
 
-	spec = RequiredString(ctx, obj, "specversion");
+	spec = RequiredString(ctx, obj, "specversion", PG_INT32_MAX);
 	if (VARSIZE_ANY_EXHDR(spec) != 3 || memcmp(VARDATA_ANY(spec), "1.0", 3) != 0)
 	{
 		GetAttribute(obj, "specversion", &v);
@@ -128,10 +143,10 @@ ParseEvent(EventContext *ctx, JsonbValue *event, TimestampTz now,
 						EventPrefix(ctx), Quote(&v))));
 	}
 
-	values[0] = PointerGetDatum(RequiredString(ctx, obj, "id"));
-	values[1] = PointerGetDatum(RequiredString(ctx, obj, "source"));
-	values[2] = PointerGetDatum(RequiredString(ctx, obj, "subject"));
-	values[3] = PointerGetDatum(RequiredString(ctx, obj, "type"));
+	values[0] = PointerGetDatum(RequiredString(ctx, obj, "id", EVENT_ID_MAX));
+	values[1] = PointerGetDatum(RequiredString(ctx, obj, "source", EVENT_SOURCE_MAX));
+	values[2] = PointerGetDatum(RequiredString(ctx, obj, "subject", EVENT_SUBJECT_MAX));
+	values[3] = PointerGetDatum(RequiredString(ctx, obj, "type", EVENT_TYPE_MAX));
 
 	if (!GetAttribute(obj, "time", &v) || v.type == jbvNull)
 		values[4] = TimestampTzGetDatum(now);
