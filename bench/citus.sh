@@ -54,9 +54,12 @@ cat >"$dir/value.pgbench" <<'EOF'
 SELECT * FROM metering.entitlement_value('c' || :s, 'llm');
 EOF
 # the CPU seconds a node has used so far: its postmaster, the children it
-# has reaped (cutime, cstime) and the live ones (Linux /proc; 0 elsewhere)
+# has reaped (cutime, cstime) and the live ones (Linux /proc and procps'
+# ps; elsewhere 0, and the CPU lines say so).  Sampled a second after a
+# run, once its backends have exited and been reaped: one reaped between
+# the two reads would be counted in neither.
 node_cpu() {  # data directory
-  pm=$(head -1 "$1/postmaster.pid" 2>/dev/null) || { echo 0; return; }
+  pm=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) && [ -r "/proc/$pm/stat" ] || { echo 0; return; }
   { cat "/proc/$pm/stat"; for c in $(ps -o pid= --ppid "$pm"); do cat "/proc/$c/stat" 2>/dev/null; done; } |
     awk -v hz="$(getconf CLK_TCK)" -v pm="$pm" '{ sub(/^.*\) /, ""); t += $12 + $13; if (NR == 1) t += $14 + $15 }
                                              END { printf "%.3f", t / hz }'
@@ -66,16 +69,17 @@ run() {  # database, script: "tps latency"
     awk '/latency average/ { l = $4 } /^tps/ { t = $3 } END { print t, l }'
 }
 workers_cpu() { echo "$(node_cpu "$dir/n$((port + 1))") $(node_cpu "$dir/n$((port + 2))")" | awk '{ print $1 + $2 }'; }
-per_batch() {  # CPU seconds before, after, batches/s: CPU ms a batch
-  echo "$1 $2 $3 $secs" | awk '{ printf "%.2f", ($2 - $1) * 1000 / ($3 * $4) }'
+per_batch() {  # CPU seconds before, after, batches/s: CPU ms a batch (0: not measured)
+  echo "$1 $2 $3 $secs" | awk '{ printf "%.2f", ($3 > 0 ? ($2 - $1) * 1000 / ($3 * $4) : 0) }'
 }
 # (the reads first: the batches leave events above the rollups, which a read
 # adds up); the CPU the nodes use during the batches
 for db in metering_bench_single metering_bench_citus; do
   name=${db#metering_bench_}
   set -- $(run $db value); eval "${name}_value=$2"
-  c0=$(node_cpu "$dir/n$port"); w0=$(workers_cpu)
+  sleep 1; c0=$(node_cpu "$dir/n$port"); w0=$(workers_cpu)
   set -- $(run $db batch); eval "${name}_batch=$1"
+  sleep 1
   eval "${name}_cpu=$(per_batch "$c0" "$(node_cpu "$dir/n$port")" "$1")"
   eval "${name}_wcpu=$(per_batch "$w0" "$(workers_cpu)" "$1")"
 done
@@ -83,14 +87,15 @@ awk -v sb="$single_batch" -v cb="$citus_batch" -v sv="$single_value" -v cv="$cit
   printf "ingest_batch of 1,000 events, 2 clients: one node %.0f events/s, coordinator + 2 workers %.0f events/s (ratio %.2f)\n", sb * 1000, cb * 1000, cb / sb
   printf "entitlement_value, 2 clients: one node %.3f ms, coordinator + 2 workers %.3f ms (ratio %.2f)\n", sv, cv, cv / sv }'
 # Where the work of ingestion goes: CPU ms per 1,000 events (a batch) on one
-# node, on the coordinator and on the two workers together (the workers'
-# share does not depend on how many there are).  With 16 cores a node, W
+# node, on the coordinator and on the two workers together.  Extrapolated
+# to nodes of 16 cores, taking the workers' total to stay what two workers
+# spend (an assumption: more workers and shards mean more round trips): W
 # workers take W * 16 / workers_ms batches a millisecond at most and the
-# coordinator 16 / coordinator_ms: the rate is the smaller.  No lock waits
-# and no network are in it: the measured one-node rate of a many-core
-# machine is the check (README, Scaling out on Citus).
+# coordinator 16 / coordinator_ms, and the rate is the smaller.  No waits
+# and no network are in it (README, Scaling out on Citus).
 awk -v s="$single_cpu" -v c="$citus_cpu" -v w="$citus_wcpu" 'BEGIN {
+  if (s <= 0 || c <= 0 || w <= 0) { print "CPU per 1,000 events: not measured here (needs Linux /proc)"; exit }
   printf "CPU per 1,000 events: one node %.1f ms; coordinator %.1f ms, the workers %.1f ms in all\n", s, c, w
-  printf "projected events/s with 16 cores a node: one node %.0f", 16 * 1e6 / s
+  printf "extrapolated CPU bound, events/s with 16 cores a node: one node %.0f", 16 * 1e6 / s
   for (n = 2; n <= 16; n *= 2) { r = 16 * 1e6 / c; if (n * 16 * 1e6 / w < r) r = n * 16 * 1e6 / w; printf "; %d workers %.0f", n, r }
   printf "\n" }'

@@ -38,6 +38,7 @@
 
 static SPIPlanPtr meters_plan = NULL;
 static SPIPlanPtr upsert_plan = NULL;
+static SPIPlanPtr upsert_plan_020 = NULL;	/* before ALTER EXTENSION ... UPDATE TO 0.3.0 */
 
 static SPIPlanPtr
 SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
@@ -238,19 +239,28 @@ RollupFlush(RollupBuffer *buf)
 	Datum		args[13];
 	int			nrows = 0;
 	int			ret;
+	bool		keyed;
+	SPIPlanPtr *slot;
 
 	if (buf->nentries == 0)
 		return;
-	plan = SavedPlan(&upsert_plan,
-					 "INSERT INTO metering.meter_rollups AS r "
+	/*
+	 * 0.3.0 keys the rollups by a hash of their groups (a group value may be
+	 * longer than a btree entry holds); until ALTER EXTENSION ... UPDATE has
+	 * run, the library writes 0.2.0's table, keyed by the groups themselves.
+	 */
+	keyed = MeteringInstalledVersion() >= 300;
+	slot = keyed ? &upsert_plan : &upsert_plan_020;
+	plan = SavedPlan(slot, *slot ? NULL :
+					 psprintf("INSERT INTO metering.meter_rollups AS r "
 					 "(meter, subject, bucket, groups, events, valued, sum, min, max, "
-					 " first_time, last_time, latest_time, latest_value) "
+					 " first_time, last_time, latest_time, latest_value%s) "
 					 "SELECT u.meter, u.subject, u.bucket, u.groups::jsonb, u.events, u.valued, "
-					 " u.sum, u.min, u.max, u.first_time, u.last_time, u.latest_time, u.latest_value "
+					 " u.sum, u.min, u.max, u.first_time, u.last_time, u.latest_time, u.latest_value%s "
 					 "FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
 					 " AS u(meter, subject, bucket, groups, events, valued, sum, min, max, "
 					 "      first_time, last_time, latest_time, latest_value) "
-					 "ON CONFLICT (meter, subject, bucket, groups) DO UPDATE SET "
+					 "ON CONFLICT (meter, subject, bucket, %s) DO UPDATE SET "
 					 " events = r.events + excluded.events, "
 					 " valued = r.valued + excluded.valued, "
 					 " sum = r.sum + excluded.sum, "
@@ -264,6 +274,9 @@ RollupFlush(RollupBuffer *buf)
 					 " latest_value = CASE WHEN r.latest_time IS NULL OR "
 					 "   (excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value) "
 					 "   THEN excluded.latest_value ELSE r.latest_value END",
+					 keyed ? ", groups_key" : "",
+					 keyed ? ", pg_catalog.sha256(pg_catalog.textsend(u.groups::jsonb::text))" : "",
+					 keyed ? "groups_key" : "groups"),
 					 13, argtypes);
 
 	old = MemoryContextSwitchTo(buf->cxt);

@@ -10,11 +10,14 @@
  * statement start and snapshot, role name and calling user: an answer about
  * a role is only reused for the user it was computed for, since
  * _visible_subjects() refuses to answer some users about others) and asks
- * _visible_subjects() otherwise.  The snapshot is in the key so that each
- * query of a function or DO block sees the access rights as they are when
- * it starts, as the subquery of one node's policy does: a change of
- * subject_access committed meanwhile (which counts as a completed
- * transaction) or made by the same transaction (a new command id) is seen.
+ * _visible_subjects() otherwise.  The snapshot's contents are in the key
+ * so that each query of a function or DO block sees the access rights as
+ * they are when it starts, as the subquery of one node's policy does: a
+ * transaction that commits between two snapshots was running at the first
+ * (it is in its xip, or at or past its xmax) and is not at the second, and
+ * a change by the same transaction moves the command id.  (The snapshot's
+ * completion counter cannot serve: a copy, which every active snapshot is,
+ * has it 0.)
  * That query reads the reference tables subject_access and subjects, which
  * Citus would refuse inside a shard's task as a nested distributed query;
  * it is allowed here, for this query only: a reference table has a copy on
@@ -41,10 +44,47 @@ static LocalTransactionId cached_lxid = InvalidLocalTransactionId;
 static TimestampTz cached_stmt = 0;
 static NameData cached_role;
 static Oid	cached_user = InvalidOid;
-static uint64 cached_completions = 0;	/* the snapshot's snapXactCompletionCount */
-static TransactionId cached_xmin = InvalidTransactionId;
-static CommandId cached_cid = InvalidCommandId;
+static SnapshotData cached_snap;	/* the fields compared, and copies of */
+static TransactionId *cached_xip = NULL;	/* its xip and subxip, in */
+static TransactionId *cached_subxip = NULL;	/* TopMemoryContext */
 static ArrayType *cached_value = NULL;	/* in TopMemoryContext; NULL: all subjects */
+
+/* whether snap is the snapshot the cached answer was computed under */
+static bool
+SameSnapshot(Snapshot snap)
+{
+	return snap->xmin == cached_snap.xmin && snap->xmax == cached_snap.xmax &&
+		snap->curcid == cached_snap.curcid && snap->xcnt == cached_snap.xcnt &&
+		snap->subxcnt == cached_snap.subxcnt && snap->suboverflowed == cached_snap.suboverflowed &&
+		snap->takenDuringRecovery == cached_snap.takenDuringRecovery &&
+		(snap->xcnt == 0 || memcmp(snap->xip, cached_xip, sizeof(TransactionId) * snap->xcnt) == 0) &&
+		(snap->subxcnt == 0 || memcmp(snap->subxip, cached_subxip, sizeof(TransactionId) * snap->subxcnt) == 0);
+}
+
+static void
+KeepSnapshot(Snapshot snap)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	if (cached_xip)
+		pfree(cached_xip);
+	if (cached_subxip)
+		pfree(cached_subxip);
+	cached_xip = palloc(sizeof(TransactionId) * Max(snap->xcnt, 1));
+	cached_subxip = palloc(sizeof(TransactionId) * Max(snap->subxcnt, 1));
+	if (snap->xcnt > 0)
+		memcpy(cached_xip, snap->xip, sizeof(TransactionId) * snap->xcnt);
+	if (snap->subxcnt > 0)
+		memcpy(cached_subxip, snap->subxip, sizeof(TransactionId) * snap->subxcnt);
+	MemoryContextSwitchTo(old);
+	cached_snap.xmin = snap->xmin;
+	cached_snap.xmax = snap->xmax;
+	cached_snap.curcid = snap->curcid;
+	cached_snap.xcnt = snap->xcnt;
+	cached_snap.subxcnt = snap->subxcnt;
+	cached_snap.suboverflowed = snap->suboverflowed;
+	cached_snap.takenDuringRecovery = snap->takenDuringRecovery;
+}
 
 PG_FUNCTION_INFO_V1(metering_visible_subjects_once);
 Datum
@@ -60,11 +100,10 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 
 	Snapshot	snap = ActiveSnapshotSet() ? GetActiveSnapshot() : NULL;
 
-	if (snap != NULL && snap->snapXactCompletionCount != 0 &&
+	if (snap != NULL &&
 		cached_lxid == MyProc->lxid && cached_stmt == GetCurrentStatementStartTimestamp() &&
-		cached_completions == snap->snapXactCompletionCount && cached_xmin == snap->xmin &&
-		cached_cid == snap->curcid &&
-		cached_user == GetUserId() && strcmp(NameStr(cached_role), NameStr(*who)) == 0)
+		cached_user == GetUserId() && strcmp(NameStr(cached_role), NameStr(*who)) == 0 &&
+		SameSnapshot(snap))
 	{
 		if (cached_value == NULL)
 			PG_RETURN_NULL();
@@ -93,7 +132,7 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 		cached_value = DatumGetArrayTypePCopy(d);
 		MemoryContextSwitchTo(old);
 	}
-	if (snap == NULL || snap->snapXactCompletionCount == 0)
+	if (snap == NULL)
 	{
 		/* no snapshot to tell this query from the next: ask every time */
 		SPI_finish();
@@ -101,10 +140,8 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 		PG_RETURN_ARRAYTYPE_P(DatumGetArrayTypePCopy(PointerGetDatum(cached_value)));
 	}
+	KeepSnapshot(snap);
 	cached_lxid = MyProc->lxid;
-	cached_completions = snap->snapXactCompletionCount;
-	cached_xmin = snap->xmin;
-	cached_cid = snap->curcid;
 	cached_stmt = GetCurrentStatementStartTimestamp();
 	cached_user = GetUserId();
 	namestrcpy(&cached_role, NameStr(*who));

@@ -202,7 +202,7 @@ check "a revocation by the same transaction is seen by the next query of the sam
       END LOOP;
       RETURN r;
     END \$\$;
-    SET ROLE citus_reader; SELECT pg_temp.watch()" >"$tmp.watch" 2>&1 ) &
+    SET ROLE citus_reader; SELECT pg_temp.watch()" 2>"$tmp.watch.err" >"$tmp.watch" ) &
 i=0  # (revoked once the watcher's first query is done: it sleeps)
 while [ $i -lt 200 ] && ! sql m "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_temp.watch()%' AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()" | grep -q 1; do
   sleep 0.05; i=$((i + 1))
@@ -211,9 +211,16 @@ sql m "DELETE FROM metering.subject_access WHERE role_name = 'citus_reader'" >/d
 wait
 sql m "INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_reader', 's3')" >/dev/null
 check "a revocation committed by another session is seen by the next query of a running function" \
-  "$(sed 's/ *$//' "$tmp.watch")" "1 0 0"
-check "only the extension's own writers hand stored events to the alerts" \
-  "$(errcode m "SET ROLE citus_reader; SELECT metering._alerts_for_events(ARRAY['s3'], ARRAY['llm.tokens'], ARRAY[now()], ARRAY['{}'::jsonb])")" 42501
+  "$(sed 's/ *$//' "$tmp.watch" "$tmp.watch.err")" "1 0 0"
+check "... and within one query the policies ask for the visible subjects once, not for each row" \
+  "$(sql m "BEGIN; SET LOCAL track_functions = 'pl'; SET ROLE citus_reader;
+              SELECT count(*) FROM metering.subjects WHERE key LIKE 's%'; RESET ROLE;
+              SELECT calls <= 2 FROM pg_stat_xact_user_functions WHERE funcname = '_visible_subjects'; COMMIT")" "1
+t"
+sql m "CREATE ROLE citus_admin; GRANT metering_admin TO citus_admin" >/dev/null
+check "only the extension's own writers hand stored events to the alerts (not a reader, not an admin)" \
+  "$(errcode m "SET ROLE citus_reader; SELECT metering._alerts_for_events(ARRAY['s3'], ARRAY['llm.tokens'], ARRAY[now()], ARRAY['{}'::jsonb])") $(errcode m "SET ROLE citus_admin; SELECT metering._alerts_for_events(ARRAY['s3'], ARRAY['llm.tokens'], ARRAY[now()], ARRAY['{}'::jsonb])")" \
+  "42501 42501"
 sql m "DELETE FROM metering.subjects WHERE key = 's40'" >/dev/null
 check "a subject deleted on the coordinator is deleted on every node" \
   "$(sql m "SELECT string_agg(DISTINCT x.result, ',') FROM run_command_on_placements('metering.subjects',

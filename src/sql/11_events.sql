@@ -53,7 +53,8 @@ CREATE TABLE metering.meter_rollups (
   last_time    timestamptz NOT NULL,
   latest_time  timestamptz,
   latest_value numeric,
-  PRIMARY KEY (meter, subject, bucket, groups)
+  groups_key   bytea NOT NULL,
+  PRIMARY KEY (meter, subject, bucket, groups_key)
 );
 COMMENT ON TABLE metering.meter_rollups IS
   'derived: per meter, subject, UTC hour and group values, the partial aggregates of its events up to the meter''s watermark; written by metering.refresh_rollups() and DELETE triggers, never by hand';
@@ -70,6 +71,8 @@ COMMENT ON COLUMN metering.meter_rollups.first_time IS 'first event instant in t
 COMMENT ON COLUMN metering.meter_rollups.last_time IS 'last event instant in the bucket';
 COMMENT ON COLUMN metering.meter_rollups.latest_time IS 'instant of the latest value (LATEST meters)';
 COMMENT ON COLUMN metering.meter_rollups.latest_value IS 'the latest value; at equal instants the largest (LATEST meters)';
+COMMENT ON COLUMN metering.meter_rollups.groups_key IS
+  'sha256 of groups (its canonical text): the key, since group values taken from events may be longer than a btree entry holds';
 
 CREATE TABLE metering.meter_rollup_state (
   meter        text PRIMARY KEY,

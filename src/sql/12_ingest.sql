@@ -30,7 +30,7 @@ BEGIN
     INSERT INTO metering.events AS e (id, source, subject, type, time, data)
     SELECT p.id, p.source, p.subject, p.type, p.time, p.data
       FROM metering._parse_events(event, false) p
-    ON CONFLICT DO NOTHING RETURNING e.subject, e.type, e.time, e.data)
+    ON CONFLICT DO NOTHING RETURNING e.subject, e.type, e.time, CASE WHEN dist THEN e.data END AS data)
   SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects, array_agg(type) FILTER (WHERE dist) AS types,
          array_agg(time) FILTER (WHERE dist) AS times, array_agg(data) FILTER (WHERE dist) AS datas
     INTO k FROM stored;
@@ -56,7 +56,7 @@ BEGIN
     INSERT INTO metering.events AS e (id, source, subject, type, time, data)
     SELECT p.id, p.source, p.subject, p.type, p.time, p.data
       FROM metering._parse_events(events, true) p
-    ON CONFLICT DO NOTHING RETURNING e.subject, e.type, e.time, e.data)
+    ON CONFLICT DO NOTHING RETURNING e.subject, e.type, e.time, CASE WHEN dist THEN e.data END AS data)
   SELECT count(*) AS n, array_agg(subject) FILTER (WHERE dist) AS subjects, array_agg(type) FILTER (WHERE dist) AS types,
          array_agg(time) FILTER (WHERE dist) AS times, array_agg(data) FILTER (WHERE dist) AS datas
     INTO k FROM stored;

@@ -215,6 +215,11 @@ BEGIN
   GRANT INSERT (id, source, subject, type, time, data, ingested_at), DELETE ON metering.events TO metering_admin;
   GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA metering TO metering_admin;
   REVOKE EXECUTE ON FUNCTION metering._current_signing_key() FROM metering_admin;
+  -- (the alert evaluators trust what they are handed, and the turns are the
+  -- enforcing functions' own)
+  REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]),
+    metering._evaluate_alerts(uuid, timestamptz, boolean), metering._take_turn(uuid, "char", timestamptz)
+    FROM metering_admin;
 END $$;
 COMMENT ON FUNCTION metering.setup_roles() IS
   'creates (if absent) metering_reader, metering_writer and metering_admin and grants them their rights; run it as a superuser or the extension owner with CREATEROLE, again after adding tables';

@@ -4,12 +4,12 @@
 
 -- The row-security rule of distributed tables: Citus refuses subqueries in
 -- their policies, and this function, which a shard evaluates per row,
--- answers once per statement (src/visible_subjects.c).
+-- answers once per query (src/visible_subjects.c).
 CREATE FUNCTION metering._visible_subjects_once(who name) RETURNS text[]
   AS 'MODULE_PATHNAME', 'metering_visible_subjects_once'
   LANGUAGE C STABLE STRICT;
 COMMENT ON FUNCTION metering._visible_subjects_once(name) IS
-  'internal (distributed mode): metering._visible_subjects(who), asked once per statement';
+  'internal (distributed mode): metering._visible_subjects(who), asked once per query';
 
 CREATE FUNCTION metering._role_is_mine(role_name name) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp

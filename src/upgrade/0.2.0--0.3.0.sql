@@ -34,3 +34,12 @@ DROP FUNCTION metering._usage_periods_deleted();
 -- its result type changes, so it and the view over it are made again
 DROP VIEW metering.entitlement_status;
 DROP FUNCTION metering.entitlement_value(text, text, timestamptz);
+
+-- the rollups are keyed by a hash of their group values: a value taken from
+-- an event may be longer than a btree entry holds, and stopped the refresh
+ALTER TABLE metering.meter_rollups ADD COLUMN groups_key bytea;
+UPDATE metering.meter_rollups SET groups_key = pg_catalog.sha256(pg_catalog.textsend(groups::text));
+ALTER TABLE metering.meter_rollups ALTER COLUMN groups_key SET NOT NULL,
+  DROP CONSTRAINT meter_rollups_pkey, ADD PRIMARY KEY (meter, subject, bucket, groups_key);
+COMMENT ON COLUMN metering.meter_rollups.groups_key IS
+  'sha256 of groups (its canonical text): the key, since group values taken from events may be longer than a btree entry holds';
