@@ -320,15 +320,7 @@ BEGIN
       CASE WHEN r.committed_at IS NOT NULL THEN 'committed' ELSE 'released' END
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
-  -- (as ingest stores it: see 12_ingest.sql)
-  WITH stored AS (
-    INSERT INTO metering.events AS x (id, source, subject, type, time, data)
-    VALUES (p.id, p.source, p.subject, p.type, p.time, p.data)
-    ON CONFLICT DO NOTHING RETURNING 1)
-  SELECT count(*) INTO n FROM stored;
-  IF n = 1 AND metering._distributed() THEN
-    PERFORM metering._alerts_for_events(ARRAY[p.subject], ARRAY[p.type], ARRAY[p.time], ARRAY[p.data]);
-  END IF;
+  n := metering._store_events(event, false);
   SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   RETURN QUERY SELECT n = 1, usage, v.balance, v.available;
 END $$;
@@ -402,15 +394,7 @@ BEGIN
     RETURN QUERY SELECT false, false, usage, v.available;
     RETURN;
   END IF;
-  -- (as ingest stores it: see 12_ingest.sql)
-  WITH stored AS (
-    INSERT INTO metering.events AS x (id, source, subject, type, time, data)
-    VALUES (p.id, p.source, p.subject, p.type, p.time, p.data)
-    ON CONFLICT DO NOTHING RETURNING 1)
-  SELECT count(*) INTO n FROM stored;
-  IF n = 1 AND metering._distributed() THEN
-    PERFORM metering._alerts_for_events(ARRAY[p.subject], ARRAY[p.type], ARRAY[p.time], ARRAY[p.data]);
-  END IF;
+  n := metering._store_events(event, false);
   -- what is left once this usage burns (it burns the balance, then becomes overage)
   RETURN QUERY SELECT true, n = 1, usage,
     CASE WHEN e.type = 'metered' THEN greatest(v.balance - CASE WHEN n = 1 THEN usage ELSE 0 END, 0) - v.reserved END;
