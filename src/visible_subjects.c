@@ -132,19 +132,15 @@ metering_visible_subjects_once(PG_FUNCTION_ARGS)
 		cached_value = DatumGetArrayTypePCopy(d);
 		MemoryContextSwitchTo(old);
 	}
-	if (snap == NULL)
+	/* (no snapshot to tell this query from the next: ask every time) */
+	if (snap != NULL)
 	{
-		/* no snapshot to tell this query from the next: ask every time */
-		SPI_finish();
-		if (cached_value == NULL)
-			PG_RETURN_NULL();
-		PG_RETURN_ARRAYTYPE_P(DatumGetArrayTypePCopy(PointerGetDatum(cached_value)));
+		KeepSnapshot(snap);
+		cached_lxid = MyProc->lxid;
+		cached_stmt = GetCurrentStatementStartTimestamp();
+		cached_user = GetUserId();
+		namestrcpy(&cached_role, NameStr(*who));
 	}
-	KeepSnapshot(snap);
-	cached_lxid = MyProc->lxid;
-	cached_stmt = GetCurrentStatementStartTimestamp();
-	cached_user = GetUserId();
-	namestrcpy(&cached_role, NameStr(*who));
 	SPI_finish();
 
 	if (cached_value == NULL)

@@ -44,11 +44,10 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   w boolean;
 BEGIN
-  IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+  IF NOT metering._distributed() THEN
     RETURN false;
   END IF;
-  EXECUTE 'SELECT NOT pg_catalog.citus_is_coordinator() AND EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition '
-          'WHERE logicalrelid = ''metering.events''::regclass)' INTO w;
+  EXECUTE 'SELECT NOT pg_catalog.citus_is_coordinator()' INTO w;
   RETURN w;
 END $$;
 COMMENT ON FUNCTION metering._on_worker() IS
