@@ -124,15 +124,18 @@ CREATE TRIGGER reservations_no_delete BEFORE DELETE ON metering.reservations
 -- the entitlement of (subject, feature) active at `at`, as entitlement_value finds it
 CREATE FUNCTION metering._active_entitlement(subject text, feature text, at timestamptz)
   RETURNS metering.entitlements
-LANGUAGE sql STABLE
-BEGIN ATOMIC
-  SELECT e FROM metering.entitlements e
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  r metering.entitlements;
+BEGIN
+  SELECT e.* INTO r FROM metering.entitlements e
    WHERE e.subject = _active_entitlement.subject
      AND (e.feature_key = _active_entitlement.feature OR e.id::text = lower(_active_entitlement.feature))
      AND CASE WHEN e.type = 'metered' THEN e.measure_usage_from ELSE e.created_at END <= _active_entitlement.at
      AND (e.deleted_at IS NULL OR _active_entitlement.at < e.deleted_at)
    ORDER BY e.created_at DESC LIMIT 1;
-END;
+  RETURN r;
+END $$;
 COMMENT ON FUNCTION metering._active_entitlement(text, text, timestamptz) IS
   'internal: the entitlement of a subject to a feature (key or entitlement id) active at an instant';
 
@@ -147,14 +150,17 @@ COMMENT ON FUNCTION metering._active_entitlement(text, text, timestamptz) IS
 -- the instant a check must count holds and usage up to, since a holder
 -- whose transaction began later than ours wrote its hold at its own now.
 CREATE FUNCTION metering._take_turn(entitlement uuid, purpose "char", usage_time timestamptz) RETURNS timestamptz
-LANGUAGE sql
-BEGIN ATOMIC
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  until timestamptz;
+BEGIN
   INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until)
   VALUES (_take_turn.entitlement, _take_turn.purpose, 1, _take_turn.usage_time)
   ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
   DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until)
-  RETURNING t.usage_until;
-END;
+  RETURNING t.usage_until INTO until;
+  RETURN until;
+END $$;
 COMMENT ON FUNCTION metering._take_turn(uuid, "char", timestamptz) IS
   'internal: waits for the entitlement''s previous writer of this purpose to end (40001 at REPEATABLE READ when its commit is invisible to the snapshot); returns the latest usage time its holders stored';
 
@@ -164,9 +170,9 @@ COMMENT ON FUNCTION metering._take_turn(uuid, "char", timestamptz) IS
 -- within the current usage period.
 CREATE FUNCTION metering._check_instant(e metering.entitlements, now timestamptz, usage_until timestamptz)
   RETURNS timestamptz
-LANGUAGE sql STABLE
-BEGIN ATOMIC
-  SELECT CASE WHEN e.type <> 'metered' THEN now
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN CASE WHEN e.type <> 'metered' THEN now
               WHEN usage_until IS NULL OR usage_until <= now THEN now + interval '1 microsecond'
               -- anchors and resets are whole UTC minutes: with a period of whole minutes
               -- no bound lies between two instants of one minute
@@ -175,7 +181,7 @@ BEGIN ATOMIC
                 THEN usage_until + interval '1 microsecond'
               ELSE least(usage_until + interval '1 microsecond',
                          metering._period_bound(e.id, now, true) - interval '1 microsecond') END;
-END;
+END $$;
 COMMENT ON FUNCTION metering._check_instant(metering.entitlements, timestamptz, timestamptz) IS
   'internal: the instant a check of the balance counts usage up to: after now and after the latest usage stored by the holders of the turn, within the current period';
 

@@ -150,10 +150,10 @@ CREATE TRIGGER notification_events_immutable BEFORE UPDATE OR DELETE ON metering
 -- Whether a rule that is neither disabled nor deleted exists: every writer
 -- asks first, and pays nothing more when none does.
 CREATE FUNCTION metering._alerts_live() RETURNS boolean
-LANGUAGE sql STABLE
-BEGIN ATOMIC
-  SELECT EXISTS (SELECT 1 FROM metering.notification_rules r WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL);
-END;
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN EXISTS (SELECT 1 FROM metering.notification_rules r WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL);
+END $$;
 COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notification rule is live';
 
 -- One evaluation of one entitlement against the live rules that cover it.
