@@ -6,7 +6,8 @@
  *     used whole when no instant the engine stops at falls inside the span
  *     of a bucket's events (first_time < t <= last_time);
  *   - the events of the buckets that are split that way;
- *   - the events above the watermark (the tail, through the BRIN index).
+ *   - the events above the watermark (the tail, through the btree on
+ *     (seq, subject), which checks the subject in its entries).
  */
 #include "postgres.h"
 

@@ -221,9 +221,9 @@ MeteringRefreshAnalyze(int64 written)
 
 /*
  * Summarizes the events' BRIN ranges filled since the last time: every read
- * of the latest events (the tail above the watermarks, the end of the
- * current hour) scans all ranges not summarized yet, and autovacuum's
- * summarization (autosummarize) falls behind under heavy ingest.  Skipped
+ * of events by time (the end of the current hour, a split hour) scans all
+ * ranges not summarized yet, and autovacuum's summarization (autosummarize)
+ * falls behind under heavy ingest.  Skipped
  * when the lock is taken (a vacuum, which summarizes too, or another
  * refresh): waiting would cancel a running autovacuum.
  */

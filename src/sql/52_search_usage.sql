@@ -370,7 +370,8 @@ BEGIN
         FROM metering.meters m LEFT JOIN metering.meter_rollup_state s ON s.meter = m.slug
        WHERE m.slug = ANY ($1)),
     -- events above the watermark: not in usage_periods yet ($11: the lowest
-    -- watermark, which lets the BRIN index skip the rolled-up events; $12,
+    -- watermark, which lets the btree on (seq, subject) skip the rolled-up
+    -- events; $12,
     -- $13: the range of period starts the page can hold); LATEST meters
     -- apart, as only they need their values in order
     tail_raw AS MATERIALIZED (
