@@ -223,9 +223,9 @@ MeteringRefreshAnalyze(int64 written)
  * Summarizes the events' BRIN ranges filled since the last time: every read
  * of events by time (the end of the current hour, a split hour) scans all
  * ranges not summarized yet, and autovacuum's summarization (autosummarize)
- * falls behind under heavy ingest.  Skipped
- * when the lock is taken (a vacuum, which summarizes too, or another
- * refresh): waiting would cancel a running autovacuum.
+ * falls behind under heavy ingest.  Skipped when the lock is taken (a
+ * vacuum, which summarizes too, or another refresh): waiting would cancel a
+ * running autovacuum.
  */
 void
 MeteringRefreshSummarize(int64 events)

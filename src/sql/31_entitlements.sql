@@ -25,9 +25,6 @@ CREATE TABLE metering.entitlements (
 CREATE UNIQUE INDEX entitlements_live ON metering.entitlements (subject, feature_id) WHERE deleted_at IS NULL;
 CREATE INDEX entitlements_subject_key ON metering.entitlements (subject, feature_key);
 CREATE INDEX entitlements_feature ON metering.entitlements (feature_id);
--- the live entitlements to the features that notification rules cover, which
--- the alerts of every statement that stores events join its events with
-CREATE INDEX entitlements_live_feature_key ON metering.entitlements (feature_key, subject) WHERE deleted_at IS NULL;
 COMMENT ON TABLE metering.entitlements IS
   'a subject''s entitlement to a feature; one that is not deleted per (subject, feature); never updated; DELETE sets deleted_at';
 COMMENT ON COLUMN metering.entitlements.id IS 'the entitlement id (uuid v7)';

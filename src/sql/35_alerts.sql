@@ -294,11 +294,14 @@ DECLARE
   now timestamptz := metering.now();
   x record;
   every boolean;
-  keys text[];
+  covered uuid[];
 BEGIN
   -- the features the live rules cover, once (nothing more when none is live)
-  SELECT bool_or(r.feature_key IS NULL), array_agg(r.feature_key) INTO every, keys
-    FROM metering.notification_rules r WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL;
+  -- (as feature ids: an entitlement's feature_key is its feature's key, and
+  -- entitlements are indexed by feature id)
+  SELECT bool_or(r.feature_key IS NULL), array_agg(f.id) INTO every, covered
+    FROM metering.notification_rules r LEFT JOIN metering.features f ON f.key = r.feature_key
+   WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL;
   IF every IS NULL THEN
     RETURN;
   END IF;
@@ -313,7 +316,7 @@ BEGIN
         JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
         JOIN metering.features f ON f.id = e.feature_id
         JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
-       WHERE every OR e.feature_key = ANY (keys))
+       WHERE every OR e.feature_id = ANY (covered))
     INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom)
     SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until,
            -- (the usage in the window, carried to the update as the new row's headroom)

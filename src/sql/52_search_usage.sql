@@ -371,9 +371,8 @@ BEGIN
        WHERE m.slug = ANY ($1)),
     -- events above the watermark: not in usage_periods yet ($11: the lowest
     -- watermark, which lets the btree on (seq, subject) skip the rolled-up
-    -- events; $12,
-    -- $13: the range of period starts the page can hold); LATEST meters
-    -- apart, as only they need their values in order
+    -- events; $12, $13: the range of period starts the page can hold);
+    -- LATEST meters apart, as only they need their values in order
     tail_raw AS MATERIALIZED (
       SELECT e.type, e.seq, e.subject, e.time, e.data, k.kind, k.start_time, k.end_time
         FROM metering.events e CROSS JOIN LATERAL metering._usage_periods_of(e.time) k

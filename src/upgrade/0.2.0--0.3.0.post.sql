@@ -67,6 +67,3 @@ END $$;
 
 -- the events above the watermark, found by seq and subject (src/sql/11_events.sql)
 CREATE INDEX events_seq_subject ON metering.events (seq, subject);
-
--- the live entitlements of a feature, for the alerts (src/sql/31_entitlements.sql)
-CREATE INDEX entitlements_live_feature_key ON metering.entitlements (feature_key, subject) WHERE deleted_at IS NULL;
