@@ -244,6 +244,36 @@ SELECT n.subject, n.kind, n.threshold->>'type' AS type, n.usage FROM metering.no
  WHERE n.seq > (SELECT max(seq) FROM (SELECT seq FROM metering.notification_events ORDER BY seq LIMIT :notifications) x)
  ORDER BY n.seq;
 UPDATE metering.notification_rules SET disabled_at = now() WHERE name = 'llm 80%';
+-- a batch counts toward an entitlement what its feature's meter reads: the
+-- events of its group only (gpt4 filters on the model), one per event for
+-- a COUNT meter; a batch with no covered subject notifies nobody
+SELECT metering.create_entitlement('f1', 'gpt4', usage_period => '1 day', usage_period_anchor => '2024-03-16',
+                                   measure_usage_from => '2024-03-16') AS ef \gset
+SELECT metering.create_grant(:'ef', 100, '2024-03-16') IS NOT NULL AS grant;
+SELECT metering.create_entitlement('f1', 'api', usage_period => '1 day', usage_period_anchor => '2024-03-16',
+                                   measure_usage_from => '2024-03-16', is_soft_limit => true) IS NOT NULL AS api;
+INSERT INTO metering.notification_rules (name, feature_key, thresholds)
+VALUES ('gpt4 50', 'gpt4', '[{"type": "USAGE_VALUE", "value": 50}]'),
+       ('api 3', 'api', '[{"type": "USAGE_VALUE", "value": 3}]');
+SELECT count(*) AS notifications FROM metering.notification_events \gset
+SELECT * FROM metering.ingest_batch(jsonb_build_array(
+  regress.tok('f1a', 40, subject => 'f1', "time" => '2024-03-16T14:52:00Z'),
+  regress.tok('f1b', 500, subject => 'f1', model => 'claude', "time" => '2024-03-16T14:52:00Z'),
+  regress.ev('f1c', 'f1', 'api.call', '2024-03-16T14:52:00Z'),
+  regress.ev('f1d', 'f1', 'api.call', '2024-03-16T14:52:00Z')));
+SELECT * FROM metering.ingest_batch(jsonb_build_array(
+  regress.tok('n1', 500, subject => 'nobody', "time" => '2024-03-16T14:52:00Z'),
+  regress.ev('n2', 'nobody', 'api.call', '2024-03-16T14:52:00Z')));
+SELECT count(*) - :notifications AS new_notifications FROM metering.notification_events;
+SELECT * FROM metering.ingest_batch(jsonb_build_array(
+  regress.tok('f1e', 10, subject => 'f1', "time" => '2024-03-16T14:53:00Z'),
+  regress.tok('f1f', 500, subject => 'f1', model => 'claude', "time" => '2024-03-16T14:53:00Z'),
+  regress.ev('f1g', 'f1', 'api.call', '2024-03-16T14:53:00Z')));
+SELECT r.name, n.subject, n.feature_key, n.threshold->>'type' AS type, n.usage FROM metering.notification_events n
+  JOIN metering.notification_rules r ON r.id = n.rule_id
+ WHERE n.seq > (SELECT max(seq) FROM (SELECT seq FROM metering.notification_events ORDER BY seq LIMIT :notifications) x)
+ ORDER BY r.name;
+UPDATE metering.notification_rules SET disabled_at = now() WHERE name IN ('gpt4 50', 'api 3');
 
 -- who may: writers hold and consume (as the owner), nobody else; readers see their subjects' holds
 SELECT metering.setup_roles();

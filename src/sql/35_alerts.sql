@@ -170,7 +170,8 @@ COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notificati
 -- expires (the trigger of events uses it).
 CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean)
   RETURNS integer
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- (plan_cache_mode: not the setting of _alerts_for_events, which calls it)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = auto AS $$
 DECLARE
   now timestamptz := metering.now();
   at timestamptz;
@@ -289,34 +290,54 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 -- returned them.  Nobody else may call it: the arrays are trusted.
 CREATE FUNCTION metering._alerts_for_events(subjects text[], types text[], times timestamptz[], datas jsonb[])
   RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- Its statements run on plans made once per session: planned for each
+-- batch, they cost more to plan than to run (the subjects' array is
+-- estimated element by element).  Their generic plans find the entitlements
+-- by subject, so they cost what the batch holds, whatever the tables hold.
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
   now timestamptz := metering.now();
   x record;
   every boolean;
   covered uuid[];
+  -- the covered entitlements of the events' subjects, and their meters
+  ids uuid[];
+  owners text[];
+  event_types text[];
+  filters jsonb[];
+  group_bys jsonb[];
+  counts boolean[];
+  paths jsonpath[];
 BEGIN
   -- the features the live rules cover, once (nothing more when none is live)
-  -- (as feature ids: an entitlement's feature_key is its feature's key, and
-  -- entitlements are indexed by feature id)
   SELECT bool_or(r.feature_key IS NULL), array_agg(f.id) INTO every, covered
     FROM metering.notification_rules r LEFT JOIN metering.features f ON f.key = r.feature_key
    WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL;
   IF every IS NULL THEN
     RETURN;
   END IF;
+  SELECT array_agg(e.id), array_agg(e.subject), array_agg(m.event_type), array_agg(f.meter_group_by_filters),
+         array_agg(m.group_by), array_agg(m.aggregation = 'COUNT'), array_agg(m.value_property)
+    INTO ids, owners, event_types, filters, group_bys, counts, paths
+    FROM metering.entitlements e
+    JOIN metering.features f ON f.id = e.feature_id
+    JOIN metering.meters m ON m.slug = f.meter_slug
+   WHERE e.subject = ANY (subjects) AND e.deleted_at IS NULL AND e.type = 'metered'
+     AND (every OR e.feature_id = ANY (covered));
+  IF ids IS NULL THEN
+    RETURN;
+  END IF;
+  -- each event's amount for each of those entitlements its subject and type reach
   FOR x IN
     WITH usage AS (
-      SELECT e.id, n.time,
-             CASE WHEN f.meter_group_by_filters IS NOT NULL
-                       AND NOT metering._meter_groups(n.data, m.group_by) @> f.meter_group_by_filters THEN 0
-                  WHEN m.aggregation = 'COUNT' THEN 1
-                  ELSE greatest(coalesce(metering._meter_number(n.data, m.value_property), 0), 0) END AS amount
+      SELECT c.id, n.time,
+             CASE WHEN c.filters IS NOT NULL AND NOT metering._meter_groups(n.data, c.group_by) @> c.filters THEN 0
+                  WHEN c.counts THEN 1
+                  ELSE greatest(coalesce(metering._meter_number(n.data, c.path), 0), 0) END AS amount
         FROM unnest(subjects, types, times, datas) AS n(subject, type, "time", data)
-        JOIN metering.entitlements e ON e.subject = n.subject AND e.deleted_at IS NULL AND e.type = 'metered'
-        JOIN metering.features f ON f.id = e.feature_id
-        JOIN metering.meters m ON m.slug = f.meter_slug AND m.event_type = n.type
-       WHERE every OR e.feature_id = ANY (covered))
+        JOIN unnest(ids, owners, event_types, filters, group_bys, counts, paths)
+               AS c(id, subject, type, filters, group_by, counts, path)
+          ON c.subject = n.subject AND c.type = n.type)
     INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom)
     SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until,
            -- (the usage in the window, carried to the update as the new row's headroom)
