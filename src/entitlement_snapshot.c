@@ -22,6 +22,7 @@
 #include "calendar.h"
 #include "entitlement.h"
 #include "metering.h"
+#include "refresh.h"
 
 /* The latest snapshot at or before `limit`, into the current context. */
 bool
@@ -488,7 +489,8 @@ SnapshotFound(void)
 /*
  * metering._snapshot_meter(meter, from_seq, to_seq): after a refresh rolled
  * up a meter's events (from_seq, to_seq], drops the snapshots those events
- * reach and writes new ones for their subjects' entitlements.
+ * reach and writes new ones for their subjects' entitlements (or queues
+ * them: MeteringRefreshQueuesSnapshots).
  */
 PG_FUNCTION_INFO_V1(metering_snapshot_meter);
 Datum
@@ -529,6 +531,20 @@ metering_snapshot_meter(PG_FUNCTION_ARGS)
 									3, ftypes, fargs, NULL, false, 0);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not drop snapshots: %s", SPI_result_code_string(ret));
+		if (MeteringRefreshQueuesSnapshots)
+		{
+			/* their new snapshots wait for the next full round */
+			ret = SPI_execute_with_args("INSERT INTO metering.entitlement_snapshot_queue "
+										"SELECT n.id FROM metering.entitlements n "
+										"JOIN metering.features f ON f.id = n.feature_id AND f.meter_slug = $1 "
+										"WHERE n.type = 'metered' AND n.deleted_at IS NULL AND n.subject = ANY ($2) "
+										"  AND $3 IS NOT NULL ORDER BY n.id ON CONFLICT DO NOTHING",
+										3, ftypes, fargs, NULL, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "could not queue the entitlements of the meter: %s", SPI_result_code_string(ret));
+			SPI_finish();
+			PG_RETURN_INT64(0);
+		}
 		ret = SPI_execute_with_args("SELECT n.id FROM metering.entitlements n "
 									"JOIN metering.features f ON f.id = n.feature_id AND f.meter_slug = $1 "
 									"WHERE n.type = 'metered' AND n.deleted_at IS NULL AND n.subject = ANY ($2) "

@@ -25,6 +25,8 @@
 #include "refresh.h"
 #include "rollup.h"
 
+bool		MeteringRefreshQueuesSnapshots = false;
+
 /*
  * The last event number handed out.  A number at or below it can only be
  * held by a writer that still runs if every backend draws numbers one at a

@@ -25,10 +25,18 @@ extern int64 MeteringRefreshBegin(void);
 /* The live meters (or just one), in slug order, in the transaction's context. */
 extern List *MeteringRefreshMeters(const char *only_slug);
 
+/*
+ * While true, a refresh drops the snapshots that late events reach but
+ * queues the new snapshots of the events' entitlements instead of writing
+ * them (the worker's rounds between two full ones: a reader adds the rollup
+ * hours after an older snapshot instead).
+ */
+extern bool MeteringRefreshQueuesSnapshots;
+
 /* Rolls up one meter's events up to `upto` and what depends on them. */
 extern int64 MeteringRefreshMeter(const char *slug, int64 upto, MeteringRefreshCounts *counts);
 
-/* Saves the snapshots of the entitlements queued by grant, void and reset. */
+/* Saves the snapshots of the entitlements queued (by grant, void, reset and the above). */
 extern int64 MeteringRefreshQueue(void);
 
 /* Analyzes the rollups when a refresh grew them by much. */

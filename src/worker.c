@@ -7,7 +7,11 @@
  * template.  A worker without the extension in its database, or with
  * metering.refresh_interval 0 there, exits at once; the launcher tries that
  * database again after RETRY_AFTER.  A worker refreshes every interval, as
- * the extension's owner (row security hides nothing from it), each meter in
+ * the extension's owner (row security hides nothing from it), and in
+ * between, whenever the events not rolled up yet reach metering.refresh_tail
+ * (every balance read walks them, whoever's they are), it rolls them up and
+ * queues the new snapshots for the next full round (a reader adds the few
+ * rollup hours after an older snapshot meanwhile).  Each meter in
  * a transaction of its own (refresh.h): a failing meter is logged and
  * retried next round while the others go on, and no watermark stays locked
  * beyond its own step.  Each round is recorded in metering.refresh_rounds
@@ -62,7 +66,10 @@
 #define ROUNDS_KEPT 1000		/* rows of metering.refresh_rounds per database */
 #define STEP_LOCK_TIMEOUT "10s"	/* a meter locked longer (a long DELETE) waits for the next round */
 
+#define TAIL_POLL_MS 1000		/* how often a worker looks at the tail between rounds */
+
 int			metering_refresh_interval = 60000;	/* ms; 0: no background refresh */
+int			metering_refresh_tail = 10000;	/* events; 0: only every interval */
 
 static ProcessUtility_hook_type prev_utility_hook = NULL;
 
@@ -201,30 +208,55 @@ metering_launcher_main(Datum arg)
 /* ---- a database's worker ---- */
 
 /*
- * The interval of this database: its own setting (ALTER DATABASE ... SET,
- * read anew every round, since a connection applies it only when it
- * starts), else the server's.
+ * A setting of this database: its own (ALTER DATABASE ... SET, read anew
+ * every time, since a connection applies it only when it starts), else the
+ * server's.
  */
 static int
-RefreshInterval(void)
+DatabaseSetting(const char *name, int server_value, int flags)
 {
-	Oid			types[1] = {OIDOID};
-	Datum		args[1] = {ObjectIdGetDatum(MyDatabaseId)};
-	int			ms = metering_refresh_interval;
-	int			ret = SPI_execute_with_args("SELECT substr(c, length('metering.refresh_interval=') + 1) "
+	Oid			types[2] = {OIDOID, TEXTOID};
+	Datum		args[2] = {ObjectIdGetDatum(MyDatabaseId), CStringGetTextDatum(name)};
+	int			value = server_value;
+	int			ret = SPI_execute_with_args("SELECT substr(c, length($2) + 2) "
 											"FROM pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c "
 											"WHERE s.setdatabase = $1 AND s.setrole = 0 "
-											"AND c LIKE 'metering.refresh\\_interval=%'",
-											1, types, args, NULL, true, 1);
+											"AND starts_with(c, $2 || '=')",
+											2, types, args, NULL, true, 1);
 
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
 		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 
-		if (v == NULL || !parse_int(v, &ms, GUC_UNIT_MS, NULL) || ms < 0)
-			ms = metering_refresh_interval;
+		if (v == NULL || !parse_int(v, &value, flags, NULL) || value < 0)
+			value = server_value;
 	}
-	return ms;
+	return value;
+}
+
+/*
+ * How many events the live meter furthest behind has not rolled up (0
+ * without live meters): the tail every balance read walks.
+ */
+static int64
+TailLength(void)
+{
+	bool		isnull;
+	int64		n = 0;
+	/* (the events are not read where there is no live meter: a Citus worker's) */
+	int			ret = SPI_execute("SELECT (SELECT max(seq) FROM metering.events) - w.low "
+								  "FROM (SELECT min(s.rolled_up_to) AS low FROM metering.meter_rollup_state s "
+								  "      JOIN metering.meters m ON m.slug = s.meter WHERE m.deleted_at IS NULL) w "
+								  "WHERE w.low IS NOT NULL", true, 1);
+
+	if (ret == SPI_OK_SELECT && SPI_processed == 1)
+	{
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			n = DatumGetInt64(d);
+	}
+	return n;
 }
 
 typedef struct Round
@@ -314,12 +346,23 @@ StepBegin(Round *r, void *arg)
 	}
 }
 
+static bool round_full;
+
 static void
 StepMeter(Round *r, void *arg)
 {
 	int64		before = r->counts.events;
 
-	MeteringRefreshMeter((const char *) arg, round_upto, &r->counts);
+	MeteringRefreshQueuesSnapshots = !round_full;
+	PG_TRY();
+	{
+		MeteringRefreshMeter((const char *) arg, round_upto, &r->counts);
+	}
+	PG_FINALLY();
+	{
+		MeteringRefreshQueuesSnapshots = false;
+	}
+	PG_END_TRY();
 	MeteringRefreshAnalyze(r->counts.rows);
 	MeteringRefreshSummarize(r->counts.events - before);
 }
@@ -356,14 +399,17 @@ StepRecord(Round *r, void *arg)
 		elog(ERROR, "could not record the round: %s", SPI_result_code_string(ret));
 }
 
-static void
-RunRound(Oid owner)
+/* A round: every meter, then (full) the queued snapshots; false if a step failed. */
+static bool
+RunRound(Oid owner, bool full)
 {
+	bool		ok;
 	Round		r;
 	ListCell   *lc;
 
 	memset(&r, 0, sizeof(r));
 	r.started = GetCurrentTimestamp();
+	round_full = full;
 	round_meters = NIL;
 	if (RunStep(&r, owner, "metering refresh: begin", StepBegin, NULL, false))
 	{
@@ -374,18 +420,24 @@ RunRound(Oid owner)
 			RunStep(&r, owner, psprintf("metering refresh of meter \"%s\"", (char *) lfirst(lc)),
 					StepMeter, lfirst(lc), true);
 		}
-		RunStep(&r, owner, "metering refresh: queued snapshots", StepQueue, NULL, true);
+		if (full)
+			RunStep(&r, owner, "metering refresh: queued snapshots", StepQueue, NULL, true);
 	}
+	ok = r.last_error == NULL;
 	RunStep(&r, owner, "metering refresh: record the round", StepRecord, NULL, false);
 	list_free_deep(round_meters);
 	round_meters = NIL;
 	if (r.last_error)
 		pfree(r.last_error);
+	return ok;
 }
 
-/* The extension's owner and this database's interval; false: nothing to do here. */
+/*
+ * The extension's owner, this database's interval and tail setting, and
+ * (when tail is on) how long the tail is; false: nothing to do here.
+ */
 static bool
-LookAround(Oid *owner, int *interval)
+LookAround(Oid *owner, int *interval, int *tail, int64 *length)
 {
 	bool		present;
 
@@ -394,11 +446,15 @@ LookAround(Oid *owner, int *interval)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	/* before 0.3.0 there is no table to record rounds in */
 	present = MeteringInstalledVersion() >= 300;
+	*length = 0;
 	if (present)
 	{
 		*owner = MeteringExtensionOwner();
 		SPI_connect();
-		*interval = RefreshInterval();
+		*interval = DatabaseSetting("metering.refresh_interval", metering_refresh_interval, GUC_UNIT_MS);
+		*tail = DatabaseSetting("metering.refresh_tail", metering_refresh_tail, 0);
+		if (*interval > 0 && *tail > 0)
+			*length = TailLength();
 		SPI_finish();
 	}
 	PopActiveSnapshot();
@@ -412,6 +468,10 @@ metering_worker_main(Datum arg)
 	Oid			dboid = DatumGetObjectId(arg);
 	Oid			owner;
 	int			interval;
+	int			tail;
+	int64		length;
+	TimestampTz last_full = 0;
+	bool		last_ok = true;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -419,11 +479,22 @@ metering_worker_main(Datum arg)
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	pgstat_report_appname(WORKER_TYPE);
 
-	while (LookAround(&owner, &interval))
+	while (LookAround(&owner, &interval, &tail, &length))
 	{
-		RunRound(owner);
+		TimestampTz now = GetCurrentTimestamp();
+		long		wait;
+
+		if (last_full == 0 || TimestampDifferenceExceeds(last_full, now, interval))
+		{
+			last_ok = RunRound(owner, true);
+			last_full = now;
+		}
+		/* (a meter that failed is retried at the next full round, as before) */
+		else if (last_ok && tail > 0 && length >= tail)
+			last_ok = RunRound(owner, false);
+		wait = interval - TimestampDifferenceMilliseconds(last_full, GetCurrentTimestamp());
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 interval, PG_WAIT_EXTENSION);
+						 Max(Min(wait, tail > 0 ? TAIL_POLL_MS : interval), 1), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -511,6 +582,14 @@ MeteringWorkerInit(void)
 							60000, 0, INT_MAX,
 							PGC_SUSET,
 							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("metering.refresh_tail",
+							"How many events not rolled up yet make the background worker roll them up before the interval is over.",
+							"Every balance read walks them. 0: only every interval. Per database with ALTER DATABASE ... SET.",
+							&metering_refresh_tail,
+							10000, 0, INT_MAX,
+							PGC_SUSET,
+							0,
 							NULL, NULL, NULL);
 	if (!process_shared_preload_libraries_in_progress)
 		return;

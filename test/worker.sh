@@ -1,7 +1,8 @@
 #!/bin/sh
 # The background refresh (metering in shared_preload_libraries): a database
 # that turns it on is refreshed without anyone calling refresh_rollups(),
-# rounds are recorded, a meter whose watermark another session holds is
+# rounds are recorded, a tail of metering.refresh_tail events is rolled up
+# before the interval is over (without snapshots), a meter whose watermark another session holds is
 # skipped while the others go on and caught up afterwards, the worker killed
 # with kill -9 (a crash of the server) comes back, a dump taken while it
 # runs restores to the same answers, and DROP DATABASE does not wait for it.
@@ -41,9 +42,9 @@ oracle="SELECT string_agg(m.slug || '=' || coalesce((SELECT CASE m.aggregation W
                                                      FROM metering.events e WHERE e.type = m.event_type)::text, '-'), ' ' ORDER BY m.slug)
            FROM metering.meters m WHERE m.deleted_at IS NULL"
 
-echo "1..12"
+echo "1..16"
 if [ "$(psql -X -A -t -q -d postgres -c "SELECT current_setting('shared_preload_libraries') ~ 'metering'")" != t ]; then
-  for i in $(seq 1 12); do echo "ok $i # skip metering is not in shared_preload_libraries"; done
+  for i in $(seq 1 16); do echo "ok $i # skip metering is not in shared_preload_libraries"; done
   exit 0
 fi
 dropdb --if-exists $db >/dev/null 2>&1; dropdb --if-exists $copy >/dev/null 2>&1
@@ -68,6 +69,28 @@ check "its rounds are in refresh_status" \
   "$(q "SELECT count(*) > 0 AND sum(events) = 4000 AND bool_and(failed = 0) FROM metering.refresh_status")" "t"
 check "and it wrote the entitlement's snapshot" "$(q "SELECT count(*) > 0 FROM metering.entitlement_snapshots")" "t"
 check "the answers are those of the events" "$(q "$answers")" "$(q "$oracle")"
+
+# between two rounds an hour apart, the tail: fewer events than
+# metering.refresh_tail wait, as many are rolled up within seconds, by a
+# round that queues the snapshots for the next full one, which writes them
+q "ALTER DATABASE $db SET metering.refresh_interval = '1h'" >/dev/null
+q "ALTER DATABASE $db SET metering.refresh_tail = 1000" >/dev/null
+sleep 3
+since=$(q "SELECT clock_timestamp()")
+q "$(batch t1 acme ea 600)" >/dev/null
+sleep 4
+check "fewer events than refresh_tail wait for the interval" "$(q "$current")" "f"
+q "$(batch t2 acme ea 600)" >/dev/null
+wait_for "$current" 20
+check "as many are rolled up within seconds" "$(q "$current") $(q "$answers")" "t $(q "$oracle")"
+check "by rounds that queue the snapshots for the next full one" \
+  "$(q "SELECT count(*) > 0 AND bool_and(snapshots = 0) AND sum(events) = 1200 FROM metering.refresh_rounds WHERE started_at >= '$since'") $(q "SELECT count(*) FROM metering.entitlement_snapshot_queue")" \
+  "t 1"
+q "ALTER DATABASE $db RESET metering.refresh_tail" >/dev/null
+q "ALTER DATABASE $db SET metering.refresh_interval = '1s'" >/dev/null
+wait_for "SELECT count(*) = 0 FROM metering.entitlement_snapshot_queue" 20
+check "which writes them" \
+  "$(q "SELECT count(*) FROM metering.entitlement_snapshot_queue") $(q "SELECT sum(snapshots) > 0 FROM metering.refresh_rounds WHERE started_at >= '$since'")" "0 t"
 
 # another session holds meter a's watermark: a waits, b goes on
 # (held for 40 s: b's new events may come just after a round began, and are

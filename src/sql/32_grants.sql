@@ -91,7 +91,7 @@ CREATE TABLE metering.entitlement_snapshot_queue (
   entitlement_id uuid PRIMARY KEY REFERENCES metering.entitlements (id)
 );
 COMMENT ON TABLE metering.entitlement_snapshot_queue IS
-  'derived: entitlements whose snapshots a grant, void or reset removed; the next refresh_rollups() saves new ones';
+  'derived: entitlements whose snapshots a grant, void or reset removed, or whose new ones the background refresh left to its next full round; the next refresh saves them';
 COMMENT ON COLUMN metering.entitlement_snapshot_queue.entitlement_id IS 'the entitlement';
 
 CREATE FUNCTION metering._forget_snapshots(entitlement uuid, since timestamptz) RETURNS void

@@ -9,6 +9,8 @@
 
 -- a snapshot inside an hour keeps the usage of that hour before it
 ALTER TABLE metering.entitlement_snapshots ADD COLUMN hour_usage_before numeric;
+COMMENT ON TABLE metering.entitlement_snapshot_queue IS
+  'derived: entitlements whose snapshots a grant, void or reset removed, or whose new ones the background refresh left to its next full round; the next refresh saves them';
 COMMENT ON COLUMN metering.entitlement_snapshots.at IS 'the instant (a cut: period boundary, grant change or recurrence; or the last whole hour past the last cut)';
 COMMENT ON COLUMN metering.entitlement_snapshots.hour_usage_before IS
   'the usage of the events of the UTC hour of `at` before `at` (NULL when `at` is a whole hour): a reader subtracts it from that hour''s rollup instead of reading the hour''s events';
