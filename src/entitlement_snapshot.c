@@ -531,31 +531,43 @@ metering_snapshot_meter(PG_FUNCTION_ARGS)
 									3, ftypes, fargs, NULL, false, 0);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not drop snapshots: %s", SPI_result_code_string(ret));
+		/* their new snapshots, or (MeteringRefreshQueuesSnapshots) their turn for them */
+		ret = SPI_execute_with_args(psprintf("%s SELECT n.id FROM metering.entitlements n "
+											 "JOIN metering.features f ON f.id = n.feature_id AND f.meter_slug = $1 "
+											 "WHERE n.type = 'metered' AND n.deleted_at IS NULL AND n.subject = ANY ($2) "
+											 "  AND $3 IS NOT NULL ORDER BY n.id %s",
+											 MeteringRefreshQueuesSnapshots ? "INSERT INTO metering.entitlement_snapshot_queue" : "",
+											 MeteringRefreshQueuesSnapshots ? "ON CONFLICT DO NOTHING" : ""),
+									3, ftypes, fargs, NULL, false, 0);
+		if (ret != (MeteringRefreshQueuesSnapshots ? SPI_OK_INSERT : SPI_OK_SELECT))
+			elog(ERROR, "could not find the entitlements of the meter: %s", SPI_result_code_string(ret));
 		if (MeteringRefreshQueuesSnapshots)
 		{
-			/* their new snapshots wait for the next full round */
-			ret = SPI_execute_with_args("INSERT INTO metering.entitlement_snapshot_queue "
-										"SELECT n.id FROM metering.entitlements n "
-										"JOIN metering.features f ON f.id = n.feature_id AND f.meter_slug = $1 "
-										"WHERE n.type = 'metered' AND n.deleted_at IS NULL AND n.subject = ANY ($2) "
-										"  AND $3 IS NOT NULL ORDER BY n.id ON CONFLICT DO NOTHING",
-										3, ftypes, fargs, NULL, false, 0);
-			if (ret != SPI_OK_INSERT)
-				elog(ERROR, "could not queue the entitlements of the meter: %s", SPI_result_code_string(ret));
 			SPI_finish();
 			PG_RETURN_INT64(0);
 		}
-		ret = SPI_execute_with_args("SELECT n.id FROM metering.entitlements n "
-									"JOIN metering.features f ON f.id = n.feature_id AND f.meter_slug = $1 "
-									"WHERE n.type = 'metered' AND n.deleted_at IS NULL AND n.subject = ANY ($2) "
-									"  AND $3 IS NOT NULL ORDER BY n.id",
-									3, ftypes, fargs, NULL, false, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "could not find the entitlements of the meter: %s", SPI_result_code_string(ret));
 	}
 	written = SnapshotFound();
 	SPI_finish();
 	PG_RETURN_INT64(written);
+}
+
+/*
+ * Refreshes and event deletions of the features' meters wait for a writer of
+ * snapshots in its own transaction, and it for them: they drop the snapshots
+ * their events reach, and must see its snapshots to do so.  (A refresh's own
+ * snapshots are written under the meter's lock already.)
+ */
+static void
+LockFeatureMeters(void)
+{
+	int			ret = SPI_execute("SELECT 1 FROM metering.meter_rollup_state s "
+								  "WHERE s.meter IN (SELECT f.meter_slug FROM metering.features f) "
+								  "ORDER BY s.meter FOR SHARE", false, 0);
+
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not lock the meters: %s", SPI_result_code_string(ret));
+	CommandCounterIncrement();
 }
 
 /*
@@ -570,6 +582,8 @@ metering_snapshot_queue(PG_FUNCTION_ARGS)
 	int			ret;
 
 	SPI_connect();
+	/* (the background refresh saves them in a transaction of their own) */
+	LockFeatureMeters();
 	ret = SPI_execute("DELETE FROM metering.entitlement_snapshot_queue RETURNING entitlement_id", false, 0);
 	if (ret != SPI_OK_DELETE_RETURNING)
 		elog(ERROR, "could not read the snapshot queue: %s", SPI_result_code_string(ret));
@@ -599,18 +613,7 @@ metering_refresh_snapshots(PG_FUNCTION_ARGS)
 				 errmsg("metering.refresh_snapshots must run at READ COMMITTED"),
 				 errhint("Call it in its own READ COMMITTED transaction.")));
 	SPI_connect();
-
-	/*
-	 * Refreshes and event deletions of the features' meters wait for us, and
-	 * we for them: they drop the snapshots their events reach, and must see
-	 * ours to do so.
-	 */
-	ret = SPI_execute("SELECT 1 FROM metering.meter_rollup_state s "
-					  "WHERE s.meter IN (SELECT f.meter_slug FROM metering.features f) "
-					  "ORDER BY s.meter FOR SHARE", false, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not lock the meters: %s", SPI_result_code_string(ret));
-	CommandCounterIncrement();
+	LockFeatureMeters();
 	ret = SPI_execute_with_args("SELECT n.id FROM metering.entitlements n "
 								"WHERE n.type = 'metered' AND n.deleted_at IS NULL "
 								"  AND ($1 IS NULL OR n.id = $1) ORDER BY n.id",

@@ -235,19 +235,31 @@ DatabaseSetting(const char *name, int server_value, int flags)
 }
 
 /*
- * How many events the live meter furthest behind has not rolled up (0
- * without live meters): the tail every balance read walks.
+ * How many events the live meter furthest behind (but those skipped) has not
+ * rolled up, by their numbers (0 without live meters): the tail every
+ * balance read walks.
  */
 static int64
-TailLength(void)
+TailLength(List *skip)
 {
 	bool		isnull;
 	int64		n = 0;
+	Oid			types[1] = {TEXTARRAYOID};
+	Datum	   *slugs = palloc(sizeof(Datum) * Max(list_length(skip), 1));
+	Datum		args[1];
+	int			i = 0;
+	ListCell   *lc;
+	int			ret;
+
+	foreach(lc, skip)
+		slugs[i++] = CStringGetTextDatum((const char *) lfirst(lc));
+	args[0] = PointerGetDatum(construct_array(slugs, i, TEXTOID, -1, false, TYPALIGN_INT));
 	/* (the events are not read where there is no live meter: a Citus worker's) */
-	int			ret = SPI_execute("SELECT (SELECT max(seq) FROM metering.events) - w.low "
-								  "FROM (SELECT min(s.rolled_up_to) AS low FROM metering.meter_rollup_state s "
-								  "      JOIN metering.meters m ON m.slug = s.meter WHERE m.deleted_at IS NULL) w "
-								  "WHERE w.low IS NOT NULL", true, 1);
+	ret = SPI_execute_with_args("SELECT (SELECT max(seq) FROM metering.events) - w.low "
+								"FROM (SELECT min(s.rolled_up_to) AS low FROM metering.meter_rollup_state s "
+								"      JOIN metering.meters m ON m.slug = s.meter "
+								"      WHERE m.deleted_at IS NULL AND m.slug <> ALL ($1)) w "
+								"WHERE w.low IS NOT NULL", 1, types, args, NULL, true, 1);
 
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
@@ -320,6 +332,8 @@ RunStep(Round *r, Oid owner, const char *what, Step step, void *arg, bool lock_t
 		ok = false;
 	}
 	PG_END_TRY();
+	/* (a commit leaves us in TopMemoryContext) */
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return ok;
 }
@@ -399,13 +413,33 @@ StepRecord(Round *r, void *arg)
 		elog(ERROR, "could not record the round: %s", SPI_result_code_string(ret));
 }
 
-/* A round: every meter, then (full) the queued snapshots; false if a step failed. */
+/*
+ * The meters whose step failed in the last round (in TopMemoryContext): a
+ * round started by the tail leaves them to the next full round, which tries
+ * them again (a watermark another session holds would otherwise make the
+ * tail look long, and start a round every second).
+ */
+static List *failed_meters = NIL;
+
 static bool
+FailedLastRound(const char *slug)
+{
+	ListCell   *lc;
+
+	foreach(lc, failed_meters)
+		if (strcmp((const char *) lfirst(lc), slug) == 0)
+			return true;
+	return false;
+}
+
+/* A round: every meter (but the failed ones, between full rounds), then (full) the queued snapshots. */
+static void
 RunRound(Oid owner, bool full)
 {
-	bool		ok;
 	Round		r;
 	ListCell   *lc;
+	List	   *failed = NIL;
+	MemoryContext old;
 
 	memset(&r, 0, sizeof(r));
 	r.started = GetCurrentTimestamp();
@@ -415,21 +449,29 @@ RunRound(Oid owner, bool full)
 	{
 		foreach(lc, round_meters)
 		{
+			char	   *slug = (char *) lfirst(lc);
+			bool		skip = !full && FailedLastRound(slug);
+
 			CHECK_FOR_INTERRUPTS();
-			r.meters++;
-			RunStep(&r, owner, psprintf("metering refresh of meter \"%s\"", (char *) lfirst(lc)),
-					StepMeter, lfirst(lc), true);
+			if (!skip)
+				r.meters++;
+			if (skip || !RunStep(&r, owner, psprintf("metering refresh of meter \"%s\"", slug), StepMeter, slug, true))
+			{
+				old = MemoryContextSwitchTo(TopMemoryContext);
+				failed = lappend(failed, pstrdup(slug));
+				MemoryContextSwitchTo(old);
+			}
 		}
 		if (full)
 			RunStep(&r, owner, "metering refresh: queued snapshots", StepQueue, NULL, true);
 	}
-	ok = r.last_error == NULL;
 	RunStep(&r, owner, "metering refresh: record the round", StepRecord, NULL, false);
+	list_free_deep(failed_meters);
+	failed_meters = failed;
 	list_free_deep(round_meters);
 	round_meters = NIL;
 	if (r.last_error)
 		pfree(r.last_error);
-	return ok;
 }
 
 /*
@@ -454,7 +496,7 @@ LookAround(Oid *owner, int *interval, int *tail, int64 *length)
 		*interval = DatabaseSetting("metering.refresh_interval", metering_refresh_interval, GUC_UNIT_MS);
 		*tail = DatabaseSetting("metering.refresh_tail", metering_refresh_tail, 0);
 		if (*interval > 0 && *tail > 0)
-			*length = TailLength();
+			*length = TailLength(failed_meters);
 		SPI_finish();
 	}
 	PopActiveSnapshot();
@@ -471,27 +513,32 @@ metering_worker_main(Datum arg)
 	int			tail;
 	int64		length;
 	TimestampTz last_full = 0;
-	bool		last_ok = true;
+	MemoryContext round_cxt;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	pgstat_report_appname(WORKER_TYPE);
+	/* what a round allocates outside its transactions, freed after it */
+	round_cxt = AllocSetContextCreate(TopMemoryContext, "metering refresh round", ALLOCSET_DEFAULT_SIZES);
 
 	while (LookAround(&owner, &interval, &tail, &length))
 	{
 		TimestampTz now = GetCurrentTimestamp();
 		long		wait;
 
+		MemoryContextSwitchTo(round_cxt);
 		if (last_full == 0 || TimestampDifferenceExceeds(last_full, now, interval))
 		{
-			last_ok = RunRound(owner, true);
-			last_full = now;
+			RunRound(owner, true);
+			/* (the interval is a rest between full rounds, however long they take) */
+			last_full = GetCurrentTimestamp();
 		}
-		/* (a meter that failed is retried at the next full round, as before) */
-		else if (last_ok && tail > 0 && length >= tail)
-			last_ok = RunRound(owner, false);
+		else if (tail > 0 && length >= tail)
+			RunRound(owner, false);
+		MemoryContextSwitchTo(TopMemoryContext);
+		MemoryContextReset(round_cxt);
 		wait = interval - TimestampDifferenceMilliseconds(last_full, GetCurrentTimestamp());
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 Max(Min(wait, tail > 0 ? TAIL_POLL_MS : interval), 1), PG_WAIT_EXTENSION);

@@ -170,8 +170,7 @@ COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notificati
 -- expires (the trigger of events uses it).
 CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean)
   RETURNS integer
--- (plan_cache_mode: not the setting of _alerts_for_events, which calls it)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = auto AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   at timestamptz;
@@ -288,13 +287,13 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 -- trigger runs on the shards, from the rows that the owner-run writers
 -- (ingest, ingest_batch, commit_reservation, consume) stored, as they
 -- returned them.  Nobody else may call it: the arrays are trusted.
+-- Two statements: the covered entitlements of the events' subjects, then
+-- the events matched to them.  The subjects are a set to join, not an array
+-- to compare with: the planner weighs an array's elements one by one, which
+-- for a batch cost more than running the statement.
 CREATE FUNCTION metering._alerts_for_events(subjects text[], types text[], times timestamptz[], datas jsonb[])
   RETURNS void
--- Its statements run on plans made once per session: planned for each
--- batch, they cost more to plan than to run (the subjects' array is
--- estimated element by element).  Their generic plans find the entitlements
--- by subject, so they cost what the batch holds, whatever the tables hold.
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   x record;
@@ -322,7 +321,7 @@ BEGIN
     FROM metering.entitlements e
     JOIN metering.features f ON f.id = e.feature_id
     JOIN metering.meters m ON m.slug = f.meter_slug
-   WHERE e.subject = ANY (subjects) AND e.deleted_at IS NULL AND e.type = 'metered'
+   WHERE e.subject IN (SELECT unnest(subjects)) AND e.deleted_at IS NULL AND e.type = 'metered'
      AND (every OR e.feature_id = ANY (covered));
   IF ids IS NULL THEN
     RETURN;
