@@ -360,23 +360,12 @@ StepBegin(Round *r, void *arg)
 	}
 }
 
-static bool round_full;
-
 static void
 StepMeter(Round *r, void *arg)
 {
 	int64		before = r->counts.events;
 
-	MeteringRefreshQueuesSnapshots = !round_full;
-	PG_TRY();
-	{
-		MeteringRefreshMeter((const char *) arg, round_upto, &r->counts);
-	}
-	PG_FINALLY();
-	{
-		MeteringRefreshQueuesSnapshots = false;
-	}
-	PG_END_TRY();
+	MeteringRefreshMeter((const char *) arg, round_upto, &r->counts);
 	MeteringRefreshAnalyze(r->counts.rows);
 	MeteringRefreshSummarize(r->counts.events - before);
 }
@@ -443,10 +432,11 @@ RunRound(Oid owner, bool full)
 
 	memset(&r, 0, sizeof(r));
 	r.started = GetCurrentTimestamp();
-	round_full = full;
 	round_meters = NIL;
 	if (RunStep(&r, owner, "metering refresh: begin", StepBegin, NULL, false))
 	{
+		/* (RunStep catches what a step raises: the flag is always put back) */
+		MeteringRefreshQueuesSnapshots = !full;
 		foreach(lc, round_meters)
 		{
 			char	   *slug = (char *) lfirst(lc);
@@ -462,6 +452,7 @@ RunRound(Oid owner, bool full)
 				MemoryContextSwitchTo(old);
 			}
 		}
+		MeteringRefreshQueuesSnapshots = false;
 		if (full)
 			RunStep(&r, owner, "metering refresh: queued snapshots", StepQueue, NULL, true);
 	}

@@ -31,6 +31,12 @@ batch() {  # id prefix, subject, type, count
           'source', 's', 'type', '$3', 'subject', '$2', 'time', '2024-06-01T10:00:00Z', 'data', jsonb_build_object('v', n)))
           FROM generate_series(1, $4) n))"
 }
+hold() {  # meter, seconds: another session holds its watermark (in the background: $!)
+  psql -X -q -d $db -c "BEGIN; SELECT 1 FROM metering.meter_rollup_state WHERE meter = '$1' FOR UPDATE; SELECT pg_sleep($2); COMMIT;" >/dev/null 2>&1 &
+}
+caught_up() {  # meter, event type: the query whether its watermark is at the type's last event
+  echo "SELECT rolled_up_to >= (SELECT max(seq) FROM metering.events WHERE type = '$2') FROM metering.meter_rollup_state WHERE meter = '$1'"
+}
 # every meter's watermark is at the last event of its type
 current="SELECT bool_and(s.rolled_up_to >= coalesce((SELECT max(e.seq) FROM metering.events e WHERE e.type = m.event_type), 0))
            FROM metering.meters m JOIN metering.meter_rollup_state s ON s.meter = m.slug WHERE m.deleted_at IS NULL"
@@ -89,17 +95,16 @@ check "by rounds that queue the snapshots for the next full one" \
 # a meter whose watermark another session holds fails its step (10 s): the
 # rounds the tail starts leave it to the next full round and go on for the others
 since2=$(q "SELECT clock_timestamp()")
-psql -X -q -d $db -c "BEGIN; SELECT 1 FROM metering.meter_rollup_state WHERE meter = 'a' FOR UPDATE; SELECT pg_sleep(30); COMMIT;" >/dev/null 2>&1 &
+hold a 30
 holder=$!
 sleep 1
 q "$(batch t3 acme ea 600)" >/dev/null
 q "$(batch t4 acme eb 600)" >/dev/null
 wait_for "SELECT count(*) > 0 FROM metering.refresh_rounds WHERE started_at >= '$since2' AND failed > 0" 25
 q "$(batch t5 acme eb 1100)" >/dev/null
-b_current="SELECT rolled_up_to >= (SELECT max(seq) FROM metering.events WHERE type = 'eb') FROM metering.meter_rollup_state WHERE meter = 'b'"
-wait_for "$b_current" 8
+wait_for "$(caught_up b eb)" 8
 check "a meter that failed waits for the next full round; the tail's rounds go on for the others" \
-  "$(q "$b_current") $(q "SELECT rolled_up_to < (SELECT max(seq) FROM metering.events WHERE type = 'ea') FROM metering.meter_rollup_state WHERE meter = 'a'")" "t t"
+  "$(q "$(caught_up b eb)") $(q "$(caught_up a ea)")" "t f"
 wait "$holder"
 q "ALTER DATABASE $db RESET metering.refresh_tail" >/dev/null
 q "ALTER DATABASE $db SET metering.refresh_interval = '1s'" >/dev/null
@@ -110,12 +115,12 @@ check "the next full round writes the queued snapshots" \
 # another session holds meter a's watermark: a waits, b goes on
 # (held for 40 s: b's new events may come just after a round began, and are
 # then rolled up by the next one, after a has timed out twice: 10 s each)
-psql -X -q -d $db -c "BEGIN; SELECT 1 FROM metering.meter_rollup_state WHERE meter = 'a' FOR UPDATE; SELECT pg_sleep(40); COMMIT;" >/dev/null 2>&1 &
+hold a 40
 holder=$!
 sleep 1
 q "$(batch a2 acme ea 500)" >/dev/null
 q "$(batch b2 acme eb 500)" >/dev/null
-wait_for "SELECT rolled_up_to >= (SELECT max(seq) FROM metering.events WHERE type = 'eb') FROM metering.meter_rollup_state WHERE meter = 'b'" 32
+wait_for "$(caught_up b eb)" 32
 check "a meter held by another session does not hold up the others" \
   "$(q "SELECT (SELECT rolled_up_to FROM metering.meter_rollup_state WHERE meter = 'b') >= (SELECT max(seq) FROM metering.events WHERE type = 'eb')
               AND (SELECT rolled_up_to FROM metering.meter_rollup_state WHERE meter = 'a') < (SELECT max(seq) FROM metering.events WHERE type = 'ea')")" "t"
