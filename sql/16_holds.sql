@@ -135,6 +135,8 @@ SELECT metering.release_reservation(id) FROM metering.reservations
 SELECT granted, stored, amount, available FROM metering.consume(regress.tok('u3', 440, "time" => '2024-03-15T12:30:00Z'), 'llm');
 SELECT granted, stored, amount, available FROM metering.consume(regress.tok('u4', 1, "time" => '2024-03-15T12:30:00Z'), 'llm');
 SELECT granted, stored, amount, available FROM metering.consume(regress.tok('u4', 0, "time" => '2024-03-15T12:30:00Z'), 'llm');
+-- a repeat whose usage is more than is left: still granted, and nothing stored or consumed
+SELECT granted, stored, amount, available FROM metering.consume(regress.tok('u2', 500, "time" => '2024-03-15T12:30:00Z'), 'llm');
 -- COUNT: every event is 1; a soft limit goes into overage
 SELECT n, c.* FROM generate_series(1, 3) n,
   LATERAL metering.consume(regress.ev('a' || n, 'acme', 'api.call', '2024-03-15T12:30:00Z'), 'api') c;

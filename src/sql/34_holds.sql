@@ -382,12 +382,6 @@ BEGIN
   usage := metering._event_usage(e, p.subject, p.type, p.data, 'entitlement');
   e := metering._lock_entitlement(e.id);
   at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', greatest(p.time, now)));
-  -- a repeat consumes nothing again
-  IF EXISTS (SELECT 1 FROM metering.events x WHERE x.subject = p.subject AND x.source = p.source AND x.id = p.id) THEN
-    SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
-    RETURN QUERY SELECT true, false, usage, v.available;
-    RETURN;
-  END IF;
   SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   IF e.deleted_at IS NOT NULL AND e.deleted_at <= now THEN
     ok := false;
@@ -397,7 +391,10 @@ BEGIN
     ok := v.has_access;
   END IF;
   IF NOT ok THEN
-    RETURN QUERY SELECT false, false, usage, v.available;
+    -- a repeat consumes nothing again: granted (where granted, the store finds it a repeat)
+    RETURN QUERY SELECT EXISTS (SELECT 1 FROM metering.events x
+                                 WHERE x.subject = p.subject AND x.source = p.source AND x.id = p.id),
+                        false, usage, v.available;
     RETURN;
   END IF;
   n := metering._store_events(event, false);

@@ -287,79 +287,14 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 -- trigger runs on the shards, from the rows that the owner-run writers
 -- (ingest, ingest_batch, commit_reservation, consume) stored, as they
 -- returned them.  Nobody else may call it: the arrays are trusted.
--- Two statements: the covered entitlements of the events' subjects, then
--- the events matched to them.  The subjects are a set to join, not an array
--- to compare with: the planner weighs an array's elements one by one, which
--- for a batch cost more than running the statement.
+-- In C (alerts_batch.c): the live rules and the covered entitlements of the
+-- events' subjects are read with plans made once, by index whatever the
+-- tables' size when the plan was made, and the events are matched to them in
+-- memory; the turns are one statement.
 CREATE FUNCTION metering._alerts_for_events(subjects text[], types text[], times timestamptz[], datas jsonb[])
   RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  now timestamptz := metering.now();
-  x record;
-  every boolean;
-  covered uuid[];
-  -- the covered entitlements of the events' subjects, and their meters
-  ids uuid[];
-  owners text[];
-  event_types text[];
-  filters jsonb[];
-  group_bys jsonb[];
-  counts boolean[];
-  paths jsonpath[];
-BEGIN
-  -- the features the live rules cover, once (nothing more when none is live)
-  SELECT bool_or(r.feature_key IS NULL), array_agg(f.id) INTO every, covered
-    FROM metering.notification_rules r LEFT JOIN metering.features f ON f.key = r.feature_key
-   WHERE r.disabled_at IS NULL AND r.deleted_at IS NULL;
-  IF every IS NULL THEN
-    RETURN;
-  END IF;
-  SELECT array_agg(e.id), array_agg(e.subject), array_agg(m.event_type), array_agg(f.meter_group_by_filters),
-         array_agg(m.group_by), array_agg(m.aggregation = 'COUNT'), array_agg(m.value_property)
-    INTO ids, owners, event_types, filters, group_bys, counts, paths
-    FROM metering.entitlements e
-    JOIN metering.features f ON f.id = e.feature_id
-    JOIN metering.meters m ON m.slug = f.meter_slug
-   WHERE e.subject IN (SELECT unnest(subjects)) AND e.deleted_at IS NULL AND e.type = 'metered'
-     AND (every OR e.feature_id = ANY (covered));
-  IF ids IS NULL THEN
-    RETURN;
-  END IF;
-  -- each event's amount for each of those entitlements its subject and type reach
-  FOR x IN
-    WITH usage AS (
-      SELECT c.id, n.time,
-             CASE WHEN c.filters IS NOT NULL AND NOT metering._meter_groups(n.data, c.group_by) @> c.filters THEN 0
-                  WHEN c.counts THEN 1
-                  ELSE greatest(coalesce(metering._meter_number(n.data, c.path), 0), 0) END AS amount
-        FROM unnest(subjects, types, times, datas) AS n(subject, type, "time", data)
-        JOIN unnest(ids, owners, event_types, filters, group_bys, counts, paths)
-               AS c(id, subject, type, filters, group_by, counts, path)
-          ON c.subject = n.subject AND c.type = n.type)
-    INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom)
-    SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until,
-           -- (the usage in the window, carried to the update as the new row's headroom)
-           CASE WHEN w.armed_from IS NOT NULL
-                THEN coalesce(sum(u.amount) FILTER (WHERE u.time >= w.armed_from AND u.time < w.armed_until), 0) END
-      FROM usage u
-      LEFT JOIN metering.entitlement_turns w ON w.entitlement_id = u.id AND w.purpose = 'a'
-     GROUP BY u.id, w.armed_from, w.armed_until ORDER BY u.id
-    ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
-    DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until),
-                  headroom = CASE WHEN t.armed_from = excluded.armed_from AND t.armed_until = excluded.armed_until
-                                       AND t.headroom > excluded.headroom
-                                       AND t.armed_from <= now AND now < t.armed_until
-                                       AND greatest(t.usage_until, excluded.usage_until) < t.armed_until
-                                  THEN t.headroom - excluded.headroom END
-    RETURNING t.entitlement_id, t.usage_until, t.headroom
-  LOOP
-    IF x.headroom IS NULL THEN
-      -- usage only grows: events cross thresholds, they never take one back
-      PERFORM metering._evaluate_alerts(x.entitlement_id, x.usage_until, false);
-    END IF;
-  END LOOP;
-END $$;
+  AS 'MODULE_PATHNAME', 'metering_alerts_for_events'
+  LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) IS
   'internal: evaluates the alerts of each metered entitlement that the given stored events reach, once';
 
