@@ -6,9 +6,9 @@
  * batch: two queries with plans made once (the live rules; the covered
  * entitlements of the batch's subjects), the events matched to those in
  * memory, and one statement that takes the turns of the reached ones.  The
- * two that read tables of any size are planned without sequential scans
- * (and without JIT), so that a plan made while a table was small stays an
- * index lookup once it has grown.
+ * two that read tables of any size are planned to index lookups, so that
+ * a plan made while a table was small stays one once it has grown
+ * (MeteringPlanByIndexBegin).
  */
 #include "postgres.h"
 
@@ -16,7 +16,7 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/guc.h"
+#include "utils/datum.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -52,21 +52,6 @@ static SPIPlanPtr rules_plan,
 			turns_plan,
 			evaluate_plan;
 
-static SPIPlanPtr
-Prepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
-{
-	if (*cache == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*cache = p;
-	}
-	return *cache;
-}
-
 /* Byte order of two texts: equality is the subjects' and types' equality. */
 static int
 TextCmp(text *a, text *b)
@@ -84,25 +69,9 @@ CompareCovered(const void *x, const void *y)
 	return TextCmp(((const Covered *) x)->subject, ((const Covered *) y)->subject);
 }
 
-/* Runs a statement planned without sequential scans or JIT (see above). */
-static int
-ExecuteIndexed(SPIPlanPtr plan, Datum *args, const char *nulls)
-{
-	int			level = NewGUCNestLevel();
-	int			ret;
-
-	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	ret = SPI_execute_plan(plan, args, nulls, false, 0);
-	AtEOXact_GUC(true, level);
-	return ret;
-}
-
 /* What an event records for a covered entitlement, as the meter reads it. */
 static Numeric
-EventAmount(Covered *c, Jsonb *data, Numeric zero)
+EventAmount(Covered *c, Jsonb *data, Numeric zero, Numeric one)
 {
 	JsonbValue	v;
 	Numeric		n;
@@ -115,7 +84,7 @@ EventAmount(Covered *c, Jsonb *data, Numeric zero)
 			return zero;
 	}
 	if (c->count)
-		return int64_to_numeric(1);
+		return one;
 	/* negative values (corrections) are not usage */
 	if (c->path == NULL || !MeterPathValue(data, c->path, &v) || (n = MeterValueNumber(&v)) == NULL ||
 		DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(n), NumericGetDatum(zero))) < 0)
@@ -137,7 +106,7 @@ LoadCovered(ArrayType *subjects, Covered **out)
 	Covered    *c;
 	int			ret;
 
-	ret = SPI_execute_plan(Prepare(&rules_plan,
+	ret = SPI_execute_plan(MeteringPrepareGeneric(&rules_plan,
 								   "SELECT bool_or(r.feature_key IS NULL), array_agg(f.id) "
 								   "FROM metering.notification_rules r "
 								   "LEFT JOIN metering.features f ON f.key = r.feature_key "
@@ -156,10 +125,11 @@ LoadCovered(ArrayType *subjects, Covered **out)
 	 * (the live entitlements' index has both): only the covered rows are read.
 	 */
 	if (every)
-		ret = ExecuteIndexed(Prepare(&covered_all_plan, COVERED_SQL, 1, types), args, NULL);
+		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_all_plan, COVERED_SQL, 1, types), args, NULL, true, 0);
 	else
-		ret = ExecuteIndexed(Prepare(&covered_plan, COVERED_SQL " AND e.feature_id = ANY ($2)", 2, types),
-							 args, NULL);
+		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_plan, COVERED_SQL " AND e.feature_id = ANY ($2)",
+															2, types),
+									 args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the covered entitlements: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
@@ -224,7 +194,10 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 	Datum	   *pair_ids,
 			   *pair_times,
 			   *pair_amounts;
-	Numeric		zero = int64_to_numeric(0);
+	Numeric		zero = int64_to_numeric(0),
+				one = int64_to_numeric(1);
+	MemoryContext outer,
+				scratch;
 	Oid			turn_types[4] = {UUIDARRAYOID, TIMESTAMPTZARRAYOID, NUMERICARRAYOID, TIMESTAMPTZOID};
 	Datum		turn_args[4];
 	Oid			eval_types[2] = {UUIDOID, TIMESTAMPTZOID};
@@ -246,7 +219,13 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 		PG_RETURN_VOID();
 	}
 
-	/* each event's amount for each covered entitlement of its subject and type */
+	/*
+	 * each event's amount for each covered entitlement of its subject and
+	 * type (what an amount takes to compute is freed event by event: a
+	 * statement may store any number of events)
+	 */
+	outer = CurrentMemoryContext;
+	scratch = AllocSetContextCreate(outer, "alerts of an event", ALLOCSET_SMALL_SIZES);
 	pair_ids = palloc(sizeof(Datum) * nevents);
 	pair_times = palloc(sizeof(Datum) * nevents);
 	pair_amounts = palloc(sizeof(Datum) * nevents);
@@ -260,8 +239,11 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 
 		if (n1[i] || n2[i] || n3[i] || n4[i])
 			continue;
+		MemoryContextReset(scratch);
+		MemoryContextSwitchTo(scratch);
 		key.subject = DatumGetTextPP(subjects[i]);
 		hit = bsearch(&key, covered, ncovered, sizeof(Covered), CompareCovered);
+		MemoryContextSwitchTo(outer);
 		if (hit == NULL)
 			continue;
 		/* the run of the subject's entitlements around the hit */
@@ -270,11 +252,21 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 			lo--;
 		while (hi + 1 < ncovered && CompareCovered(&covered[hi + 1], &key) == 0)
 			hi++;
-		data = DatumGetJsonbP(datas[i]);
 		for (int j = lo; j <= hi; j++)
 		{
+			Numeric		amount;
+
+			MemoryContextSwitchTo(scratch);
 			if (TextCmp(covered[j].event_type, DatumGetTextPP(types[i])) != 0)
+			{
+				MemoryContextSwitchTo(outer);
 				continue;
+			}
+			data = DatumGetJsonbP(datas[i]);
+			amount = EventAmount(&covered[j], data, zero, one);
+			MemoryContextSwitchTo(outer);
+			if (amount != zero && amount != one)
+				amount = DatumGetNumeric(datumCopy(NumericGetDatum(amount), false, -1));
 			if (npairs % nevents == 0 && npairs > 0)
 			{
 				pair_ids = repalloc(pair_ids, sizeof(Datum) * (npairs + nevents));
@@ -283,7 +275,7 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 			}
 			pair_ids[npairs] = covered[j].id;
 			pair_times[npairs] = times[i];
-			pair_amounts[npairs] = NumericGetDatum(EventAmount(&covered[j], data, zero));
+			pair_amounts[npairs] = NumericGetDatum(amount);
 			npairs++;
 		}
 	}
@@ -305,7 +297,7 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 												   TYPALIGN_DOUBLE));
 	turn_args[2] = PointerGetDatum(construct_array(pair_amounts, npairs, NUMERICOID, -1, false, TYPALIGN_INT));
 	turn_args[3] = TimestampTzGetDatum(MeteringNow());
-	ret = ExecuteIndexed(Prepare(&turns_plan,
+	ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&turns_plan,
 								 "INSERT INTO metering.entitlement_turns AS t "
 								 "       (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom) "
 								 "SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until, "
@@ -323,7 +315,7 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 								 "                 THEN t.headroom - excluded.headroom END "
 								 "RETURNING t.entitlement_id, t.usage_until, t.headroom IS NULL",
 								 4, turn_types),
-						 turn_args, NULL);
+						 turn_args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "could not take the entitlements' turns: %s", SPI_result_code_string(ret));
 
@@ -341,7 +333,7 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 				continue;
 			eval_args[0] = SPI_getbinval(turns->vals[i], turns->tupdesc, 1, &isnull);
 			eval_args[1] = SPI_getbinval(turns->vals[i], turns->tupdesc, 2, &isnull);
-			ret = SPI_execute_plan(Prepare(&evaluate_plan, "SELECT metering._evaluate_alerts($1, $2, false)",
+			ret = SPI_execute_plan(MeteringPrepareGeneric(&evaluate_plan, "SELECT metering._evaluate_alerts($1, $2, false)",
 										   2, eval_types),
 								   eval_args, isnull ? " n" : "  ", false, 0);
 			if (ret != SPI_OK_SELECT)

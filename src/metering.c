@@ -140,6 +140,64 @@ MeteringRequireCoordinator(const char *what)
 }
 
 /*
+ * Index-only planning: the hot queries whose good plan is an index lookup
+ * whatever the tables hold are planned once (generic plans), and a plan
+ * made while a table was small must not stay a scan of all of it once it
+ * has grown.  With these scans off they are never chosen where an index
+ * serves (they still are where none does), and JIT stays off: disable_cost
+ * would otherwise push the plans' cost past jit_above_cost.
+ */
+int
+MeteringPlanByIndexBegin(void)
+{
+	int			level = NewGUCNestLevel();
+
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_bitmapscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	/* a caller's own settings must neither plan them again each call nor keep them off indexes */
+	(void) set_config_option("plan_cache_mode", "force_generic_plan", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_indexscan", "on", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return level;
+}
+
+void
+MeteringPlanByIndexEnd(int level)
+{
+	AtEOXact_GUC(true, level);
+}
+
+SPIPlanPtr
+MeteringPrepareGeneric(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
+{
+	if (*cache == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*cache = p;
+	}
+	return *cache;
+}
+
+int
+MeteringExecuteByIndex(SPIPlanPtr plan, Datum *args, const char *nulls, bool read_only, long count)
+{
+	int			level = MeteringPlanByIndexBegin();
+	int			ret = SPI_execute_plan(plan, args, nulls, read_only, count);
+
+	MeteringPlanByIndexEnd(level);
+	return ret;
+}
+
+/*
  * The version of the installed SQL, as major * 10000 + minor * 100 + patch
  * (0 when the extension is not installed): the library is installed before
  * ALTER EXTENSION metering UPDATE runs, and works with older SQL until then.

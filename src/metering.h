@@ -36,6 +36,23 @@ extern Oid	MeteringExtensionOwner(void);
 /* 0A000 on a Citus worker of a distributed install (inside SPI; see 80_distribute.sql) */
 extern void MeteringRequireCoordinator(const char *what);
 
+/*
+ * Between these, plans are made with index scans wherever an index serves
+ * (no sequential or bitmap scans, no JIT): for generic plans of hot
+ * queries that must stay index lookups as the tables grow (metering.c).
+ * End restores the settings; an error restores them too.
+ */
+extern int	MeteringPlanByIndexBegin(void);
+extern void MeteringPlanByIndexEnd(int level);
+
+/* A kept generic plan of sql, prepared once into *cache (inside SPI). */
+struct _SPI_plan;
+extern struct _SPI_plan *MeteringPrepareGeneric(struct _SPI_plan **cache, const char *sql, int nargs, Oid *types);
+
+/* SPI_execute_plan of such a plan, planned by index (above). */
+extern int	MeteringExecuteByIndex(struct _SPI_plan *plan, Datum *args, const char *nulls, bool read_only,
+								   long count);
+
 /* Random bytes from the server's strong source; errors when it fails. */
 extern void MeteringRandomBytes(void *buf, size_t len);
 
