@@ -36,3 +36,21 @@ for tail in 0 10000 100000 300000; do
   [ -z "$base" ] && base=$ms
   printf "%-16s %12s %14s\n" "$tail" "$ms" "$(echo "$ms $base" | awk '{ printf "%.1f", $1 / $2 }')"
 done
+# One subject's own events: a read of it reads them (a hot entitlement's
+# checks), which metering.refresh_subject_tail (1,000 by default) bounds.
+refresh
+echo "SELECT * FROM metering.entitlement_value('c1', 'hb-llm');" >"${TMPDIR:-/tmp}/tail_length_c1.pgbench"
+printf "%-16s %12s %14s\n" "c1's own (events)" "latency ms" "ratio to none"
+have=0
+base=""
+for tail in 0 1000 10000; do
+  q "INSERT INTO metering.events (id, source, subject, type, time, data)
+     SELECT 'own-$$-' || n, 'hb', 'c1', 'hb.tokens', metering.now() - interval '1 second', '{\"n\": 1}'
+       FROM generate_series($have + 1, $tail) n"
+  have=$tail
+  ms=$(PGOPTIONS='-c synchronous_commit=off' "$pgbench" -n -c 1 -j 1 -T 3 -f "${TMPDIR:-/tmp}/tail_length_c1.pgbench" "$db" 2>&1 |
+       awk '/latency average/ { print $4 }')
+  [ -z "$base" ] && base=$ms
+  printf "%-16s %12s %14s\n" "$tail" "$ms" "$(echo "$ms $base" | awk '{ printf "%.1f", $1 / $2 }')"
+done
+rm -f "${TMPDIR:-/tmp}/tail_length_c1.pgbench"

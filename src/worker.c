@@ -9,7 +9,8 @@
  * database again after RETRY_AFTER.  A worker refreshes every interval, as
  * the extension's owner (row security hides nothing from it), and in
  * between, whenever the events not rolled up yet reach metering.refresh_tail
- * (every balance read walks them, whoever's they are), it rolls them up and
+ * (every balance read walks them, whoever's they are) or one subject's reach
+ * metering.refresh_subject_tail (its reads read them), it rolls them up and
  * queues the new snapshots for the next full round (a reader adds the few
  * rollup hours after an older snapshot meanwhile).  Each meter in
  * a transaction of its own (refresh.h): a failing meter is logged and
@@ -70,6 +71,7 @@
 
 int			metering_refresh_interval = 60000;	/* ms; 0: no background refresh */
 int			metering_refresh_tail = 10000;	/* events; 0: only every interval */
+int			metering_refresh_subject_tail = 500;	/* one subject's events; 0: off */
 
 static ProcessUtility_hook_type prev_utility_hook = NULL;
 
@@ -235,18 +237,28 @@ DatabaseSetting(const char *name, int server_value, int flags)
 }
 
 /*
- * How many events the live meter furthest behind (but those skipped) has not
- * rolled up, by their numbers (0 without live meters): the tail every
- * balance read walks.
+ * The tail every balance read walks: how many events the live meter
+ * furthest behind (but those skipped) has not rolled up, by their numbers
+ * (0 without live meters), and, when that is below `cap` (so that the
+ * count reads at most that many index entries), the most of them one
+ * subject has: a read passes everyone's entries but reads its own subject's
+ * events, about twenty times the cost of passing one.
  */
-static int64
-TailLength(List *skip)
+typedef struct Tail
 {
+	int64		events;
+	int64		one_subject;
+} Tail;
+
+static Tail
+TailLength(List *skip, int64 cap)
+{
+	Tail		t = {0, 0};
 	bool		isnull;
-	int64		n = 0;
 	Oid			types[1] = {TEXTARRAYOID};
 	Datum	   *slugs = palloc(sizeof(Datum) * Max(list_length(skip), 1));
 	Datum		args[1];
+	int64		low;
 	int			i = 0;
 	ListCell   *lc;
 	int			ret;
@@ -255,20 +267,33 @@ TailLength(List *skip)
 		slugs[i++] = CStringGetTextDatum((const char *) lfirst(lc));
 	args[0] = PointerGetDatum(construct_array(slugs, i, TEXTOID, -1, false, TYPALIGN_INT));
 	/* (the events are not read where there is no live meter: a Citus worker's) */
-	ret = SPI_execute_with_args("SELECT (SELECT max(seq) FROM metering.events) - w.low "
+	ret = SPI_execute_with_args("SELECT w.low, (SELECT max(seq) FROM metering.events) - w.low "
 								"FROM (SELECT min(s.rolled_up_to) AS low FROM metering.meter_rollup_state s "
 								"      JOIN metering.meters m ON m.slug = s.meter "
 								"      WHERE m.deleted_at IS NULL AND m.slug <> ALL ($1)) w "
 								"WHERE w.low IS NOT NULL", 1, types, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		return t;
+	low = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	t.events = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	if (isnull)
+		t.events = 0;
+	if (t.events <= 0 || t.events >= cap)
+		return t;
 
+	types[0] = INT8OID;
+	args[0] = Int64GetDatum(low);
+	ret = SPI_execute_with_args("SELECT max(n) FROM (SELECT count(*) AS n FROM metering.events "
+								"                    WHERE seq > $1 GROUP BY subject) x",
+								1, types, args, NULL, true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
 		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 
 		if (!isnull)
-			n = DatumGetInt64(d);
+			t.one_subject = DatumGetInt64(d);
 	}
-	return n;
+	return t;
 }
 
 typedef struct Round
@@ -467,10 +492,11 @@ RunRound(Oid owner, bool full)
 
 /*
  * The extension's owner, this database's interval and tail setting, and
- * (when tail is on) how long the tail is; false: nothing to do here.
+ * (when tail is on) whether the tail is due for a round; false: nothing to
+ * do here.
  */
 static bool
-LookAround(Oid *owner, int *interval, int *tail, int64 *length)
+LookAround(Oid *owner, int *interval, int *tail, bool *tail_due)
 {
 	bool		present;
 
@@ -479,15 +505,22 @@ LookAround(Oid *owner, int *interval, int *tail, int64 *length)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	/* before 0.3.0 there is no table to record rounds in */
 	present = MeteringInstalledVersion() >= 300;
-	*length = 0;
+	*tail_due = false;
 	if (present)
 	{
+		int			subject_tail;
+
 		*owner = MeteringExtensionOwner();
 		SPI_connect();
 		*interval = DatabaseSetting("metering.refresh_interval", metering_refresh_interval, GUC_UNIT_MS);
 		*tail = DatabaseSetting("metering.refresh_tail", metering_refresh_tail, 0);
+		subject_tail = DatabaseSetting("metering.refresh_subject_tail", metering_refresh_subject_tail, 0);
 		if (*interval > 0 && *tail > 0)
-			*length = TailLength(failed_meters);
+		{
+			Tail		t = TailLength(failed_meters, *tail);
+
+			*tail_due = t.events >= *tail || (subject_tail > 0 && t.one_subject >= subject_tail);
+		}
 		SPI_finish();
 	}
 	PopActiveSnapshot();
@@ -502,7 +535,7 @@ metering_worker_main(Datum arg)
 	Oid			owner;
 	int			interval;
 	int			tail;
-	int64		length;
+	bool		tail_due;
 	TimestampTz last_full = 0;
 	MemoryContext round_cxt;
 
@@ -514,7 +547,7 @@ metering_worker_main(Datum arg)
 	/* what a round allocates outside its transactions, freed after it */
 	round_cxt = AllocSetContextCreate(TopMemoryContext, "metering refresh round", ALLOCSET_DEFAULT_SIZES);
 
-	while (LookAround(&owner, &interval, &tail, &length))
+	while (LookAround(&owner, &interval, &tail, &tail_due))
 	{
 		TimestampTz now = GetCurrentTimestamp();
 		long		wait;
@@ -526,7 +559,7 @@ metering_worker_main(Datum arg)
 			/* (the interval is a rest between full rounds, however long they take) */
 			last_full = GetCurrentTimestamp();
 		}
-		else if (tail > 0 && length >= tail)
+		else if (tail_due)
 			RunRound(owner, false);
 		MemoryContextSwitchTo(TopMemoryContext);
 		MemoryContextReset(round_cxt);
@@ -626,6 +659,14 @@ MeteringWorkerInit(void)
 							"Every balance read walks them. 0: only every interval. Per database with ALTER DATABASE ... SET.",
 							&metering_refresh_tail,
 							10000, 0, INT_MAX,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("metering.refresh_subject_tail",
+							"How many of one subject's events not rolled up yet make the background worker roll them up before the interval is over.",
+							"Every balance read of the subject reads them. 0: only the whole tail counts. Needs metering.refresh_tail above 0. Per database with ALTER DATABASE ... SET.",
+							&metering_refresh_subject_tail,
+							500, 0, INT_MAX,
 							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);

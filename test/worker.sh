@@ -1,8 +1,9 @@
 #!/bin/sh
 # The background refresh (metering in shared_preload_libraries): a database
 # that turns it on is refreshed without anyone calling refresh_rollups(),
-# rounds are recorded, a tail of metering.refresh_tail events is rolled up
-# before the interval is over (without snapshots), a meter whose watermark another session holds is
+# rounds are recorded, a tail of metering.refresh_tail events (or of
+# metering.refresh_subject_tail events of one subject) is rolled up before
+# the interval is over (without snapshots), a meter whose watermark another session holds is
 # skipped while the others go on and caught up afterwards, the worker killed
 # with kill -9 (a crash of the server) comes back, a dump taken while it
 # runs restores to the same answers, and DROP DATABASE does not wait for it.
@@ -48,9 +49,9 @@ oracle="SELECT string_agg(m.slug || '=' || coalesce((SELECT CASE m.aggregation W
                                                      FROM metering.events e WHERE e.type = m.event_type)::text, '-'), ' ' ORDER BY m.slug)
            FROM metering.meters m WHERE m.deleted_at IS NULL"
 
-echo "1..17"
+echo "1..19"
 if [ "$(psql -X -A -t -q -d postgres -c "SELECT current_setting('shared_preload_libraries') ~ 'metering'")" != t ]; then
-  for i in $(seq 1 17); do echo "ok $i # skip metering is not in shared_preload_libraries"; done
+  for i in $(seq 1 19); do echo "ok $i # skip metering is not in shared_preload_libraries"; done
   exit 0
 fi
 dropdb --if-exists $db >/dev/null 2>&1; dropdb --if-exists $copy >/dev/null 2>&1
@@ -79,8 +80,10 @@ check "the answers are those of the events" "$(q "$answers")" "$(q "$oracle")"
 # between two rounds an hour apart, the tail: fewer events than
 # metering.refresh_tail wait, as many are rolled up within seconds, by a
 # round that queues the snapshots for the next full one, which writes them
+# (the whole tail alone: each batch is of one subject)
 q "ALTER DATABASE $db SET metering.refresh_interval = '1h'" >/dev/null
 q "ALTER DATABASE $db SET metering.refresh_tail = 1000" >/dev/null
+q "ALTER DATABASE $db SET metering.refresh_subject_tail = 0" >/dev/null
 sleep 3
 since=$(q "SELECT clock_timestamp()")
 q "$(batch t1 acme ea 600)" >/dev/null
@@ -111,6 +114,23 @@ q "ALTER DATABASE $db SET metering.refresh_interval = '1s'" >/dev/null
 wait_for "SELECT count(*) = 0 FROM metering.entitlement_snapshot_queue" 20
 check "the next full round writes the queued snapshots" \
   "$(q "SELECT count(*) FROM metering.entitlement_snapshot_queue") $(q "SELECT sum(snapshots) > 0 FROM metering.refresh_rounds WHERE started_at >= '$since'")" "0 t"
+
+# one subject's events: every read of it reads them, so as many as
+# metering.refresh_subject_tail start a round while the whole tail is far
+# below metering.refresh_tail (the most of one subject counts, not the sum)
+q "ALTER DATABASE $db SET metering.refresh_interval = '1h'" >/dev/null
+q "ALTER DATABASE $db SET metering.refresh_tail = 100000" >/dev/null
+q "ALTER DATABASE $db RESET metering.refresh_subject_tail" >/dev/null   # the default: 500
+sleep 3
+q "$(batch h1 busy ea 300)" >/dev/null
+q "$(batch h2 calm ea 400)" >/dev/null
+sleep 4
+check "fewer of each subject's events than refresh_subject_tail wait for the interval" "$(q "$current")" "f"
+q "$(batch h3 busy ea 300)" >/dev/null
+wait_for "$current" 20
+check "as many of one subject's are rolled up within seconds" "$(q "$current") $(q "$answers")" "t $(q "$oracle")"
+q "ALTER DATABASE $db RESET metering.refresh_tail" >/dev/null
+q "ALTER DATABASE $db SET metering.refresh_interval = '1s'" >/dev/null
 
 # another session holds meter a's watermark: a waits, b goes on
 # (held for 40 s: b's new events may come just after a round began, and are
