@@ -37,7 +37,7 @@ for tail in 0 10000 100000 300000; do
   printf "%-16s %12s %14s\n" "$tail" "$ms" "$(echo "$ms $base" | awk '{ printf "%.1f", $1 / $2 }')"
 done
 # One subject's own events: a read of it reads them (a hot entitlement's
-# checks), which metering.refresh_subject_tail (1,000 by default) bounds.
+# checks), which metering.refresh_subject_tail (500 by default) bounds.
 refresh
 echo "SELECT * FROM metering.entitlement_value('c1', 'hb-llm');" >"${TMPDIR:-/tmp}/tail_length_c1.pgbench"
 printf "%-16s %12s %14s\n" "c1's own (events)" "latency ms" "ratio to none"

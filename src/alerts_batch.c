@@ -6,8 +6,8 @@
  * batch: two queries with plans made once (the live rules; the covered
  * entitlements of the batch's subjects), the events matched to those in
  * memory, and one statement that takes the turns of the reached ones.  The
- * two that read tables of any size are planned to index lookups, so that
- * a plan made while a table was small stays one once it has grown
+ * lookup and the turns are planned to index lookups, so that a plan made
+ * while a table was small stays one once it has grown
  * (MeteringPlanByIndexBegin).
  */
 #include "postgres.h"

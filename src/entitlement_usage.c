@@ -15,7 +15,6 @@
 
 #include "calendar.h"
 #include "entitlement.h"
-#include "metering.h"
 #include "numeric_ops.h"
 
 static void
@@ -116,22 +115,8 @@ EntOpenUsage(Entitlement *ent, int which, TimestampTz from, TimestampTz to, Arra
 	Datum		args[10];
 	char		nulls[10];
 	bool		filtered = ent->filters != (Datum) 0;
-	SPIPlanPtr *cache = &plans[which][ent->count][filtered];
-	SPIPlanPtr	plan;
-	Portal		portal;
-	int			level;
-
-	/*
-	 * The tail: planned once, to the (seq, subject) btree.  Planned for each
-	 * watermark, it cost more than reading a short tail (the planner looks
-	 * up the index's actual end for an inequality past its statistics).
-	 */
-	if (*cache != NULL)
-		plan = *cache;
-	else if (which == 0)
-		plan = MeteringPrepareGeneric(cache, UsageSql(which, ent->count, filtered), 10, types);
-	else
-		plan = EntPrepare(cache, UsageSql(which, ent->count, filtered), 10, types);
+	SPIPlanPtr	plan = EntPrepare(&plans[which][ent->count][filtered],
+							   UsageSql(which, ent->count, filtered), 10, types);
 
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = Int64GetDatum(ent->watermark);
@@ -147,12 +132,12 @@ EntOpenUsage(Entitlement *ent, int which, TimestampTz from, TimestampTz to, Arra
 	args[8] = ent->meter;
 	args[9] = buckets ? PointerGetDatum(buckets)
 		: PointerGetDatum(construct_empty_array(TIMESTAMPTZOID));
-	if (which != 0)
-		return SPI_cursor_open(NULL, plan, args, nulls, true);
-	level = MeteringPlanByIndexBegin();
-	portal = SPI_cursor_open(NULL, plan, args, nulls, true);
-	MeteringPlanByIndexEnd(level);
-	return portal;
+	/*
+	 * (planned for each call, to the watermark: a generic plan cannot tell a
+	 * short tail from a third of the table, and would take an index that
+	 * leads with the subject, reading its whole history)
+	 */
+	return SPI_cursor_open(NULL, plan, args, nulls, true);
 }
 
 /* Adds the rows (time, amount) of a usage cursor with from <= time < to. */

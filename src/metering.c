@@ -143,10 +143,23 @@ MeteringRequireCoordinator(const char *what)
  * Index-only planning: the hot queries whose good plan is an index lookup
  * whatever the tables hold are planned once (generic plans), and a plan
  * made while a table was small must not stay a scan of all of it once it
- * has grown.  With these scans off they are never chosen where an index
- * serves (they still are where none does), and JIT stays off: disable_cost
- * would otherwise push the plans' cost past jit_above_cost.
+ * has grown.  With these scans off (and the costs at the planner's
+ * defaults) an index is taken where one serves (the scans still are where
+ * none does), and JIT stays off: disable_cost would otherwise push the
+ * plans' cost past jit_above_cost.  For statements whose every plausible
+ * index serves them: a generic plan cannot weigh how selective a bound
+ * such as "seq above the watermark" is.  (The window also covers the
+ * execution, so SQL nested in it is planned the same way.)
  */
+static const char *const pinned[][2] = {
+	{"plan_cache_mode", "force_generic_plan"},
+	{"enable_indexscan", "on"}, {"enable_indexonlyscan", "on"},
+	{"enable_nestloop", "on"}, {"enable_hashjoin", "on"}, {"enable_mergejoin", "on"},
+	{"enable_hashagg", "on"}, {"enable_sort", "on"}, {"enable_memoize", "on"},
+	{"seq_page_cost", "1"}, {"random_page_cost", "4"}, {"cpu_tuple_cost", "0.01"},
+	{"cpu_index_tuple_cost", "0.005"}, {"cpu_operator_cost", "0.0025"},
+};
+
 int
 MeteringPlanByIndexBegin(void)
 {
@@ -158,11 +171,14 @@ MeteringPlanByIndexBegin(void)
 							 GUC_ACTION_SAVE, true, 0, false);
 	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
-	/* a caller's own settings must neither plan them again each call nor keep them off indexes */
-	(void) set_config_option("plan_cache_mode", "force_generic_plan", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("enable_indexscan", "on", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
+	/*
+	 * The plans are the extension's, kept for every later caller of the
+	 * backend: a caller's own settings must neither plan them again each
+	 * call nor shape them (the planner's defaults).
+	 */
+	for (size_t i = 0; i < lengthof(pinned); i++)
+		(void) set_config_option(pinned[i][0], pinned[i][1], PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
 	return level;
 }
 

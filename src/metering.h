@@ -37,9 +37,10 @@ extern Oid	MeteringExtensionOwner(void);
 extern void MeteringRequireCoordinator(const char *what);
 
 /*
- * Between these, plans are made with index scans wherever an index serves
- * (no sequential or bitmap scans, no JIT): for generic plans of hot
- * queries that must stay index lookups as the tables grow (metering.c).
+ * Between these, plans are made with index scans where an index serves
+ * (no sequential or bitmap scans, the planner's default costs, no JIT): for
+ * generic plans of hot queries that must stay index lookups as the tables
+ * grow (metering.c).
  * End restores the settings; an error restores them too.
  */
 extern int	MeteringPlanByIndexBegin(void);

@@ -68,6 +68,7 @@
 #define STEP_LOCK_TIMEOUT "10s"	/* a meter locked longer (a long DELETE) waits for the next round */
 
 #define TAIL_POLL_MS 1000		/* how often a worker looks at the tail between rounds */
+#define SUBJECT_SCAN_MAX 20000	/* events of the tail a look counts by subject, at most */
 
 int			metering_refresh_interval = 60000;	/* ms; 0: no background refresh */
 int			metering_refresh_tail = 10000;	/* events; 0: only every interval */
@@ -239,10 +240,11 @@ DatabaseSetting(const char *name, int server_value, int flags)
 /*
  * The tail every balance read walks: how many events the live meter
  * furthest behind (but those skipped) has not rolled up, by their numbers
- * (0 without live meters), and, when that is below `cap` (so that the
- * count reads at most that many index entries), the most of them one
- * subject has: a read passes everyone's entries but reads its own subject's
- * events, about twenty times the cost of passing one.
+ * (0 without live meters), and, when that is below `cap` (else a round is
+ * due anyway) but at least `subject_cap` (else no subject can have that
+ * many), the most of its newest SUBJECT_SCAN_MAX events that one subject
+ * has: a read passes everyone's entries but reads its own subject's
+ * events, about twenty-four times the cost of passing one.
  */
 typedef struct Tail
 {
@@ -251,7 +253,7 @@ typedef struct Tail
 } Tail;
 
 static Tail
-TailLength(List *skip, int64 cap)
+TailLength(List *skip, int64 cap, int64 subject_cap)
 {
 	Tail		t = {0, 0};
 	bool		isnull;
@@ -278,13 +280,16 @@ TailLength(List *skip, int64 cap)
 	t.events = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	if (isnull)
 		t.events = 0;
-	if (t.events <= 0 || t.events >= cap)
+	if (t.events >= cap || subject_cap <= 0 || t.events < subject_cap)
 		return t;
 
+	/* (at most the newest SUBJECT_SCAN_MAX: a lower bound, never a false alarm) */
 	types[0] = INT8OID;
 	args[0] = Int64GetDatum(low);
-	ret = SPI_execute_with_args("SELECT max(n) FROM (SELECT count(*) AS n FROM metering.events "
-								"                    WHERE seq > $1 GROUP BY subject) x",
+	ret = SPI_execute_with_args("SELECT max(n) FROM (SELECT count(*) AS n FROM "
+								"  (SELECT subject FROM metering.events WHERE seq > $1 "
+								"    ORDER BY seq DESC LIMIT " CppAsString2(SUBJECT_SCAN_MAX) ") e "
+								"  GROUP BY subject) x",
 								1, types, args, NULL, true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
@@ -517,7 +522,7 @@ LookAround(Oid *owner, int *interval, int *tail, bool *tail_due)
 		subject_tail = DatabaseSetting("metering.refresh_subject_tail", metering_refresh_subject_tail, 0);
 		if (*interval > 0 && *tail > 0)
 		{
-			Tail		t = TailLength(failed_meters, *tail);
+			Tail		t = TailLength(failed_meters, *tail, subject_tail);
 
 			*tail_due = t.events >= *tail || (subject_tail > 0 && t.one_subject >= subject_tail);
 		}
