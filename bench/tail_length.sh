@@ -23,34 +23,30 @@ fi
 refresh() { q "SELECT metering.refresh_rollups(), brin_summarize_new_values('metering.events_seq_time_brin')" >/dev/null; }
 trap refresh EXIT
 refresh
-printf "%-16s %12s %14s\n" "tail (events)" "latency ms" "ratio to none"
-have=0
-base=""
-for tail in 0 10000 100000 300000; do
-  q "INSERT INTO metering.events (id, source, subject, type, time, data)
-     SELECT 'tail-$$-' || n, 'hb', 'c' || (1 + n % 1000), 'hb.tokens', metering.now() - interval '1 second', '{\"n\": 1}'
-       FROM generate_series($have + 1, $tail) n"
-  have=$tail
-  ms=$(PGOPTIONS='-c synchronous_commit=off' "$pgbench" -n -c 1 -j 1 -T 3 -f "$here/holds/value.pgbench" "$db" 2>&1 |
-       awk '/latency average/ { print $4 }')
-  [ -z "$base" ] && base=$ms
-  printf "%-16s %12s %14s\n" "$tail" "$ms" "$(echo "$ms $base" | awk '{ printf "%.1f", $1 / $2 }')"
-done
+# series TITLE PGBENCH_FILE SUBJECT_SQL TAILS...: the read's latency as the
+# tail grows to each of TAILS events of the subjects SUBJECT_SQL names (n)
+series() {
+  title=$1; file=$2; subject=$3; shift 3
+  k=$((${k:-0} + 1))
+  printf "%-18s %12s %14s\n" "$title" "latency ms" "ratio to none"
+  have=0
+  base=""
+  for tail in "$@"; do
+    q "INSERT INTO metering.events (id, source, subject, type, time, data)
+       SELECT 'tail-$$-$k-' || n, 'hb', $subject, 'hb.tokens', metering.now() - interval '1 second', '{\"n\": 1}'
+         FROM generate_series($have + 1, $tail) n"
+    have=$tail
+    ms=$(PGOPTIONS='-c synchronous_commit=off' "$pgbench" -n -c 1 -j 1 -T 3 -f "$file" "$db" 2>&1 |
+         awk '/latency average/ { print $4 }')
+    [ -z "$base" ] && base=$ms
+    printf "%-18s %12s %14s\n" "$tail" "$ms" "$(echo "$ms $base" | awk '{ printf "%.1f", $1 / $2 }')"
+  done
+}
+series "tail (events)" "$here/holds/value.pgbench" "'c' || (1 + n % 1000)" 0 10000 100000 300000
 # One subject's own events: a read of it reads them (a hot entitlement's
 # checks), which metering.refresh_subject_tail (500 by default) bounds.
 refresh
-echo "SELECT * FROM metering.entitlement_value('c1', 'hb-llm');" >"${TMPDIR:-/tmp}/tail_length_c1.pgbench"
-printf "%-16s %12s %14s\n" "c1's own (events)" "latency ms" "ratio to none"
-have=0
-base=""
-for tail in 0 1000 10000; do
-  q "INSERT INTO metering.events (id, source, subject, type, time, data)
-     SELECT 'own-$$-' || n, 'hb', 'c1', 'hb.tokens', metering.now() - interval '1 second', '{\"n\": 1}'
-       FROM generate_series($have + 1, $tail) n"
-  have=$tail
-  ms=$(PGOPTIONS='-c synchronous_commit=off' "$pgbench" -n -c 1 -j 1 -T 3 -f "${TMPDIR:-/tmp}/tail_length_c1.pgbench" "$db" 2>&1 |
-       awk '/latency average/ { print $4 }')
-  [ -z "$base" ] && base=$ms
-  printf "%-16s %12s %14s\n" "$tail" "$ms" "$(echo "$ms $base" | awk '{ printf "%.1f", $1 / $2 }')"
-done
-rm -f "${TMPDIR:-/tmp}/tail_length_c1.pgbench"
+own="${TMPDIR:-/tmp}/tail_length_c1.pgbench"
+echo "SELECT * FROM metering.entitlement_value('c1', 'hb-llm');" >"$own"
+series "c1's own (events)" "$own" "'c1'" 0 1000 10000
+rm -f "$own"
