@@ -73,23 +73,11 @@ CompareCovered(const void *x, const void *y)
 static Numeric
 EventAmount(Covered *c, Jsonb *data, Numeric zero, Numeric one)
 {
-	JsonbValue	v;
-	Numeric		n;
-
-	if (c->filters != NULL)
-	{
-		Datum		groups = DirectFunctionCall1(jsonb_in, CStringGetDatum(MeterGroupsText(c->groups, data)));
-
-		if (!DatumGetBool(DirectFunctionCall2(jsonb_contains, groups, PointerGetDatum(c->filters))))
-			return zero;
-	}
+	if (c->filters != NULL && !MeterGroupsPass(c->groups, c->filters, data))
+		return zero;
 	if (c->count)
 		return one;
-	/* negative values (corrections) are not usage */
-	if (c->path == NULL || !MeterPathValue(data, c->path, &v) || (n = MeterValueNumber(&v)) == NULL ||
-		DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(n), NumericGetDatum(zero))) < 0)
-		return zero;
-	return n;
+	return c->path == NULL ? zero : MeterUsage(data, c->path);
 }
 
 /*

@@ -17,7 +17,7 @@
 #include "entitlement.h"
 #include "metering.h"
 
-static bool
+bool
 EntActive(Entitlement *ent, TimestampTz at)
 {
 	TimestampTz from = ent->type == 'm' ? ent->plan.measure_from : ent->created_at;
@@ -46,8 +46,8 @@ NowOr(FunctionCallInfo fcinfo, int arg, const char *name)
  * The entitlement of (subject, feature) active at `at`; feature is a key or
  * an entitlement id.
  */
-static bool
-FindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
+bool
+EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[4] = {TEXTOID, TEXTOID, UUIDOID, TIMESTAMPTZOID};
@@ -77,7 +77,7 @@ FindEntitlement(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 	return true;
 }
 
-/* the amounts of the entitlement's holds active at `at` */
+/* the amounts of the entitlement's holds active at `at`: made by then, ending after (by reservations_entitlement_end) */
 static Numeric
 Reserved(pg_uuid_t *id, TimestampTz at)
 {
@@ -88,15 +88,31 @@ Reserved(pg_uuid_t *id, TimestampTz at)
 	/* (planned once: planned for each instant, it cost more than it reads) */
 	int			ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&plan,
 																	"SELECT coalesce(sum(r.amount), 0) FROM metering.reservations r "
-																	"WHERE r.entitlement_id = $1 AND r.expires_at > $2 AND r.created_at <= $2 "
-																	"  AND (r.committed_at IS NULL OR r.committed_at > $2) "
-																	"  AND (r.released_at IS NULL OR r.released_at > $2)",
+																	"WHERE r.entitlement_id = $1 AND r.created_at <= $2 "
+																	"  AND least(r.expires_at, coalesce(r.committed_at, r.released_at, 'infinity')) > $2",
 																	2, types),
 											 args, NULL, true, 1);
 
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not read the holds: %s", SPI_result_code_string(ret));
 	return DatumGetNumeric(EntGetCol(0, 1, &isnull));
+}
+
+/* What entitlement_value answers for a metered entitlement active at `at`. */
+void
+EntValueAt(Entitlement *ent, TimestampTz at, EntValue *v)
+{
+	BdEngine	e;
+
+	EntEvaluate(ent, &e, at, at, NULL, 0, NULL, false);
+	v->balance = BdBalance(&e);
+	v->has_access = ent->soft_limit || NumCmp(v->balance, e.zero) > 0;
+	v->usage = e.state.usage;
+	v->overage = e.state.overage;
+	v->total = NumAdd(e.state.grant_usage, v->balance);
+	v->period_start = e.state.period_start;
+	v->reserved = Reserved(&ent->id, at);
+	v->available = NumSub(v->balance, v->reserved);
 }
 
 /*
@@ -127,7 +143,7 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 		PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
 
 	SPI_connect();
-	if (FindEntitlement(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), at, &id) &&
+	if (EntFind(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), at, &id) &&
 		EntLoadEntitlement(&ent, &id, CurrentMemoryContext, true) && EntActive(&ent, at))
 	{
 		values[0] = BoolGetDatum(true);
@@ -138,19 +154,17 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 		}
 		else if (ent.type == 'm')
 		{
-			BdEngine	e;
-			Numeric		balance;
+			EntValue	v;
 
-			EntEvaluate(&ent, &e, at, at, NULL, 0, NULL, false);
-			balance = BdBalance(&e);
-			values[0] = BoolGetDatum(ent.soft_limit || NumCmp(balance, e.zero) > 0);
-			values[1] = NumericGetDatum(balance);
-			values[2] = NumericGetDatum(e.state.usage);
-			values[3] = NumericGetDatum(e.state.overage);
-			values[4] = NumericGetDatum(NumAdd(e.state.grant_usage, balance));
-			values[5] = TimestampTzGetDatum(e.state.period_start);
-			values[7] = NumericGetDatum(Reserved(&id, at));
-			values[8] = NumericGetDatum(NumSub(balance, DatumGetNumeric(values[7])));
+			EntValueAt(&ent, at, &v);
+			values[0] = BoolGetDatum(v.has_access);
+			values[1] = NumericGetDatum(v.balance);
+			values[2] = NumericGetDatum(v.usage);
+			values[3] = NumericGetDatum(v.overage);
+			values[4] = NumericGetDatum(v.total);
+			values[5] = TimestampTzGetDatum(v.period_start);
+			values[7] = NumericGetDatum(v.reserved);
+			values[8] = NumericGetDatum(v.available);
 			for (int i = 1; i <= 5; i++)
 				nulls[i] = false;
 			nulls[7] = nulls[8] = false;
@@ -639,6 +653,18 @@ metering_balance_history(PG_FUNCTION_ARGS)
  * metering._period_start(entitlement, at): the start of the usage period
  * containing `at` (resets included), for the triggers' rules.
  */
+/* The start (or with upper, the exclusive end) of the metered entitlement's period containing `at`. */
+TimestampTz
+EntPeriodBound(Entitlement *ent, TimestampTz at, bool upper)
+{
+	BdEngine	e;
+
+	/* (the periods depend on the plan only: the grants stay untouched for a later evaluation) */
+	BdRestore(&e, &ent->plan, NULL, 0, Max(at, ent->plan.measure_from), int64_to_numeric(0),
+			  int64_to_numeric(0), int64_to_numeric(0));
+	return upper ? BdNextBoundary(&e) : e.state.period_start;
+}
+
 PG_FUNCTION_INFO_V1(metering_period_start);
 Datum
 metering_period_start(PG_FUNCTION_ARGS)
@@ -646,7 +672,6 @@ metering_period_start(PG_FUNCTION_ARGS)
 	pg_uuid_t  *id = PG_GETARG_UUID_P(0);
 	TimestampTz at = PG_GETARG_TIMESTAMPTZ(1);
 	Entitlement ent;
-	BdEngine	e;
 	TimestampTz result;
 
 	SPI_connect();
@@ -656,9 +681,7 @@ metering_period_start(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_NULL();
 	}
-	BdRestore(&e, &ent.plan, ent.grants, ent.ngrants, Max(at, ent.plan.measure_from), int64_to_numeric(0),
-			  int64_to_numeric(0), int64_to_numeric(0));
-	result = PG_GETARG_BOOL(2) ? BdNextBoundary(&e) : e.state.period_start;
+	result = EntPeriodBound(&ent, at, PG_GETARG_BOOL(2));
 	SPI_finish();
 	PG_RETURN_TIMESTAMPTZ(result);
 }
@@ -673,9 +696,8 @@ metering_period_start(PG_FUNCTION_ARGS)
  * update it), so compare what the snapshot sees with what is committed now,
  * and fail the way PostgreSQL fails a concurrent update (40001).
  */
-PG_FUNCTION_INFO_V1(metering_unchanged_since_snapshot);
-Datum
-metering_unchanged_since_snapshot(PG_FUNCTION_ARGS)
+void
+EntCheckUnchanged(Datum id)
 {
 	static const char *sql =
 	"SELECT coalesce((SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' "
@@ -684,8 +706,15 @@ metering_unchanged_since_snapshot(PG_FUNCTION_ARGS)
 	"       (SELECT coalesce(string_agg(r.effective_at::text, ',' ORDER BY r.effective_at), '') "
 	"          FROM metering.resets r WHERE r.entitlement_id = $1)";
 	Oid			types[1] = {UUIDOID};
-	Datum		args[1] = {PG_GETARG_DATUM(0)};
+	Datum		args[1] = {id};
 
 	MeteringErrorIfChangedSinceSnapshot(sql, 1, types, args, "the entitlement's grants or resets");
+}
+
+PG_FUNCTION_INFO_V1(metering_unchanged_since_snapshot);
+Datum
+metering_unchanged_since_snapshot(PG_FUNCTION_ARGS)
+{
+	EntCheckUnchanged(PG_GETARG_DATUM(0));
 	PG_RETURN_BOOL(true);
 }

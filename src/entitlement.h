@@ -96,6 +96,25 @@ extern Numeric EntHourUsageBefore(Entitlement *ent, TimestampTz at);
 extern bool EntLoadEntitlementSnapshot(Entitlement *ent, TimestampTz limit, EntSnapshot *snap);
 extern bool EntStartFromSnapshot(BdEngine *e, Entitlement *ent, EntSnapshot *snap);
 
+/* entitlement.c: what the SQL functions answer, for the C callers (the usage gate) */
+typedef struct EntValue
+{
+	bool		has_access;
+	Numeric		balance,
+				usage,
+				overage,
+				total,			/* total_available_grant_amount */
+				reserved,
+				available;
+	TimestampTz period_start;
+} EntValue;
+
+extern bool EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out);
+extern bool EntActive(Entitlement *ent, TimestampTz at);
+extern void EntValueAt(Entitlement *ent, TimestampTz at, EntValue *v);
+extern TimestampTz EntPeriodBound(Entitlement *ent, TimestampTz at, bool upper);
+extern void EntCheckUnchanged(Datum id);
+
 /* entitlement_eval.c */
 extern void EntEvaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,
 						TimestampTz *obs, int nobs, Observer *observer, bool writer);

@@ -16,6 +16,7 @@
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
+#include "ingest.h"
 #include "metering.h"
 #include "timeparse.h"
 
@@ -213,6 +214,27 @@ CompareParsed(const void *x, const void *y)
 }
 
 /*
+ * One CloudEvents object: its columns (id, source, subject, type, time,
+ * data), never NULL.  What _parse_events returns for it, for the callers in
+ * C (metering.consume).
+ */
+void
+IngestParseOne(Jsonb *event, Datum *values)
+{
+	EventContext ctx;
+	JsonbValue	whole;
+	bool		nulls[6];
+
+	whole.type = jbvBinary;
+	whole.val.binary.data = &event->root;
+	whole.val.binary.len = VARSIZE(event) - VARHDRSZ;
+	if (JB_ROOT_IS_SCALAR(event))
+		JsonbExtractScalar(&event->root, &whole);
+	ctx.index = -1;
+	ParseEvent(&ctx, &whole, MeteringNow(), DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")), values, nulls);
+}
+
+/*
  * metering._parse_events(events jsonb, batch boolean): the validated rows
  * (ord, id, source, subject, type, time, data) of one event or of an array.
  * A batch comes back in (source, id) byte order, so that concurrent batches
@@ -237,16 +259,8 @@ metering_parse_events(PG_FUNCTION_ARGS)
 
 	if (!batch)
 	{
-		JsonbValue	whole;
-
-		whole.type = jbvBinary;
-		whole.val.binary.data = &events->root;
-		whole.val.binary.len = VARSIZE(events) - VARHDRSZ;
-		if (JB_ROOT_IS_SCALAR(events))
-			JsonbExtractScalar(&events->root, &whole);
-		ctx.index = -1;
 		values[0] = Int32GetDatum(0);
-		ParseEvent(&ctx, &whole, now, empty_data, values + 1, nulls + 1);
+		IngestParseOne(events, values + 1);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 		PG_RETURN_NULL();
 	}

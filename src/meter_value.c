@@ -247,6 +247,30 @@ MeterGroupsText(MeterGroups *groups, Jsonb *data)
 	return buf.data;
 }
 
+bool
+MeterGroupsPass(MeterGroups *groups, Jsonb *filters, Jsonb *data)
+{
+	Datum		values = DirectFunctionCall1(jsonb_in, CStringGetDatum(MeterGroupsText(groups, data)));
+
+	return DatumGetBool(DirectFunctionCall2(jsonb_contains, values, PointerGetDatum(filters)));
+}
+
+Numeric
+MeterUsage(Jsonb *data, JsonPath *path)
+{
+	JsonbValue	v;
+	Numeric		n;
+
+	if (path == NULL)
+		return int64_to_numeric(1);
+	/* negative values (corrections) are not usage */
+	if (!MeterPathValue(data, path, &v) || (n = MeterValueNumber(&v)) == NULL ||
+		DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(n),
+										  NumericGetDatum(int64_to_numeric(0)))) < 0)
+		return int64_to_numeric(0);
+	return n;
+}
+
 /* metering._meter_number(data, path): the meter value of one event, or NULL. */
 PG_FUNCTION_INFO_V1(metering_meter_number);
 Datum

@@ -59,4 +59,15 @@ extern MeterGroups *MeterGroupsCompile(Jsonb *group_by, MemoryContext cxt);
 /* {"name": "text value" | null, ...} for one event, as jsonb text. */
 extern char *MeterGroupsText(MeterGroups *groups, Jsonb *data);
 
+/* Whether the event's groups contain a feature's group filters. */
+extern bool MeterGroupsPass(MeterGroups *groups, Jsonb *filters, Jsonb *data);
+
+/*
+ * The usage one event records for an entitlement: 1 for COUNT (path NULL),
+ * else the value at path, 0 when it is missing, not a number or negative
+ * (corrections are not usage).  The one rule, for the gate, the alerts and
+ * (in SQL, greatest(_meter_number, 0)) the balance reads.
+ */
+extern Numeric MeterUsage(Jsonb *data, JsonPath *path);
+
 #endif

@@ -128,18 +128,10 @@ CREATE FUNCTION metering._unchanged_since_snapshot(entitlement uuid) RETURNS boo
 COMMENT ON FUNCTION metering._unchanged_since_snapshot(uuid) IS
   'internal: at REPEATABLE READ or SERIALIZABLE, raises 40001 when another transaction changed the entitlement''s grants or resets after this one''s snapshot';
 
+-- (src/gate.c: FOR NO KEY UPDATE, then _unchanged_since_snapshot once the lock is ours)
 CREATE FUNCTION metering._lock_entitlement(entitlement uuid) RETURNS metering.entitlements
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  e metering.entitlements;
-BEGIN
-  SELECT * INTO e FROM metering.entitlements WHERE id = entitlement FOR NO KEY UPDATE;
-  -- once the lock is ours: whoever held it before us has committed
-  IF FOUND THEN
-    PERFORM metering._unchanged_since_snapshot(entitlement);
-  END IF;
-  RETURN e;
-END $$;
+  AS 'MODULE_PATHNAME', 'metering_lock_entitlement'
+  LANGUAGE C STRICT;
 COMMENT ON FUNCTION metering._lock_entitlement(uuid) IS
   'internal: locks an entitlement against concurrent grant, void, reset and snapshot writers';
 

@@ -20,8 +20,12 @@ CREATE TABLE metering.reservations (
   CONSTRAINT reservations_expire_after_creation CHECK (expires_at > created_at),
   CONSTRAINT reservations_one_end CHECK (committed_at IS NULL OR released_at IS NULL)
 );
--- the holds that may be active at an instant: those expiring after it
-CREATE INDEX reservations_entitlement_expiry ON metering.reservations (entitlement_id, expires_at);
+-- the holds active at an instant are those made by it that end after it
+-- (expire, or are committed or released): by their end, a read of the
+-- present passes only the open holds, not every hold committed in the last
+-- ttl (a hot entitlement's reserve and commit make thousands a minute)
+CREATE INDEX reservations_entitlement_end ON metering.reservations
+  (entitlement_id, least(expires_at, coalesce(committed_at, released_at, 'infinity')));
 CREATE UNIQUE INDEX reservations_idempotency ON metering.reservations (entitlement_id, idempotency_key)
   WHERE idempotency_key IS NOT NULL;
 CREATE INDEX reservations_subject ON metering.reservations (subject);
@@ -121,67 +125,45 @@ CREATE TRIGGER reservations_before_update BEFORE UPDATE ON metering.reservations
 CREATE TRIGGER reservations_no_delete BEFORE DELETE ON metering.reservations
   FOR EACH ROW EXECUTE FUNCTION metering._reservations_no_delete();
 
+-- The usage gate's steps (src/gate.c): one rule each, called by the
+-- plpgsql functions here and directly by consume (src/consume.c).
+
 -- the entitlement of (subject, feature) active at `at`, as entitlement_value finds it
+CREATE FUNCTION metering._find_entitlement(subject text, feature text, at timestamptz) RETURNS uuid
+  AS 'MODULE_PATHNAME', 'metering_find_entitlement'
+  LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION metering._find_entitlement(text, text, timestamptz) IS
+  'internal: the id of the entitlement of a subject to a feature (key or entitlement id) active at an instant, as entitlement_value finds it';
 CREATE FUNCTION metering._active_entitlement(subject text, feature text, at timestamptz)
   RETURNS metering.entitlements
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  r metering.entitlements;
-BEGIN
-  SELECT e.* INTO r FROM metering.entitlements e
-   WHERE e.subject = _active_entitlement.subject
-     AND (e.feature_key = _active_entitlement.feature OR e.id::text = lower(_active_entitlement.feature))
-     AND CASE WHEN e.type = 'metered' THEN e.measure_usage_from ELSE e.created_at END <= _active_entitlement.at
-     AND (e.deleted_at IS NULL OR _active_entitlement.at < e.deleted_at)
-   ORDER BY e.created_at DESC LIMIT 1;
-  RETURN r;
-END $$;
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+  SELECT e.* FROM metering.entitlements e
+   WHERE e.id = metering._find_entitlement(_active_entitlement.subject, _active_entitlement.feature, _active_entitlement.at);
+END;
 COMMENT ON FUNCTION metering._active_entitlement(text, text, timestamptz) IS
   'internal: the entitlement of a subject to a feature (key or entitlement id) active at an instant';
 
--- Takes the entitlement's turn: the update of its row of entitlement_turns
--- (gate u: reserve, consume and commit_reservation, which also hold the
--- entitlement's row lock, shared with the grant, void and reset writers and
--- their REPEATABLE READ guard; a: alert evaluations).  At READ COMMITTED
--- the caller's next statement sees what the previous holder committed; at
--- REPEATABLE READ a snapshot taken before that commit fails here with 40001.
--- Returns the latest instant the holders wrote at (this one's included: its
--- metering.now(), and the time of the usage it stores when that is later):
--- the instant a check must count holds and usage up to, since a holder
--- whose transaction began later than ours wrote its hold at its own now.
+-- Takes the entitlement's turn of a purpose (u: reserve, consume and
+-- commit_reservation, which also hold the entitlement's row lock; a: alert
+-- evaluations): the update of its row of entitlement_turns waits for the
+-- previous holder.  At READ COMMITTED the caller's next statement sees what
+-- that holder committed; at REPEATABLE READ a snapshot taken before that
+-- commit fails here with 40001.  Returns the latest instant the holders
+-- wrote at (see GateTakeTurn).
 CREATE FUNCTION metering._take_turn(entitlement uuid, purpose "char", usage_time timestamptz) RETURNS timestamptz
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  until timestamptz;
-BEGIN
-  INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until)
-  VALUES (_take_turn.entitlement, _take_turn.purpose, 1, _take_turn.usage_time)
-  ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
-  DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until)
-  RETURNING t.usage_until INTO until;
-  RETURN until;
-END $$;
+  AS 'MODULE_PATHNAME', 'metering_take_turn'
+  LANGUAGE C STRICT;
 COMMENT ON FUNCTION metering._take_turn(uuid, "char", timestamptz) IS
   'internal: waits for the entitlement''s previous writer of this purpose to end (40001 at REPEATABLE READ when its commit is invisible to the snapshot); returns the latest usage time its holders stored';
 
--- The instant a check reads the balance at: just after now, so that usage
--- stored at now counts, or just after the latest usage the holders stored
--- when that is later (an event's time may run ahead of metering.now()), but
--- within the current usage period.
+-- The instant a check reads the balance at: just after now, or just after
+-- the latest usage the holders stored when that is later, within the
+-- current usage period (see GateCheckInstant).
 CREATE FUNCTION metering._check_instant(e metering.entitlements, now timestamptz, usage_until timestamptz)
   RETURNS timestamptz
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-  RETURN CASE WHEN e.type <> 'metered' THEN now
-              WHEN usage_until IS NULL OR usage_until <= now THEN now + interval '1 microsecond'
-              -- anchors and resets are whole UTC minutes: with a period of whole minutes
-              -- no bound lies between two instants of one minute
-              WHEN date_part('second', e.usage_period) = 0
-                   AND date_trunc('minute', usage_until + interval '1 microsecond', 'UTC') = date_trunc('minute', now, 'UTC')
-                THEN usage_until + interval '1 microsecond'
-              ELSE least(usage_until + interval '1 microsecond',
-                         metering._period_bound(e.id, now, true) - interval '1 microsecond') END;
-END $$;
+  AS 'MODULE_PATHNAME', 'metering_check_instant'
+  LANGUAGE C STABLE;
 COMMENT ON FUNCTION metering._check_instant(metering.entitlements, timestamptz, timestamptz) IS
   'internal: the instant a check of the balance counts usage up to: after now and after the latest usage stored by the holders of the turn, within the current period';
 
@@ -191,35 +173,8 @@ COMMENT ON FUNCTION metering._check_instant(metering.entitlements, timestamptz, 
 -- a feature without a meter).
 CREATE FUNCTION metering._event_usage(e metering.entitlements, subject text, type text, data jsonb, what text)
   RETURNS numeric
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  f metering.features;
-  m metering.meters;
-BEGIN
-  IF _event_usage.subject IS DISTINCT FROM e.subject THEN
-    RAISE EXCEPTION 'event subject "%" is not the subject of the %: "%"', _event_usage.subject, what, e.subject
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  SELECT * INTO f FROM metering.features WHERE id = e.feature_id;
-  IF f.meter_slug IS NULL THEN
-    RETURN NULL;
-  END IF;
-  SELECT * INTO m FROM metering.meters WHERE slug = f.meter_slug;
-  IF _event_usage.type IS DISTINCT FROM m.event_type THEN
-    RAISE EXCEPTION 'event type "%" is not the type of the events of meter "%" of feature "%": "%"',
-      _event_usage.type, m.slug, f.key, m.event_type USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  IF f.meter_group_by_filters IS NOT NULL
-     AND NOT metering._meter_groups(data, m.group_by) @> f.meter_group_by_filters THEN
-    RAISE EXCEPTION 'event data does not pass the group filters of feature "%": %', f.key, f.meter_group_by_filters
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  IF m.aggregation = 'COUNT' THEN
-    RETURN 1;
-  END IF;
-  -- as the entitlement counts it: negative values (corrections) are not usage
-  RETURN greatest(coalesce(metering._meter_number(data, m.value_property), 0), 0);
-END $$;
+  AS 'MODULE_PATHNAME', 'metering_event_usage'
+  LANGUAGE C STABLE;
 COMMENT ON FUNCTION metering._event_usage(metering.entitlements, text, text, jsonb, text) IS
   'internal: the usage an event records against an entitlement; 22023 when the event is not of its subject, meter type or group filters';
 
@@ -358,50 +313,8 @@ COMMENT ON FUNCTION metering.release_reservation(uuid) IS
 
 CREATE FUNCTION metering.consume(event jsonb, feature text)
   RETURNS TABLE(granted boolean, stored boolean, amount numeric, available numeric)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  now timestamptz := metering.now();
-  e metering.entitlements;
-  p record;
-  usage numeric;
-  v record;
-  ok boolean;
-  n bigint;
-  at timestamptz;
-BEGIN
-  IF event IS NULL OR feature IS NULL THEN
-    RAISE EXCEPTION 'consume: % must not be NULL', CASE WHEN event IS NULL THEN 'event' ELSE 'feature' END
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  SELECT * INTO p FROM metering._parse_events(event, false);
-  e := metering._active_entitlement(p.subject, feature, now);
-  IF e.id IS NULL THEN
-    RETURN QUERY SELECT false, false, NULL::numeric, NULL::numeric;
-    RETURN;
-  END IF;
-  usage := metering._event_usage(e, p.subject, p.type, p.data, 'entitlement');
-  e := metering._lock_entitlement(e.id);
-  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', greatest(p.time, now)));
-  SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
-  IF e.deleted_at IS NOT NULL AND e.deleted_at <= now THEN
-    ok := false;
-  ELSIF e.type = 'metered' THEN
-    ok := v.balance IS NOT NULL AND (e.is_soft_limit OR v.available >= usage);
-  ELSE
-    ok := v.has_access;
-  END IF;
-  IF NOT ok THEN
-    -- a repeat consumes nothing again: granted (where granted, the store finds it a repeat)
-    RETURN QUERY SELECT EXISTS (SELECT 1 FROM metering.events x
-                                 WHERE x.subject = p.subject AND x.source = p.source AND x.id = p.id),
-                        false, usage, v.available;
-    RETURN;
-  END IF;
-  n := metering._store_events(event, false);
-  -- what is left once this usage burns (it burns the balance, then becomes overage)
-  RETURN QUERY SELECT true, n = 1, usage,
-    CASE WHEN e.type = 'metered' THEN greatest(v.balance - CASE WHEN n = 1 THEN usage ELSE 0 END, 0) - v.reserved END;
-END $$;
+  AS 'MODULE_PATHNAME', 'metering_consume'
+  LANGUAGE C SECURITY DEFINER;
 COMMENT ON FUNCTION metering.consume(jsonb, text) IS
   'checks and records one usage event against the subject''s entitlement to the feature: granted (and stored) when it is active and is a soft limit or has available >= the event''s usage; denied stores nothing; a repeat of a stored event is granted, not stored and consumes nothing';
 
