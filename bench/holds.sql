@@ -53,15 +53,17 @@ VACUUM ANALYZE metering.events, metering.meter_rollups, metering.entitlements, m
 \set refresh 'psql -X -q -A -t ' :conn ' -c "SELECT metering.refresh_rollups(), brin_summarize_new_values(''metering.events_seq_time_brin'')" >/dev/null'
 \echo running 28 x 3 s of pgbench (entitlement_value alone and among as many ingests, ingest, consume and reserve+commit, hot and distinct, at 1 2 4 8 clients)...
 \set out `for c in 1 2 4 8; do for w in value value_writes ingest consume_hot consume_distinct hold_hot hold_distinct; do :refresh; echo "### $w $c"; if [ $w = value_writes ]; then f="-f :'benchdir'/value.pgbench -f :'benchdir'/ingest.pgbench"; else f="-f :'benchdir'/$w.pgbench"; fi; PGOPTIONS='-c synchronous_commit=off' :pgbench -n -c $c -j $c -T 3 $f :conn 2>&1; done; done`
--- ingest_batch: no live rule (twice), then a rule on hb-watched (10% of subjects): 3 s of warm-up
--- (the first write of each watched entitlement evaluates it in full), then twice
-\echo running 4 x 4 s + 3 s of pgbench (ingest_batch of 100 events, 2 clients, without and with a rule)...
+-- ingest_batch: without a live rule, then with a rule on hb-watched (10% of subjects), three times
+-- in turn, so that the machine's load drifting between runs moves both sides alike; each time the
+-- rule goes live, 1 s of warm-up first (the first write of each watched entitlement evaluates it in full)
+\echo running 3 x (3 s without a rule, 1 s + 3 s with it) of pgbench (ingest_batch of 100 events, 2 clients)...
 INSERT INTO metering.notification_rules (name, feature_key, thresholds, disabled_at, created_at)
 VALUES ('watched', 'hb-watched', '[{"type": "USAGE_PERCENT", "value": 80}, {"type": "USAGE_VALUE", "value": 1e15}]',
         metering.now(), metering.now());
 \set rule_on 'psql -X -q ' :conn ' -c ''UPDATE metering.notification_rules SET disabled_at = NULL'' >/dev/null'
 \set rule_off 'psql -X -q ' :conn ' -c ''UPDATE metering.notification_rules SET disabled_at = now()'' >/dev/null'
-\set out2 `:rule_off; for r in 1 2; do :refresh; :refresh; echo "### batch_off 2"; PGOPTIONS='-c synchronous_commit=off' :pgbench -n -c 2 -j 2 -T 4 -f :'benchdir'/batch.pgbench :conn 2>&1; done; :rule_on; :refresh; PGOPTIONS='-c synchronous_commit=off' :pgbench -n -c 2 -j 2 -T 3 -f :'benchdir'/batch.pgbench :conn >/dev/null 2>&1; for r in 1 2; do :refresh; :refresh; echo "### batch_on 2"; PGOPTIONS='-c synchronous_commit=off' :pgbench -n -c 2 -j 2 -T 4 -f :'benchdir'/batch.pgbench :conn 2>&1; done; :rule_off`
+\set batch 'PGOPTIONS=''-c synchronous_commit=off'' ' :pgbench ' -n -c 2 -j 2 -f ' :benchdir '/batch.pgbench ' :conn
+\set out2 `for r in 1 2 3; do :rule_off; :refresh; :refresh; echo "### batch_off 2"; :batch -T 3 2>&1; :rule_on; :refresh; :batch -T 1 >/dev/null 2>&1; :refresh; echo "### batch_on 2"; :batch -T 3 2>&1; done; :rule_off`
 CREATE TEMP TABLE runs (n integer, what text, clients integer, latency_ms numeric, tps numeric, output text);
 INSERT INTO runs
 SELECT n, split_part(split_part(chunk, E'\n', 1), ' ', 1), split_part(split_part(chunk, E'\n', 1), ' ', 2)::integer,
@@ -76,7 +78,7 @@ DECLARE
   failed text;
 BEGIN
   SELECT output INTO failed FROM runs WHERE latency_ms IS NULL OR output ~ 'ERROR|aborted' LIMIT 1;
-  IF failed IS NOT NULL OR (SELECT count(*) FROM runs) <> 32 THEN
+  IF failed IS NOT NULL OR (SELECT count(*) FROM runs) <> 34 THEN
     RAISE EXCEPTION 'pgbench failed: %', coalesce(failed, (SELECT string_agg(output, '') FROM runs));
   END IF;
 END $$;
@@ -89,8 +91,12 @@ SELECT clients,
        round(avg(latency_ms) FILTER (WHERE what = 'hold_hot') / avg(latency_ms) FILTER (WHERE what = 'value'), 2) AS reserve_commit_hot_over_value,
        round(avg(latency_ms) FILTER (WHERE what = 'hold_distinct') / avg(latency_ms) FILTER (WHERE what = 'value'), 2) AS reserve_commit_distinct_over_value
   FROM runs WHERE what NOT LIKE 'batch%' GROUP BY clients ORDER BY clients;
+-- each run with the rule against the run without it just before
 SELECT round(avg(tps) FILTER (WHERE what = 'batch_off')) AS batch_tps_without_rules,
        round(avg(tps) FILTER (WHERE what = 'batch_on')) AS batch_tps_with_rule_on_10pct,
-       round(avg(tps) FILTER (WHERE what = 'batch_on') / avg(tps) FILTER (WHERE what = 'batch_off'), 2) AS ratio
+       round(avg(tps) FILTER (WHERE what = 'batch_on') / avg(tps) FILTER (WHERE what = 'batch_off'), 2) AS ratio,
+       (SELECT string_agg(round(b.tps / a.tps, 2)::text, ' ' ORDER BY a.n)
+          FROM runs a JOIN runs b ON b.n = a.n + 1 AND b.what = 'batch_on'
+         WHERE a.what = 'batch_off') AS ratio_of_each_pair
   FROM runs;
 SELECT count(*) AS notifications FROM metering.notification_events;

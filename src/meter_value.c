@@ -8,6 +8,7 @@
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/json.h"
+#include "utils/jsonpath.h"
 #include "utils/memutils.h"
 
 #include "meter_value.h"
@@ -29,6 +30,68 @@ MeterAggregationFromName(const char *name)
 	return METER_SUM;			/* keep the compiler quiet */
 }
 
+/*
+ * The common path $.a.b (lax, keys only) over objects, read directly: what
+ * jsonb_path_query_first answers for it, without its executor (a balance
+ * read passes every event of the subject not rolled up yet through here).
+ * False when the path or the data is of another shape; the caller then asks
+ * the executor.
+ */
+static bool
+KeyChainValue(Jsonb *data, JsonPath *path, JsonbValue *out, bool *found)
+{
+	JsonPathItem item,
+				next;
+	JsonbContainer *container = &data->root;
+
+	if ((path->header & JSONPATH_LAX) == 0 || !JB_ROOT_IS_OBJECT(data))
+		return false;
+	jspInit(&item, path);
+	if (item.type != jpiRoot || !jspGetNext(&item, &next))
+		return false;
+	/* every step a key: a path of another shape goes to the executor whole */
+	for (JsonPathItem probe = next;;)
+	{
+		JsonPathItem after;
+
+		if (probe.type != jpiKey)
+			return false;
+		if (!jspGetNext(&probe, &after))
+			break;
+		probe = after;
+	}
+	for (;;)
+	{
+		int32		len;
+		char	   *key = jspGetString(&next, &len);
+		JsonbValue *v = getKeyJsonValueFromContainer(container, key, len, out);
+		JsonPathItem after;
+		bool		last = !jspGetNext(&next, &after);
+
+		if (v == NULL)
+		{
+			*found = false;		/* lax: a missing key selects nothing */
+			return true;
+		}
+		if (v->type == jbvBinary)
+		{
+			/* an array is unwrapped in lax mode, a container is returned whole: the executor's */
+			if (last || !JsonContainerIsObject(v->val.binary.data))
+				return false;
+			container = v->val.binary.data;
+			next = after;
+			continue;
+		}
+		if (!last)
+		{
+			*found = false;		/* lax: a key of a scalar selects nothing */
+			return true;
+		}
+		*found = v->type != jbvNull;
+		return true;
+	}
+}
+
 bool
 MeterPathValue(Jsonb *data, JsonPath *path, JsonbValue *out)
 {
@@ -37,6 +100,10 @@ MeterPathValue(Jsonb *data, JsonPath *path, JsonbValue *out)
 	Jsonb	   *found;
 	static Jsonb *empty_vars = NULL;
 
+	bool		direct;
+
+	if (KeyChainValue(data, path, out, &direct))
+		return direct;
 	if (empty_vars == NULL)
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
