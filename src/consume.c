@@ -76,7 +76,7 @@ metering_consume(PG_FUNCTION_ARGS)
 	Jsonb	   *event;
 	pg_uuid_t	id;
 	Entitlement ent;
-	EntValue	v;
+	EntValue	v = {0};
 	Numeric		usage;
 	bool		usage_null,
 				active,
@@ -101,7 +101,7 @@ metering_consume(PG_FUNCTION_ARGS)
 	usage = GateEventUsage(UUIDPGetDatum(&id), DatumGetTextPP(ev[2]), DatumGetTextPP(ev[3]),
 						   DatumGetJsonbP(ev[5]), "entitlement", &usage_null);
 	if (!GateLock(UUIDPGetDatum(&id), NULL))
-		elog(ERROR, "entitlement vanished");
+		elog(ERROR, "entitlement vanished");	/* (they are never deleted) */
 	until = GateTakeTurn(UUIDPGetDatum(&id), 'u', Max(DatumGetTimestampTz(ev[4]), now));
 
 	/*
@@ -112,24 +112,27 @@ metering_consume(PG_FUNCTION_ARGS)
 	CommandCounterIncrement();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	if (!EntLoadEntitlement(&ent, &id, CurrentMemoryContext, true))
-		elog(ERROR, "entitlement vanished");
+		elog(ERROR, "entitlement vanished");	/* (they are never deleted) */
 	at = GateCheckInstant(&ent, now, until, false);
 	active = EntActive(&ent, at);
 	if (ent.type == 'm' && active)
-		EntValueAt(&ent, at, &v);
+		EntValueAt(&ent, at, now, &v);
 	if (ent.deleted_at <= now)
 		ok = false;
 	else if (ent.type == 'm')
 		ok = active && (ent.soft_limit || usage_null || NumCmp(v.available, usage) >= 0);
 	else
 		ok = active;
-	PopActiveSnapshot();
 
 	if (!usage_null)
 		nulls[2] = false;
 	if (!ok)
 	{
-		/* a repeat consumes nothing again: granted (where granted, the store finds it a repeat) */
+		/*
+		 * a repeat consumes nothing again: granted (where granted, the store
+		 * finds it a repeat); looked for with the snapshot of the turn, which
+		 * sees the previous holder's event (and this statement's earlier ones)
+		 */
 		values[0] = BoolGetDatum(Stored(ev));
 		if (ent.type == 'm' && active)
 		{
@@ -154,6 +157,7 @@ metering_consume(PG_FUNCTION_ARGS)
 			nulls[3] = false;
 		}
 	}
+	PopActiveSnapshot();
 	MemoryContextSwitchTo(caller);
 	if (!nulls[2])
 		values[2] = datumCopy(NumericGetDatum(usage), false, -1);

@@ -111,7 +111,7 @@ typedef struct EntValue
 
 extern bool EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out);
 extern bool EntActive(Entitlement *ent, TimestampTz at);
-extern void EntValueAt(Entitlement *ent, TimestampTz at, EntValue *v);
+extern void EntValueAt(Entitlement *ent, TimestampTz at, TimestampTz since, EntValue *v);
 extern TimestampTz EntPeriodBound(Entitlement *ent, TimestampTz at, bool upper);
 extern void EntCheckUnchanged(Datum id);
 

@@ -105,17 +105,25 @@ TruncMinute(TimestampTz t)
 TimestampTz
 GateCheckInstant(Entitlement *ent, TimestampTz now, TimestampTz until, bool until_null)
 {
-	if (ent->type != 'm')
+	TimestampTz bound;
+
+	if (ent->type != 'm' || TIMESTAMP_NOT_FINITE(now))
 		return now;
 	if (until_null || until <= now)
 		return now + 1;
+	if (TIMESTAMP_IS_NOEND(until))
+	{
+		bound = EntPeriodBound(ent, now, true);
+		return TIMESTAMP_NOT_FINITE(bound) ? bound : bound - 1;
+	}
 	/*
 	 * anchors and resets are whole UTC minutes: with a period of whole
 	 * minutes no bound lies between two instants of one minute
 	 */
 	if (ent->plan.period.time % USECS_PER_MINUTE == 0 && TruncMinute(until + 1) == TruncMinute(now))
 		return until + 1;
-	return Min(until + 1, EntPeriodBound(ent, now, true) - 1);
+	bound = EntPeriodBound(ent, now, true);
+	return TIMESTAMP_NOT_FINITE(bound) ? until + 1 : Min(until + 1, bound - 1);
 }
 
 /*
@@ -147,8 +155,12 @@ GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *wha
 				filters;
 	bool		no_filters;
 
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the entitlement's meter: %s", SPI_result_code_string(ret));
+	if (SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("entitlement %s does not exist", DatumGetCString(DirectFunctionCall1(uuid_out, id)))));
 	ent_subject = DatumGetTextPP(EntCopyCol(0, 1, &n));
 	if (!TextSame(subject, ent_subject))
 		ereport(ERROR,
@@ -221,6 +233,11 @@ metering_take_turn(PG_FUNCTION_ARGS)
 {
 	TimestampTz until;
 
+	for (int i = 0; i < 3; i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("_take_turn: argument %d must not be NULL", i + 1)));
 	SPI_connect();
 	until = GateTakeTurn(PG_GETARG_DATUM(0), PG_GETARG_CHAR(1), PG_GETARG_TIMESTAMPTZ(2));
 	SPI_finish();
@@ -236,12 +253,17 @@ metering_check_instant(PG_FUNCTION_ARGS)
 	Entitlement ent;
 	TimestampTz at;
 
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
-		PG_RETURN_NULL();
+	for (int i = 0; i < 2; i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("_check_instant: argument %d must not be NULL", i + 1)));
 	id = RowId(PG_GETARG_HEAPTUPLEHEADER(0));
 	SPI_connect();
 	if (!EntLoadEntitlement(&ent, DatumGetUUIDP(id), CurrentMemoryContext, false))
-		elog(ERROR, "entitlement does not exist");
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("entitlement %s does not exist", DatumGetCString(DirectFunctionCall1(uuid_out, id)))));
 	at = GateCheckInstant(&ent, PG_GETARG_TIMESTAMPTZ(1), PG_ARGISNULL(2) ? 0 : PG_GETARG_TIMESTAMPTZ(2),
 						  PG_ARGISNULL(2));
 	SPI_finish();
@@ -261,7 +283,7 @@ metering_event_usage(PG_FUNCTION_ARGS)
 	for (int i = 0; i < 5; i++)
 		if (PG_ARGISNULL(i))
 			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("_event_usage: argument %d must not be NULL", i + 1)));
 	id = RowId(PG_GETARG_HEAPTUPLEHEADER(0));
 	SPI_connect();
