@@ -220,16 +220,21 @@ metering_gate_value(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(ValueRow(fcinfo, caller, true, PG_GETARG_UUID_P(0), at, Min(at, since)));
 }
 
+void
+EntErrorNoSuch(Datum id)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_NO_DATA_FOUND),
+			 errmsg("entitlement %s does not exist", DatumGetCString(DirectFunctionCall1(uuid_out, id)))));
+}
+
 static void
 LoadMetered(Entitlement *ent, pg_uuid_t *id)
 {
 	if (!EntLoadEntitlement(ent, id, CurrentMemoryContext, true))
 	{
 		MeteringRequireCoordinator("an entitlement's balances and histories");
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("entitlement %s does not exist",
-						DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(id))))));
+		EntErrorNoSuch(UUIDPGetDatum(id));
 	}
 	if (ent->type != 'm')
 		ereport(ERROR,

@@ -114,6 +114,8 @@ extern bool EntActive(Entitlement *ent, TimestampTz at);
 extern void EntValueAt(Entitlement *ent, TimestampTz at, TimestampTz since, EntValue *v);
 extern TimestampTz EntPeriodBound(Entitlement *ent, TimestampTz at, bool upper);
 extern void EntCheckUnchanged(Datum id);
+/* 02000-class P0002: the entitlement `id` (uuid) does not exist */
+extern void EntErrorNoSuch(Datum id) pg_attribute_noreturn();
 
 /* entitlement_eval.c */
 extern void EntEvaluate(Entitlement *ent, BdEngine *e, TimestampTz start, TimestampTz to,

@@ -151,16 +151,15 @@ GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *wha
 			   *meter,
 			   *event_type;
 	char	   *feature_key;
-	Datum		path,
+	Datum		slug,
+				path,
 				filters;
 	bool		no_filters;
 
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the entitlement's meter: %s", SPI_result_code_string(ret));
 	if (SPI_processed != 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("entitlement %s does not exist", DatumGetCString(DirectFunctionCall1(uuid_out, id)))));
+		EntErrorNoSuch(id);
 	ent_subject = DatumGetTextPP(EntCopyCol(0, 1, &n));
 	if (!TextSame(subject, ent_subject))
 		ereport(ERROR,
@@ -168,11 +167,11 @@ GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *wha
 				 errmsg("event subject \"%s\" is not the subject of the %s: \"%s\"",
 						text_to_cstring(subject), what, text_to_cstring(ent_subject))));
 	feature_key = TextDatumGetCString(EntGetCol(0, 2, &n));
-	path = EntCopyCol(0, 3, &n);
+	slug = EntCopyCol(0, 3, &n);
 	*isnull = n;
 	if (n)
 		return NULL;
-	meter = DatumGetTextPP(path);
+	meter = DatumGetTextPP(slug);
 	event_type = DatumGetTextPP(EntCopyCol(0, 4, &n));
 	if (!TextSame(type, event_type))
 		ereport(ERROR,
@@ -194,6 +193,17 @@ GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *wha
 		return MeterUsage(data, NULL);
 	path = EntCopyCol(0, 6, &n);
 	return n ? int64_to_numeric(0) : MeterUsage(data, DatumGetJsonPathP(path));
+}
+
+/* 22004 when one of the first n arguments of the SQL wrapper `name` is NULL */
+static void
+RequireArgs(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	for (int i = 0; i < n; i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s: argument %d must not be NULL", name, i + 1)));
 }
 
 /* the id of an entitlements row passed to a SQL wrapper */
@@ -233,11 +243,7 @@ metering_take_turn(PG_FUNCTION_ARGS)
 {
 	TimestampTz until;
 
-	for (int i = 0; i < 3; i++)
-		if (PG_ARGISNULL(i))
-			ereport(ERROR,
-					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("_take_turn: argument %d must not be NULL", i + 1)));
+	RequireArgs(fcinfo, 3, "_take_turn");
 	SPI_connect();
 	until = GateTakeTurn(PG_GETARG_DATUM(0), PG_GETARG_CHAR(1), PG_GETARG_TIMESTAMPTZ(2));
 	SPI_finish();
@@ -253,17 +259,11 @@ metering_check_instant(PG_FUNCTION_ARGS)
 	Entitlement ent;
 	TimestampTz at;
 
-	for (int i = 0; i < 2; i++)
-		if (PG_ARGISNULL(i))
-			ereport(ERROR,
-					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("_check_instant: argument %d must not be NULL", i + 1)));
+	RequireArgs(fcinfo, 2, "_check_instant");
 	id = RowId(PG_GETARG_HEAPTUPLEHEADER(0));
 	SPI_connect();
 	if (!EntLoadEntitlement(&ent, DatumGetUUIDP(id), CurrentMemoryContext, false))
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("entitlement %s does not exist", DatumGetCString(DirectFunctionCall1(uuid_out, id)))));
+		EntErrorNoSuch(id);
 	at = GateCheckInstant(&ent, PG_GETARG_TIMESTAMPTZ(1), PG_ARGISNULL(2) ? 0 : PG_GETARG_TIMESTAMPTZ(2),
 						  PG_ARGISNULL(2));
 	SPI_finish();
@@ -280,11 +280,7 @@ metering_event_usage(PG_FUNCTION_ARGS)
 	bool		isnull;
 	Datum		id;
 
-	for (int i = 0; i < 5; i++)
-		if (PG_ARGISNULL(i))
-			ereport(ERROR,
-					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("_event_usage: argument %d must not be NULL", i + 1)));
+	RequireArgs(fcinfo, 5, "_event_usage");
 	id = RowId(PG_GETARG_HEAPTUPLEHEADER(0));
 	SPI_connect();
 	usage = GateEventUsage(id, PG_GETARG_TEXT_PP(1), PG_GETARG_TEXT_PP(2), PG_GETARG_JSONB_P(3),
