@@ -5,6 +5,8 @@
  * of "now" reads it, so tests, replays and backfills can pin the present by
  * setting metering.now.  Because moving the clock changes what the rules
  * accept, only a superuser (or a role granted SET on it) may set it.
+ * Unpinned, it is the start of the transaction (on Citus, of the
+ * distributed transaction: clock.c).
  */
 #include "postgres.h"
 
@@ -348,7 +350,7 @@ MeteringNow(void)
 {
 	if (metering_now_is_set)
 		return metering_now_value;
-	return GetCurrentTransactionStartTimestamp();
+	return MeteringTransactionClock();
 }
 
 void
@@ -356,7 +358,7 @@ _PG_init(void)
 {
 	DefineCustomStringVariable("metering.now",
 							   "Pins the present of the metering extension (metering.now()).",
-							   "Empty means the start of the current transaction. Only superusers and roles granted SET on it may set it.",
+							   "Empty means the start of the current transaction (with Citus, of the distributed transaction). Only superusers and roles granted SET on it may set it.",
 							   &metering_now_string,
 							   "",
 							   PGC_SUSET,

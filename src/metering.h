@@ -16,6 +16,7 @@ extern bool metering_allow_backdated_rules;
 
 /* The extension's present: metering.now when set, else the transaction start. */
 extern TimestampTz MeteringNow(void);
+extern TimestampTz MeteringTransactionClock(void);
 
 /* A fresh time-ordered v7 uuid, monotonic within this backend (uuid.c). */
 struct pg_uuid_t;

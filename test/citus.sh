@@ -225,6 +225,13 @@ sql m "DELETE FROM metering.subjects WHERE key = 's40'" >/dev/null
 check "a subject deleted on the coordinator is deleted on every node" \
   "$(sql m "SELECT string_agg(DISTINCT x.result, ',') FROM run_command_on_placements('metering.subjects',
               'SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL) || ''/'' || count(*) FROM %s') x")" "1/42"
+check "... at one instant on every node: a transaction's metering.now() is its distributed transaction's, the same on each node" \
+  "$(sql m "SELECT count(DISTINCT x.result) || ' ' || count(*) FROM run_command_on_placements('metering.subjects',
+              'SELECT deleted_at FROM %s WHERE key = ''s40''') x")" "1 3"
+check "metering.now() is read once per transaction, before and after its first distributed statement, and every shard's part reads it too" \
+  "$(sql m "BEGIN; CREATE TEMP TABLE clock AS SELECT metering.now() AS t, pg_sleep(0.01)::text AS slept;
+              WITH e AS MATERIALIZED (SELECT metering.now() AS n FROM metering.events)
+              SELECT count(DISTINCT e.n) || ' ' || bool_and(e.n = c.t) || ' ' || bool_and(metering.now() = c.t) FROM e, clock c; COMMIT")" "1 true true"
 check "TRUNCATE empties the events and what is derived from them" \
   "$(sql m "BEGIN; TRUNCATE metering.events;
               SELECT (SELECT count(*) FROM metering.events) + (SELECT count(*) FROM metering.meter_rollups)

@@ -4,7 +4,7 @@ CREATE FUNCTION metering.now() RETURNS timestamptz
   AS 'MODULE_PATHNAME', 'metering_now'
   LANGUAGE C STABLE PARALLEL SAFE;
 COMMENT ON FUNCTION metering.now() IS
-  'the extension''s present: the setting metering.now when set (by a superuser or the extension owner), else the start of the current transaction';
+  'the extension''s present: the setting metering.now when set (by a superuser or the extension owner), else the start of the current transaction (in a database with Citus, of its distributed transaction: the same on every node)';
 
 CREATE FUNCTION metering.uuid_v7() RETURNS uuid
   AS 'MODULE_PATHNAME', 'metering_uuid_v7'

@@ -1,0 +1,126 @@
+/*
+ * clock.c: the present of a transaction that spans Citus nodes.
+ *
+ * On one node metering.now() is the start of the transaction.  Once the
+ * tables are spread over Citus workers, one transaction runs on several
+ * nodes, each with its own transaction start, and what a trigger stamps on
+ * each copy of a reference table (a subject's deleted_at) would differ from
+ * node to node.  Citus gives every distributed transaction an identifier
+ * with a timestamp, assigned on the node where it began and sent to each
+ * worker with its BEGIN.  In a database with the citus extension that
+ * timestamp is the clock: every node of one transaction reads the same
+ * present.  The node that begins a transaction assigns it at its first
+ * reading of the clock, so that the value never changes within the
+ * transaction (a later distributed statement would otherwise assign one).
+ *
+ * Citus's functions are found in its library, which is loaded only where
+ * it is preloaded; a database without Citus pays one test per backend.
+ */
+#include "postgres.h"
+
+#include "access/parallel.h"
+#include "access/xact.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/pg_list.h"
+#include "storage/proc.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+#include "utils/varlena.h"
+
+#include "metering.h"
+
+/*
+ * Citus's DistributedTransactionId (distributed/transaction_identifier.h,
+ * the same from Citus 7 to 13).
+ */
+typedef struct CitusTransactionId
+{
+	int			initiator_node;
+	bool		originator;
+	uint64		number;
+	TimestampTz timestamp;
+} CitusTransactionId;
+
+typedef bool (*CitusLoadedFn) (void);
+typedef void (*CitusEnsureIdFn) (void);
+typedef CitusTransactionId *(*CitusCurrentIdFn) (void);
+
+static int	citus_preloaded = -1;	/* unknown yet */
+static CitusLoadedFn citus_loaded;
+static CitusEnsureIdFn citus_ensure_id;
+static CitusCurrentIdFn citus_current_id;
+
+static LocalTransactionId clock_lxid = InvalidLocalTransactionId;
+static TimestampTz clock_value;
+
+/* Whether citus is among the preloaded libraries (then it is loaded). */
+static bool
+CitusPreloaded(void)
+{
+	const char *libs;
+	char	   *copy;
+	List	   *names = NIL;
+	ListCell   *lc;
+
+	if (citus_preloaded >= 0)
+		return citus_preloaded == 1;
+	citus_preloaded = 0;
+	libs = GetConfigOption("shared_preload_libraries", true, false);
+	if (libs == NULL)
+		return false;
+	copy = pstrdup(libs);
+	if (SplitDirectoriesString(copy, ',', &names))
+	{
+		foreach(lc, names)
+		{
+			const char *name = (const char *) lfirst(lc);
+			const char *base = strrchr(name, '/');
+
+			base = base ? base + 1 : name;
+			if (strcmp(base, "citus") == 0 || strcmp(base, "citus.so") == 0)
+				citus_preloaded = 1;
+		}
+	}
+	if (citus_preloaded == 1)
+	{
+		citus_loaded = (CitusLoadedFn) load_external_function("citus", "CitusHasBeenLoaded", false, NULL);
+		citus_ensure_id = (CitusEnsureIdFn) load_external_function("citus", "EnsureDistributedTransactionId", false, NULL);
+		citus_current_id = (CitusCurrentIdFn) load_external_function("citus", "GetCurrentDistributedTransactionId", false, NULL);
+		if (citus_loaded == NULL || citus_ensure_id == NULL || citus_current_id == NULL)
+			citus_preloaded = 0;
+	}
+	return citus_preloaded == 1;
+}
+
+/*
+ * The present of the current transaction when the setting metering.now
+ * does not pin it: the start of the transaction, or in a database with
+ * Citus the timestamp of its distributed transaction.
+ */
+TimestampTz
+MeteringTransactionClock(void)
+{
+	TimestampTz start = GetCurrentTransactionStartTimestamp();
+	CitusTransactionId *id;
+
+	if (!CitusPreloaded() || !IsTransactionState())
+		return start;
+	if (MyProc->lxid == clock_lxid)
+		return clock_value;
+	if (!citus_loaded())
+		return start;			/* this database has no citus extension */
+	id = citus_current_id();
+	/*
+	 * A parallel worker reads its leader's identifier; it cannot start one,
+	 * and its leader's transaction start is its own.
+	 */
+	if (id->number == 0 && !IsParallelWorker())
+	{
+		citus_ensure_id();
+		id = citus_current_id();
+	}
+	clock_value = id->number != 0 ? id->timestamp : start;
+	clock_lxid = MyProc->lxid;
+	return clock_value;
+}
