@@ -343,8 +343,8 @@ Load(void)
 	PG_TRY();
 	{
 		SPI_connect();
-		/* a Citus worker holds no rules of its own (80_distribute.sql) */
-		MeteringRequireCoordinator("rating");
+		/* a Citus worker holds a copy of the rules (81_config_copies.sql) */
+		MeteringRequireConfig("rating");
 		/* groups, numbered as RulesSql numbers them */
 		ret = SPI_execute("SELECT name FROM metering.hashmap_groups ORDER BY id", true, 0);
 		if (ret != SPI_OK_SELECT)

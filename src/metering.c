@@ -142,6 +142,26 @@ MeteringRequireCoordinator(const char *what)
 }
 
 /*
+ * What reads configuration that every node holds (81_config_copies.sql):
+ * on a worker whose copy is not complete, 55000.
+ */
+void
+MeteringRequireConfig(const char *what)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+	int			ret;
+
+	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+		return;
+	args[0] = CStringGetTextDatum(what);
+	ret = SPI_execute_with_args("SELECT metering._require_config($1)",
+								1, types, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not check the node's configuration: %s", SPI_result_code_string(ret));
+}
+
+/*
  * Index-only planning: the hot queries whose good plan is an index lookup
  * whatever the tables hold are planned once (generic plans), and a plan
  * made while a table was small must not stay a scan of all of it once it

@@ -63,10 +63,10 @@ say "distribute(): 55000 without Citus or without workers; idempotent"
 check "distribute() where Citus is not installed" "$(errcode single 'SELECT metering.distribute()')" 55000
 check "distribute() on a coordinator without workers" "$(errcode lonely 'SELECT metering.distribute()')" 55000
 sql m "SELECT metering.distribute(8)" >/dev/null && sql m "SELECT metering.distribute(8)" >/dev/null
-check "distribute() twice: the events, rollups and usage periods distributed, co-located by subject; subjects and their access replicated" \
+check "distribute() twice: the events, rollups and usage periods distributed, co-located by subject; subjects, their access and the configuration copies replicated" \
   "$(sql m "SELECT string_agg(logicalrelid::text || ':' || partmethod::text, ' ' ORDER BY logicalrelid::text) || ' ' || count(DISTINCT colocationid)
               FROM pg_dist_partition WHERE logicalrelid::text LIKE 'metering.%'")" \
-  "metering.events:h metering.meter_rollups:h metering.subject_access:n metering.subjects:n metering.usage_periods:h 2"
+  "metering.config_copies:n metering.events:h metering.meter_rollups:h metering.subject_access:n metering.subjects:n metering.usage_periods:h 2"
 
 say "the same data in both"
 for db in single m; do
@@ -151,9 +151,49 @@ check "distributed, the dedup key is (subject, source, id): a repeat is stored o
 say "what reads a node's own configuration runs on the coordinator only"
 check "DELETE of distributed events is refused (their rollups would be rebuilt on the workers)" \
   "$(errcode m "DELETE FROM metering.events WHERE subject = 's1'")" 0A000
-check "rated_total over the distributed events is refused on the workers (the rules are on the coordinator)" \
-  "$(errcode m "SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events GROUP BY subject") $(errcode m "SELECT metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events")" \
-  "0A000 0A000"
+say "the rating rules on every node"
+digest="SELECT string_agg(t || ':' || (SELECT count(*) FROM metering.config_copies c WHERE c.tab = t), ' ' ORDER BY t) FROM unnest(metering._config_tables()) t"
+rules="SELECT md5(string_agg(x, '|' ORDER BY x)) FROM (
+         SELECT 's' || to_jsonb(r)::text AS x FROM metering.hashmap_services r UNION ALL SELECT 'f' || to_jsonb(r)::text FROM metering.hashmap_fields r
+         UNION ALL SELECT 'g' || to_jsonb(r)::text FROM metering.hashmap_groups r UNION ALL SELECT 'm' || to_jsonb(r)::text FROM metering.hashmap_mappings r
+         UNION ALL SELECT 't' || to_jsonb(r)::text FROM metering.hashmap_thresholds r) q"
+same_rules() {  # the coordinator's rules, and whether each worker's own tables hold the same rows
+  c=$(sql m "$rules")
+  echo "$(sql m "SELECT string_agg(DISTINCT (result = '$c')::text, ',') FROM run_command_on_workers(\$\$$rules\$\$)")"
+}
+check "the rules are in config_copies, and each worker's own tables hold the coordinator's rows, value for value" \
+  "$(sql m "$digest") $(same_rules)" \
+  "hashmap_fields:0 hashmap_groups:1 hashmap_mappings:1 hashmap_services:1 hashmap_thresholds:1 true"
+check "rated_total is pushed down to the shards, whose workers rate with their copy" \
+  "$(sql m "EXPLAIN (VERBOSE, COSTS OFF) SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events GROUP BY subject" | grep -c 'Query: SELECT .*rated_total')" 1
+# the same changes in both databases: a service with a field and rules, a group deleted (its running rules go on
+# as new rows with new ids), a rule ended; then the same answers
+change="SET metering.now = '2026-03-04 12:00:00+00';
+  INSERT INTO metering.hashmap_services (name) VALUES ('api.call');
+  INSERT INTO metering.hashmap_fields (service_id, name) SELECT id, 'route' FROM metering.hashmap_services WHERE name = 'api.call';
+  INSERT INTO metering.hashmap_mappings (field_id, value, cost, map_type, start)
+  SELECT f.id, '/r1', 0.5, 'flat', '2026-03-01' FROM metering.hashmap_fields f;
+  INSERT INTO metering.hashmap_mappings (service_id, cost, map_type, start)
+  SELECT id, 0.25, 'flat', '2026-03-01' FROM metering.hashmap_services WHERE name = 'api.call'"
+for db in m single; do
+  sql $db "SET metering.allow_backdated_rules = on; $change" >/dev/null && sql $db "SET metering.now = '2026-03-04 12:00:00+00'; DELETE FROM metering.hashmap_groups" >/dev/null ||
+    echo "# the rule changes failed in $db: $(cat "$tmp.err")"
+done
+# (the events of the dedup check above are the cluster's only)
+rated="SELECT subject, metering.rated_total(type, coalesce((data->>'tokens')::numeric, 1), data, subject, time) FROM metering.events WHERE source <> 'dup' GROUP BY subject ORDER BY 1"
+check "rule changes reach every worker's copy in their transaction (new rows, deleted ones, a group's rules moved with new ids)" \
+  "$(sql m "$digest" | tr ' ' '\n' | grep -c ':0') $(same_rules)" "0 true"
+check "... and the workers' caches see them: rated_total over the distributed events answers as one node" \
+  "$(sql m "$rated" | md5sum)" "$(sql single "$rated" | md5sum)"
+check "a change rolled back reaches no node" \
+  "$(sql m "BEGIN; INSERT INTO metering.hashmap_services (name) VALUES ('rolled.back'); ROLLBACK; SELECT count(*) FROM metering.config_copies WHERE \"row\"->>'name' = 'rolled.back'") $(same_rules)" "0 true"
+"$bindir/psql" -X -q -h "$dir" -p "$w1" -U postgres -d m -c "SET session_replication_role = replica; DELETE FROM metering.hashmap_thresholds" >/dev/null
+check "a worker whose copy of the rules is not whole refuses to rate (55000), and distribute() copies it again" \
+  "$(errcode m "$rated") $(sql m "SELECT metering.distribute()" >/dev/null; same_rules) $(sql m "$rated" | md5sum | cut -c1-8)" \
+  "55000 true $(sql single "$rated" | md5sum | cut -c1-8)"
+sql m "TRUNCATE metering.hashmap_thresholds" >/dev/null
+check "TRUNCATE of a rule table on the coordinator empties its copies" \
+  "$(sql m "SELECT count(*) FROM metering.config_copies WHERE tab = 'hashmap_thresholds'") $(same_rules)" "0 true"
 check "entitlement_value, grant_balances and price_usage pushed down to the workers refuse instead of answering from their empty configuration" \
   "$(errcode m "SELECT subject, (metering.entitlement_value(subject, 'gpt')).has_access FROM metering.events WHERE subject = 's3' GROUP BY subject") $(errcode m "SELECT subject, (SELECT count(*) FROM metering.grant_balances(metering.uuid_v7())) FROM metering.events WHERE subject = 's3' GROUP BY subject") $(errcode m "SELECT subject, (SELECT count(*) FROM metering.price_usage(subject, '2024-01-01', '2024-02-01')) FROM metering.events WHERE subject = 's3' GROUP BY subject")" \
   "0A000 0A000 0A000"
@@ -284,12 +324,12 @@ for p in $port $w1 $w2; do
   "$bindir/psql" -X -q -h "$dir" -p "$p" -U postgres -d postgres -c "ALTER DATABASE m SET metering.refresh_interval = '1s'" >/dev/null
 done
 sql m "SELECT metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object('specversion', '1.0', 'id', 'bg' || i, 'source', 'bg',
-         'type', 'llm.tokens', 'subject', 's' || (1 + i % 40), 'time', '2026-03-04 11:00:00+00', 'data', jsonb_build_object('tokens', i, 'model', 'big')))
+         'type', 'llm.tokens', 'subject', 's' || (1 + i % 40), 'time', '2026-03-04T11:00:00Z', 'data', jsonb_build_object('tokens', i, 'model', 'big')))
          FROM generate_series(1, 400) i))" >/dev/null
 current="SELECT bool_and(s.rolled_up_to >= (SELECT max(e.seq) FROM metering.events e)) FROM metering.meter_rollup_state s
            JOIN metering.meters m ON m.slug = s.meter WHERE m.deleted_at IS NULL"
 i=0
-while [ $i -lt 60 ] && [ "$(sql m "$current")" != t ]; do sleep 1; i=$((i + 1)); done
+while [ $i -lt 90 ] && [ "$(sql m "$current")" != t ]; do sleep 1; i=$((i + 1)); done
 check "the coordinator's refresh rolls up the distributed events without a call" "$(sql m "$current")" t
 check "... and query_meter then answers from the rollups as the events say" \
   "$(sql m "SELECT sum(value) FROM metering.query_meter('tokens', '2026-03-04 11:00', '2026-03-04 12:00')")" \

@@ -192,6 +192,8 @@ BEGIN
   -- reader: every table and view (row security filters them), not the signing secret
   GRANT SELECT ON ALL TABLES IN SCHEMA metering TO metering_reader;
   REVOKE SELECT ON metering.signing_keys FROM metering_reader;
+  -- (the copies of a distributed install's configuration, for every subject)
+  REVOKE SELECT ON metering.config_copies FROM metering_reader;
   -- writer: usage in, through the functions (they run as the owner)
   GRANT EXECUTE ON FUNCTION metering.ingest(jsonb), metering.ingest_batch(jsonb),
     metering.meter_usage(text, text, timestamptz, text, bigint, jsonb, boolean), metering.batch_meter_usage(jsonb),
@@ -207,7 +209,8 @@ BEGIN
               AND c.relname <> ALL (ARRAY['meter_rollups', 'meter_rollup_state', 'usage_periods', 'refresh_rounds',
                                           'entitlement_snapshots', 'entitlement_snapshot_queue',
                                           'usage_records', 'registrations', 'signing_keys', 'events',
-                                          'reservations', 'entitlement_turns', 'notification_events']) LOOP
+                                          'reservations', 'entitlement_turns', 'notification_events',
+                                          'config_copies']) LOOP
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO metering_admin', t.rel);
   END LOOP;
   -- holds and notifications are written by the functions alone (they take the entitlement's turn)
@@ -220,6 +223,9 @@ BEGIN
   REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]),
     metering._evaluate_alerts(uuid, timestamptz, boolean), metering._take_turn(uuid, "char", timestamptz)
     FROM metering_admin;
+  -- (the copies of the configuration are the coordinator's triggers' alone)
+  REVOKE EXECUTE ON FUNCTION metering._config_copy(), metering._config_apply(), metering._config_write(text, jsonb, jsonb),
+    metering._config_distribute() FROM metering_admin;
 END $$;
 COMMENT ON FUNCTION metering.setup_roles() IS
   'creates (if absent) metering_reader, metering_writer and metering_admin and grants them their rights; run it as a superuser or the extension owner with CREATEROLE, again after adding tables';

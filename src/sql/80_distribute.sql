@@ -92,6 +92,8 @@ BEGIN
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   IF metering._distributed() THEN
+    -- again: the configuration onto every node, a worker added since too
+    PERFORM metering._config_distribute();
     RETURN;
   END IF;
   PERFORM set_config('client_min_messages', 'warning', true);
@@ -135,6 +137,7 @@ BEGIN
   EXECUTE 'SELECT create_distributed_table(''metering.events'', ''subject'', shard_count => $1)' USING shard_count;
   EXECUTE 'SELECT create_distributed_table(''metering.meter_rollups'', ''subject'', colocate_with => ''metering.events'')';
   EXECUTE 'SELECT create_distributed_table(''metering.usage_periods'', ''subject'', colocate_with => ''metering.events'')';
+  PERFORM metering._config_distribute();
   -- Citus copied the rows of a database that had some into the shards and
   -- left them in the coordinator's tables too, where nothing reads them any
   -- more: they go, without the events' TRUNCATE trigger, which would empty

@@ -62,6 +62,13 @@ WITH ev AS MATERIALIZED (SELECT type, data, subject, time FROM metering.events)
 SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM ev GROUP BY subject
 UNION ALL
 SELECT NULL, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM ev ORDER BY 1 NULLS FIRST;
+-- q: rated_total over the distributed events directly: each worker rates its shards with its copy of the rules
+SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events GROUP BY subject
+UNION ALL
+SELECT NULL, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events ORDER BY 1 NULLS FIRST;
+-- q: rate of each event, in a query on the events (pushed down to the shards)
+SELECT subject, id, metering.rate(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events
+ WHERE type = 'llm.tokens' AND time >= '2026-03-03' ORDER BY 1, 2;
 -- q: rate_explain
 SELECT * FROM metering.rate_explain('llm.tokens', 250) ORDER BY 1;
 -- q: subject_tree

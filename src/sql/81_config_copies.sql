@@ -1,0 +1,224 @@
+-- The configuration on every node (distributed mode, 80_distribute.sql).
+-- The coordinator's configuration tables stay plain tables, written and
+-- checked there as on one node (their triggers, cascades and fresh ids run
+-- once).  Each change is copied, row by row as the coordinator stored it,
+-- into metering.config_copies, a reference table once distributed, in the
+-- transaction that made it; the copy of that table on each worker writes
+-- the row into the worker's own table of the same name.  A worker then
+-- rates with the coordinator's rules, and a change reaches every node or
+-- none.  Only the tables that work on a worker reads are copied: the
+-- rating rules.
+
+CREATE TABLE metering.config_copies (
+  tab name NOT NULL,
+  key jsonb NOT NULL,
+  "row" jsonb NOT NULL,
+  PRIMARY KEY (tab, key)
+);
+COMMENT ON TABLE metering.config_copies IS
+  'derived: (distributed mode) the coordinator''s configuration rows, which every worker copies into its own tables; written by the configuration tables'' triggers and metering.distribute(), never by hand';
+COMMENT ON COLUMN metering.config_copies.tab IS 'the configuration table, in schema metering';
+COMMENT ON COLUMN metering.config_copies.key IS 'the row''s primary key, as a JSON object of its columns';
+COMMENT ON COLUMN metering.config_copies."row" IS 'the row as the coordinator stored it (to_jsonb)';
+REVOKE ALL ON metering.config_copies FROM PUBLIC;
+
+-- the tables copied, and their primary keys
+CREATE FUNCTION metering._config_tables() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY['hashmap_services', 'hashmap_fields', 'hashmap_groups', 'hashmap_mappings', 'hashmap_thresholds'];
+COMMENT ON FUNCTION metering._config_tables() IS
+  'internal (distributed mode): the configuration tables whose rows every node holds';
+
+CREATE FUNCTION metering._config_key(tab text) RETURNS text[]
+LANGUAGE sql STABLE STRICT SET search_path = pg_catalog, pg_temp
+RETURN (SELECT array_agg(a.attname::text ORDER BY k.n)
+          FROM pg_catalog.pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+          JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = pg_catalog.to_regclass('metering.' || pg_catalog.quote_ident(_config_key.tab)) AND i.indisprimary);
+COMMENT ON FUNCTION metering._config_key(text) IS
+  'internal (distributed mode): the primary key columns of a configuration table';
+
+-- On the coordinator (created by distribute()): a statement's changes to a
+-- configuration table, into config_copies.  Owner-run: whoever may write
+-- the rules may not write config_copies.
+CREATE FUNCTION metering._config_copy() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  keys text[];
+  key_sql text := '(SELECT pg_catalog.jsonb_object_agg(k, pg_catalog.to_jsonb(r) -> k) FROM pg_catalog.unnest($1) k)';
+  old_keys jsonb[];
+  new_keys jsonb[];
+  new_rows jsonb[];
+BEGIN
+  -- only on the tables distribute() puts it on
+  IF NOT (TG_TABLE_NAME = ANY (metering._config_tables()))
+     OR TG_RELID IS DISTINCT FROM pg_catalog.to_regclass('metering.' || pg_catalog.quote_ident(TG_TABLE_NAME)) THEN
+    RAISE EXCEPTION 'metering._config_copy() copies the configuration tables of metering only'
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+  keys := metering._config_key(TG_TABLE_NAME);
+  IF TG_OP = 'TRUNCATE' THEN
+    DELETE FROM metering.config_copies WHERE tab = TG_TABLE_NAME;
+    RETURN NULL;
+  END IF;
+  IF TG_OP <> 'INSERT' THEN
+    EXECUTE 'SELECT pg_catalog.array_agg(' || key_sql || ') FROM old_rows r' INTO old_keys USING keys;
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    EXECUTE 'SELECT pg_catalog.array_agg(' || key_sql || '), pg_catalog.array_agg(pg_catalog.to_jsonb(r)) FROM new_rows r'
+      INTO new_keys, new_rows USING keys;
+  END IF;
+  IF old_keys IS NOT NULL THEN
+    DELETE FROM metering.config_copies
+     WHERE tab = TG_TABLE_NAME AND key = ANY (old_keys) AND NOT key = ANY (coalesce(new_keys, '{}'));
+  END IF;
+  IF new_keys IS NOT NULL THEN
+    INSERT INTO metering.config_copies AS c (tab, key, "row")
+    SELECT TG_TABLE_NAME, u.k, u.r FROM unnest(new_keys, new_rows) AS u(k, r)
+    ON CONFLICT (tab, key) DO UPDATE SET "row" = excluded."row";
+  END IF;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._config_copy() IS
+  'internal (distributed mode): copies a statement''s changes to a configuration table of the coordinator into config_copies';
+REVOKE EXECUTE ON FUNCTION metering._config_copy() FROM PUBLIC;
+
+-- Writes one row of config_copies (NULL: removes one) into this node's
+-- table.  The rows were checked where they were written: the node's own
+-- triggers stay quiet (replica), but for those that are ENABLE ALWAYS, the
+-- caches' invalidation.
+CREATE FUNCTION metering._config_write(tab text, key jsonb, "row" jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  keys text[];
+  role text := pg_catalog.current_setting('session_replication_role');
+BEGIN
+  IF NOT (tab = ANY (metering._config_tables())) THEN
+    RAISE EXCEPTION 'config_copies: "%" is not a configuration table', tab USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  keys := metering._config_key(tab);
+  PERFORM pg_catalog.set_config('session_replication_role', 'replica', true);
+  EXECUTE format('DELETE FROM metering.%I t USING pg_catalog.jsonb_populate_record(NULL::metering.%I, $1) k WHERE %s',
+                 tab, tab, (SELECT string_agg(format('t.%I = k.%I', c, c), ' AND ') FROM unnest(keys) c))
+    USING key;
+  IF "row" IS NOT NULL THEN
+    EXECUTE format('INSERT INTO metering.%I SELECT * FROM pg_catalog.jsonb_populate_record(NULL::metering.%I, $1)', tab, tab)
+      USING "row";
+  END IF;
+  PERFORM pg_catalog.set_config('session_replication_role', role, true);
+END $$;
+COMMENT ON FUNCTION metering._config_write(text, jsonb, jsonb) IS
+  'internal (distributed mode): writes a row of the coordinator''s configuration into this node''s table, or removes it';
+REVOKE EXECUTE ON FUNCTION metering._config_write(text, jsonb, jsonb) FROM PUBLIC;
+
+-- On every copy of config_copies: a worker writes what changed into its own
+-- table (the coordinator's tables are where the rows come from); emptied,
+-- it empties them.
+CREATE FUNCTION metering._config_apply() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  t text;
+  role text := pg_catalog.current_setting('session_replication_role');
+BEGIN
+  IF NOT metering._on_worker() THEN
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'TRUNCATE' THEN
+    PERFORM pg_catalog.set_config('session_replication_role', 'replica', true);
+    FOREACH t IN ARRAY metering._config_tables() LOOP
+      EXECUTE format('DELETE FROM metering.%I', t);
+    END LOOP;
+    PERFORM pg_catalog.set_config('session_replication_role', role, true);
+  ELSIF TG_OP = 'DELETE' THEN
+    PERFORM metering._config_write(OLD.tab, OLD.key, NULL);
+  ELSE
+    IF TG_OP = 'UPDATE' AND (OLD.tab, OLD.key) IS DISTINCT FROM (NEW.tab, NEW.key) THEN
+      PERFORM metering._config_write(OLD.tab, OLD.key, NULL);
+    END IF;
+    PERFORM metering._config_write(NEW.tab, NEW.key, NEW."row");
+  END IF;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION metering._config_apply() IS
+  'internal (distributed mode): on a worker, writes a changed row of config_copies into the node''s own table';
+REVOKE EXECUTE ON FUNCTION metering._config_apply() FROM PUBLIC;
+CREATE TRIGGER config_copies_apply AFTER INSERT OR UPDATE OR DELETE ON metering.config_copies
+  FOR EACH ROW EXECUTE FUNCTION metering._config_apply();
+CREATE TRIGGER config_copies_emptied AFTER TRUNCATE ON metering.config_copies
+  FOR EACH STATEMENT EXECUTE FUNCTION metering._config_apply();
+
+-- What reads configuration on a worker first checks that the node holds
+-- all of it: as many rows as config_copies has (a worker added after
+-- distributing holds none until distribute() runs again: Citus copies
+-- config_copies to it, but without writing the rows into its tables).  It counts this
+-- node's copy of config_copies itself: a query of the reference table
+-- would be a distributed one, which Citus refuses inside a shard's query.
+CREATE FUNCTION metering._require_config(what text) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  t text;
+  placement regclass;
+  here bigint;
+  there bigint;
+BEGIN
+  IF NOT metering._on_worker() THEN
+    RETURN;
+  END IF;
+  EXECUTE 'SELECT pg_catalog.to_regclass(pg_catalog.shard_name(''metering.config_copies''::regclass, s.shardid)) '
+          'FROM pg_catalog.pg_dist_shard s WHERE s.logicalrelid = ''metering.config_copies''::regclass'
+    INTO placement;
+  FOREACH t IN ARRAY metering._config_tables() LOOP
+    EXECUTE format('SELECT count(*) FROM metering.%I', t) INTO here;
+    IF placement IS NULL THEN
+      there := NULL;
+    ELSE
+      EXECUTE format('SELECT count(*) FROM %s c WHERE c.tab = $1', placement) INTO there USING t;
+    END IF;
+    IF here IS DISTINCT FROM there THEN
+      RAISE EXCEPTION '% on this worker: its copy of metering.% has % rows, the coordinator''s has %', what, t, here, coalesce(there::text, 'none here')
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = 'Run SELECT metering.distribute() on the coordinator: it copies the configuration to every worker again.';
+    END IF;
+  END LOOP;
+END $$;
+COMMENT ON FUNCTION metering._require_config(text) IS
+  'internal (distributed mode): 55000 on a worker whose copy of the configuration tables is not complete';
+
+-- distribute()'s part (first and every later call): config_copies a
+-- reference table, the coordinator's configuration tables copying their
+-- changes into it, and its rows, with every worker's tables, made again
+-- from the coordinator's
+CREATE FUNCTION metering._config_distribute() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  t text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = 'metering.config_copies'::regclass) THEN
+    PERFORM create_reference_table('metering.config_copies');
+  END IF;
+  -- (a worker added since has the other reference tables only once asked)
+  PERFORM replicate_reference_tables();
+  FOREACH t IN ARRAY metering._config_tables() LOOP
+    EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT ON metering.%I REFERENCING NEW TABLE AS new_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION metering._config_copy()', t || '_copy_insert', t);
+    EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER UPDATE ON metering.%I REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION metering._config_copy()', t || '_copy_update', t);
+    EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER DELETE ON metering.%I REFERENCING OLD TABLE AS old_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION metering._config_copy()', t || '_copy_delete', t);
+    EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER TRUNCATE ON metering.%I '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION metering._config_copy()', t || '_copy_truncate', t);
+  END LOOP;
+  -- every node's copies made again, in this transaction: emptied (which
+  -- empties each worker's tables), then every row (which each writes)
+  TRUNCATE metering.config_copies;
+  FOREACH t IN ARRAY metering._config_tables() LOOP
+    EXECUTE format('INSERT INTO metering.config_copies (tab, key, "row") '
+                   'SELECT $1, (SELECT pg_catalog.jsonb_object_agg(k, pg_catalog.to_jsonb(r) -> k) FROM pg_catalog.unnest($2) k), '
+                   'pg_catalog.to_jsonb(r) FROM metering.%I r', t)
+      USING t, metering._config_key(t);
+  END LOOP;
+END $$;
+COMMENT ON FUNCTION metering._config_distribute() IS
+  'internal (distributed mode): puts the configuration on every node and keeps it there (distribute() calls it)';
+REVOKE EXECUTE ON FUNCTION metering._config_distribute() FROM PUBLIC;
