@@ -7,11 +7,14 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -39,20 +42,39 @@ Stored(Datum *ev)
 	return SPI_processed > 0;
 }
 
-/* stores the event as ingest does (metering._store_events): true when new */
+/*
+ * Stores the event, already parsed, as ingest does (metering._store_events,
+ * whose rules these are too): a repeat of (source, id) is stored once, and
+ * once distributed the coordinator evaluates the alerts of what it stored
+ * (the events' trigger runs on the shards).  True when new.
+ */
 static bool
-Store(Jsonb *event)
+Store(Datum *ev)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[1] = {JSONBOID};
-	Datum		args[1] = {PointerGetDatum(event)};
-	bool		isnull;
-	int			ret = SPI_execute_plan(EntPrepare(&plan, "SELECT metering._store_events($1, false)", 1, types),
-									   args, NULL, false, 1);
+	static SPIPlanPtr alerts = NULL;
+	Oid			types[6] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, JSONBOID};
+	int			ret = SPI_execute_plan(EntPrepare(&plan,
+											   "INSERT INTO metering.events (id, source, subject, type, time, data) "
+											   "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+											   6, types),
+									   ev, NULL, false, 0);
+	bool		stored;
 
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not store the event: %s", SPI_result_code_string(ret));
-	return DatumGetInt64(EntGetCol(0, 1, &isnull)) == 1;
+	stored = SPI_processed == 1;
+	if (stored && OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+	{
+		ret = SPI_execute_plan(EntPrepare(&alerts,
+										  "SELECT metering._alerts_for_events(ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4]) "
+										  "WHERE metering._distributed()",
+										  4, (Oid[]) {TEXTOID, TEXTOID, TIMESTAMPTZOID, JSONBOID}),
+							   (Datum[]) {ev[2], ev[3], ev[4], ev[5]}, NULL, false, 0);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not evaluate the alerts of the event: %s", SPI_result_code_string(ret));
+	}
+	return stored;
 }
 
 /*
@@ -142,7 +164,7 @@ metering_consume(PG_FUNCTION_ARGS)
 	}
 	else
 	{
-		bool		stored = Store(event);
+		bool		stored = Store(ev);
 
 		values[0] = BoolGetDatum(true);
 		values[1] = BoolGetDatum(stored);
