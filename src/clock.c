@@ -13,6 +13,17 @@
  * reading of the clock, so that the value never changes within the
  * transaction (a later distributed statement would otherwise assign one).
  *
+ * Any role may set a transaction's identifier itself (Citus's
+ * assign_distributed_transaction_id is PUBLIC, and it runs it on the
+ * workers as the user), so an identifier is not trusted blindly: on the
+ * coordinator only one that Citus assigned there is the clock (an
+ * identifier set by hand there is refused, but from a superuser, who may
+ * move the clock anyway); on a worker, one dated after the worker's own
+ * transaction start, beyond a minute of clock skew, is not the
+ * coordinator's and the node keeps its own start.  A role that connects to
+ * a worker directly can still date its own transaction there in the past
+ * (README, Security).
+ *
  * Citus's functions are found in its library, which is loaded only where
  * it is preloaded; a database without Citus pays one test per backend.
  */
@@ -45,11 +56,16 @@ typedef struct CitusTransactionId
 typedef bool (*CitusLoadedFn) (void);
 typedef void (*CitusEnsureIdFn) (void);
 typedef CitusTransactionId *(*CitusCurrentIdFn) (void);
+typedef int32 (*CitusGroupIdFn) (void);
+
+#define COORDINATOR_GROUP 0
+#define MAX_SKEW_USECS (60 * USECS_PER_SEC)
 
 static int	citus_preloaded = -1;	/* unknown yet */
 static CitusLoadedFn citus_loaded;
 static CitusEnsureIdFn citus_ensure_id;
 static CitusCurrentIdFn citus_current_id;
+static CitusGroupIdFn citus_group_id;
 
 static LocalTransactionId clock_lxid = InvalidLocalTransactionId;
 static TimestampTz clock_value;
@@ -87,7 +103,8 @@ CitusPreloaded(void)
 		citus_loaded = (CitusLoadedFn) load_external_function("citus", "CitusHasBeenLoaded", false, NULL);
 		citus_ensure_id = (CitusEnsureIdFn) load_external_function("citus", "EnsureDistributedTransactionId", false, NULL);
 		citus_current_id = (CitusCurrentIdFn) load_external_function("citus", "GetCurrentDistributedTransactionId", false, NULL);
-		if (citus_loaded == NULL || citus_ensure_id == NULL || citus_current_id == NULL)
+		citus_group_id = (CitusGroupIdFn) load_external_function("citus", "GetLocalGroupId", false, NULL);
+		if (citus_loaded == NULL || citus_ensure_id == NULL || citus_current_id == NULL || citus_group_id == NULL)
 			citus_preloaded = 0;
 	}
 	return citus_preloaded == 1;
@@ -120,7 +137,20 @@ MeteringTransactionClock(void)
 		citus_ensure_id();
 		id = citus_current_id();
 	}
-	clock_value = id->number != 0 ? id->timestamp : start;
+	clock_value = start;
+	if (id->number != 0 && id->originator)
+		clock_value = id->timestamp;
+	else if (id->number != 0 && citus_group_id() == COORDINATOR_GROUP)
+	{
+		if (!superuser())
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("metering.now(): this transaction's distributed transaction identifier was set by hand"),
+					 errdetail("On the coordinator the clock is the identifier Citus assigns; assign_distributed_transaction_id() would move it.")));
+		clock_value = id->timestamp;
+	}
+	else if (id->number != 0 && id->timestamp <= start + MAX_SKEW_USECS)
+		clock_value = id->timestamp;
 	clock_lxid = MyProc->lxid;
 	return clock_value;
 }

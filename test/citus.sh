@@ -187,6 +187,22 @@ check "... and the workers' caches see them: rated_total over the distributed ev
   "$(sql m "$rated" | md5sum)" "$(sql single "$rated" | md5sum)"
 check "a change rolled back reaches no node" \
   "$(sql m "BEGIN; INSERT INTO metering.hashmap_services (name) VALUES ('rolled.back'); ROLLBACK; SELECT count(*) FROM metering.config_copies WHERE \"row\"->>'name' = 'rolled.back'") $(same_rules)" "0 true"
+# a writable CTE whose first part's row triggers change the rows its second part changed (the group's running rules
+# end and go on as copies): the copies are the rows as the query left them
+for db in m single; do
+  sql $db "WITH g AS (INSERT INTO metering.hashmap_groups (name) VALUES ('g2') RETURNING id)
+           INSERT INTO metering.hashmap_mappings (service_id, group_id, cost, map_type) SELECT s.id, g.id, 3, 'flat'
+             FROM metering.hashmap_services s, g WHERE s.name = 'llm.tokens'" >/dev/null
+done
+for db in m single; do
+  sql $db "WITH g AS (UPDATE metering.hashmap_groups SET deleted_at = now() WHERE name = 'g2' RETURNING id)
+           UPDATE metering.hashmap_mappings m SET \"end\" = '2099-01-01' FROM g WHERE m.group_id = g.id" >/dev/null
+done
+check "... also where a later part of the same query changed them again (a writable CTE)" "$(same_rules)" "true"
+sql m "SET session_replication_role = replica; UPDATE metering.hashmap_mappings SET name = 'replica write' WHERE name IS NULL" >/dev/null
+check "... and what a session in replica mode writes" "$(same_rules)" "true"
+check "distribute() refuses an older snapshot than the rows' (REPEATABLE READ)" \
+  "$(errcode m "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT metering.distribute()")" 55000
 "$bindir/psql" -X -q -h "$dir" -p "$w1" -U postgres -d m -c "SET session_replication_role = replica; DELETE FROM metering.hashmap_thresholds" >/dev/null
 check "a worker whose copy of the rules is not whole refuses to rate (55000), and distribute() copies it again" \
   "$(errcode m "$rated") $(sql m "SELECT metering.distribute()" >/dev/null; same_rules) $(sql m "$rated" | md5sum | cut -c1-8)" \
@@ -209,6 +225,20 @@ check "row security on the workers: a role that sees one subject reads its event
 check "... and the functions answer it as on one node" \
   "$(sql m "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")" \
   "$(sql single "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")"
+# (the first setup_roles() made the roles in its own transaction, which the workers' grants could not see yet)
+sql m "SELECT metering.setup_roles()" >/dev/null 2>"$tmp.warn"
+# (the same rates computed on the coordinator: the rows read in a materialized CTE)
+readers_rate="SET ROLE citus_reader; SELECT subject, metering.rated_total(type, coalesce((data->>'tokens')::numeric, 1), data, subject, time)
+                FROM metering.events GROUP BY subject ORDER BY 1"
+readers_rate_here="SET ROLE citus_reader; WITH e AS MATERIALIZED (SELECT * FROM metering.events)
+                     SELECT subject, metering.rated_total(type, coalesce((data->>'tokens')::numeric, 1), data, subject, time) FROM e GROUP BY subject ORDER BY 1"
+check "a reader rates on the workers, its own subjects only, as the coordinator does (the workers' copies take the coordinator's readers)" \
+  "$(sql m "$readers_rate" | tr '\n' ' ')$(grep -c WARNING "$tmp.warn")" "$(sql m "$readers_rate_here" | tr '\n' ' ')0"
+check "on the coordinator, a distributed transaction identifier set by hand is not a clock (but a superuser's)" \
+  "$(errcode m "SET ROLE citus_reader; BEGIN; SELECT assign_distributed_transaction_id(0, 12345, '2020-01-01+00'); SELECT metering.now()")
+$(sql m "BEGIN; SELECT count(*) FROM (SELECT assign_distributed_transaction_id(0, 12345, '2020-01-01+00')) x; SELECT metering.now(); ROLLBACK")" "42501
+1
+2020-01-01 00:00:00+00"
 sql m "CREATE ROLE citus_other; GRANT metering_reader TO citus_other;
        INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_other', 's5')" >/dev/null
 check "the policies' function answers a role about itself, and not about another role" \

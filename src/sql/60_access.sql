@@ -225,7 +225,9 @@ BEGIN
     FROM metering_admin;
   -- (the copies of the configuration are the coordinator's triggers' alone)
   REVOKE EXECUTE ON FUNCTION metering._config_copy(), metering._config_apply(), metering._config_write(text, jsonb, jsonb),
-    metering._config_distribute() FROM metering_admin;
+    metering._config_distribute(), metering._config_readers(text, text[]), metering._config_grants() FROM metering_admin;
+  -- a distributed install: the workers' copies of the rules, readable as here
+  PERFORM metering._config_grants();
 END $$;
 COMMENT ON FUNCTION metering.setup_roles() IS
   'creates (if absent) metering_reader, metering_writer and metering_admin and grants them their rights; run it as a superuser or the extension owner with CREATEROLE, again after adding tables';

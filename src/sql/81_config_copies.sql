@@ -39,9 +39,11 @@ RETURN (SELECT array_agg(a.attname::text ORDER BY k.n)
 COMMENT ON FUNCTION metering._config_key(text) IS
   'internal (distributed mode): the primary key columns of a configuration table';
 
--- On the coordinator (created by distribute()): a statement's changes to a
--- configuration table, into config_copies.  Owner-run: whoever may write
--- the rules may not write config_copies.
+-- On the coordinator (created by distribute()): the rows a statement
+-- changed, copied into config_copies as they are when it ends (not as the
+-- transition tables have them: a later part of the same query, a row
+-- trigger of a writable CTE, may have changed them again).  Owner-run:
+-- whoever may write the rules may not write config_copies.
 CREATE FUNCTION metering._config_copy() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -49,7 +51,9 @@ DECLARE
   key_sql text := '(SELECT pg_catalog.jsonb_object_agg(k, pg_catalog.to_jsonb(r) -> k) FROM pg_catalog.unnest($1) k)';
   old_keys jsonb[];
   new_keys jsonb[];
-  new_rows jsonb[];
+  gone jsonb[];
+  here_keys jsonb[];
+  here_rows jsonb[];
 BEGIN
   -- only on the tables distribute() puts it on
   IF NOT (TG_TABLE_NAME = ANY (metering._config_tables()))
@@ -66,16 +70,23 @@ BEGIN
     EXECUTE 'SELECT pg_catalog.array_agg(' || key_sql || ') FROM old_rows r' INTO old_keys USING keys;
   END IF;
   IF TG_OP <> 'DELETE' THEN
-    EXECUTE 'SELECT pg_catalog.array_agg(' || key_sql || '), pg_catalog.array_agg(pg_catalog.to_jsonb(r)) FROM new_rows r'
-      INTO new_keys, new_rows USING keys;
+    EXECUTE 'SELECT pg_catalog.array_agg(' || key_sql || ') FROM new_rows r' INTO new_keys USING keys;
   END IF;
-  IF old_keys IS NOT NULL THEN
-    DELETE FROM metering.config_copies
-     WHERE tab = TG_TABLE_NAME AND key = ANY (old_keys) AND NOT key = ANY (coalesce(new_keys, '{}'));
+  -- each key's row now, or none
+  EXECUTE format('SELECT pg_catalog.array_agg(u.k) FILTER (WHERE t.%1$I IS NULL), '
+                 'pg_catalog.array_agg(u.k) FILTER (WHERE t.%1$I IS NOT NULL), '
+                 'pg_catalog.array_agg(pg_catalog.to_jsonb(t)) FILTER (WHERE t.%1$I IS NOT NULL) '
+                 'FROM (SELECT DISTINCT x.k FROM pg_catalog.unnest($1) x(k)) u '
+                 'CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::metering.%2$I, u.k) k '
+                 'LEFT JOIN metering.%2$I t ON %3$s',
+                 keys[1], TG_TABLE_NAME, (SELECT string_agg(format('t.%I = k.%I', c, c), ' AND ') FROM unnest(keys) c))
+    INTO gone, here_keys, here_rows USING coalesce(old_keys, '{}') || coalesce(new_keys, '{}');
+  IF gone IS NOT NULL THEN
+    DELETE FROM metering.config_copies WHERE tab = TG_TABLE_NAME AND key = ANY (gone);
   END IF;
-  IF new_keys IS NOT NULL THEN
+  IF here_keys IS NOT NULL THEN
     INSERT INTO metering.config_copies AS c (tab, key, "row")
-    SELECT TG_TABLE_NAME, u.k, u.r FROM unnest(new_keys, new_rows) AS u(k, r)
+    SELECT TG_TABLE_NAME, u.k, u.r FROM unnest(here_keys, here_rows) AS u(k, r)
     ON CONFLICT (tab, key) DO UPDATE SET "row" = excluded."row";
   END IF;
   RETURN NULL;
@@ -149,18 +160,19 @@ CREATE TRIGGER config_copies_emptied AFTER TRUNCATE ON metering.config_copies
   FOR EACH STATEMENT EXECUTE FUNCTION metering._config_apply();
 
 -- What reads configuration on a worker first checks that the node holds
--- all of it: as many rows as config_copies has (a worker added after
--- distributing holds none until distribute() runs again: Citus copies
--- config_copies to it, but without writing the rows into its tables).  It counts this
--- node's copy of config_copies itself: a query of the reference table
--- would be a distributed one, which Citus refuses inside a shard's query.
+-- it as the coordinator does: the same rows, value for value, as its copy
+-- of config_copies (a worker added after distributing holds none until
+-- distribute() runs again: Citus copies config_copies to it, but without
+-- writing the rows into its tables).  It reads this node's copy of
+-- config_copies itself: a query of the reference table would be a
+-- distributed one, which Citus refuses inside a shard's query.  (Asked
+-- when a cache of the rules is made, not for each row.)
 CREATE FUNCTION metering._require_config(what text) RETURNS void
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t text;
   placement regclass;
-  here bigint;
-  there bigint;
+  differ boolean;
 BEGIN
   IF NOT metering._on_worker() THEN
     RETURN;
@@ -169,14 +181,17 @@ BEGIN
           'FROM pg_catalog.pg_dist_shard s WHERE s.logicalrelid = ''metering.config_copies''::regclass'
     INTO placement;
   FOREACH t IN ARRAY metering._config_tables() LOOP
-    EXECUTE format('SELECT count(*) FROM metering.%I', t) INTO here;
     IF placement IS NULL THEN
-      there := NULL;
+      differ := true;
     ELSE
-      EXECUTE format('SELECT count(*) FROM %s c WHERE c.tab = $1', placement) INTO there USING t;
+      EXECUTE format('WITH here AS (SELECT * FROM metering.%1$I), '
+                     'there AS (SELECT r.* FROM %2$s c, pg_catalog.jsonb_populate_record(NULL::metering.%1$I, c."row") r WHERE c.tab = $1) '
+                     'SELECT EXISTS (SELECT * FROM here EXCEPT ALL SELECT * FROM there) '
+                     '    OR EXISTS (SELECT * FROM there EXCEPT ALL SELECT * FROM here)', t, placement)
+        INTO differ USING t;
     END IF;
-    IF here IS DISTINCT FROM there THEN
-      RAISE EXCEPTION '% on this worker: its copy of metering.% has % rows, the coordinator''s has %', what, t, here, coalesce(there::text, 'none here')
+    IF differ THEN
+      RAISE EXCEPTION '% on this worker: its copy of metering.% is not the coordinator''s', what, t
         USING ERRCODE = 'object_not_in_prerequisite_state',
               HINT = 'Run SELECT metering.distribute() on the coordinator: it copies the configuration to every worker again.';
     END IF;
@@ -194,6 +209,16 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t text;
 BEGIN
+  -- the copies are made from the rows as they are: no older snapshot, and
+  -- no writer meanwhile (until this transaction ends)
+  IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+    RAISE EXCEPTION 'distribute: run it at READ COMMITTED (it copies the configuration as it is), not %',
+      pg_catalog.current_setting('transaction_isolation')
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  FOREACH t IN ARRAY metering._config_tables() LOOP
+    EXECUTE format('LOCK TABLE metering.%I IN SHARE ROW EXCLUSIVE MODE', t);
+  END LOOP;
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = 'metering.config_copies'::regclass) THEN
     PERFORM create_reference_table('metering.config_copies');
   END IF;
@@ -208,6 +233,10 @@ BEGIN
                    'FOR EACH STATEMENT EXECUTE FUNCTION metering._config_copy()', t || '_copy_delete', t);
     EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER TRUNCATE ON metering.%I '
                    'FOR EACH STATEMENT EXECUTE FUNCTION metering._config_copy()', t || '_copy_truncate', t);
+    -- (also what a replica-mode session writes, a logical replication into the coordinator)
+    EXECUTE format('ALTER TABLE metering.%I ENABLE ALWAYS TRIGGER %I, ENABLE ALWAYS TRIGGER %I, '
+                   'ENABLE ALWAYS TRIGGER %I, ENABLE ALWAYS TRIGGER %I',
+                   t, t || '_copy_insert', t || '_copy_update', t || '_copy_delete', t || '_copy_truncate');
   END LOOP;
   -- every node's copies made again, in this transaction: emptied (which
   -- empties each worker's tables), then every row (which each writes)
@@ -218,7 +247,81 @@ BEGIN
                    'pg_catalog.to_jsonb(r) FROM metering.%I r', t)
       USING t, metering._config_key(t);
   END LOOP;
+  PERFORM metering._config_grants();
 END $$;
 COMMENT ON FUNCTION metering._config_distribute() IS
   'internal (distributed mode): puts the configuration on every node and keeps it there (distribute() calls it)';
 REVOKE EXECUTE ON FUNCTION metering._config_distribute() FROM PUBLIC;
+
+-- Who may read the copied tables on a worker: who may read them on the
+-- coordinator (Citus does not carry grants on plain tables to the
+-- workers); nobody may write them there.  distribute() and setup_roles()
+-- run it; a grant made by hand reaches the workers at their next call.
+CREATE FUNCTION metering._config_readers(tab text, readers text[]) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  r text;
+  missing integer := 0;
+BEGIN
+  IF NOT (tab = ANY (metering._config_tables())) THEN
+    RAISE EXCEPTION 'config_copies: "%" is not a configuration table', tab USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  EXECUTE format('REVOKE ALL ON metering.%I FROM PUBLIC', tab);
+  FOR r IN SELECT g.rolname FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+             JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+            WHERE c.oid = pg_catalog.to_regclass('metering.' || pg_catalog.quote_ident(tab)) AND a.grantee <> c.relowner LOOP
+    EXECUTE format('REVOKE ALL ON metering.%I FROM %I', tab, r);
+  END LOOP;
+  FOREACH r IN ARRAY readers LOOP
+    IF r = 'PUBLIC' THEN
+      EXECUTE format('GRANT SELECT ON metering.%I TO PUBLIC', tab);
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_roles g WHERE g.rolname = r) THEN
+      EXECUTE format('GRANT SELECT ON metering.%I TO %I', tab, r);
+    ELSE
+      missing := missing + 1;
+    END IF;
+  END LOOP;
+  RETURN missing;
+END $$;
+COMMENT ON FUNCTION metering._config_readers(text, text[]) IS
+  'internal (distributed mode): on a worker, lets exactly these roles read its copy of a configuration table; returns how many of them the node does not know';
+REVOKE EXECUTE ON FUNCTION metering._config_readers(text, text[]) FROM PUBLIC;
+
+CREATE FUNCTION metering._config_grants() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  t text;
+  cmd text;
+  failed text;
+  missing bigint := 0;
+  m bigint;
+BEGIN
+  IF NOT metering._distributed() OR metering._on_worker() THEN
+    RETURN;
+  END IF;
+  FOREACH t IN ARRAY metering._config_tables() LOOP
+    SELECT format('SELECT metering._config_readers(%L, %L)', t,
+                  coalesce(array_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE g.rolname::text END), '{}'))
+      INTO cmd
+      FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+      LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+     WHERE c.oid = pg_catalog.to_regclass('metering.' || pg_catalog.quote_ident(t))
+       AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner;
+    EXECUTE 'SELECT string_agg(nodename || '':'' || nodeport || '': '' || result, ''; '') FILTER (WHERE NOT success), '
+            'sum(result::bigint) FILTER (WHERE success) FROM run_command_on_workers($1)' INTO failed, m USING cmd;
+    IF failed IS NOT NULL THEN
+      RAISE EXCEPTION 'a worker could not take the grants of metering.%: %', t, failed
+        USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    missing := missing + coalesce(m, 0);
+  END LOOP;
+  -- (the workers' sessions of run_command_on_workers see only what has
+  -- committed: a role made in this transaction is not there yet)
+  IF missing > 0 THEN
+    RAISE WARNING 'a role that may read the rating rules is not on every worker yet, so it cannot rate there'
+      USING HINT = 'Run SELECT metering.setup_roles() again once the transaction that made the role has committed.';
+  END IF;
+END $$;
+COMMENT ON FUNCTION metering._config_grants() IS
+  'internal (distributed mode): gives each worker''s copies of the configuration tables the coordinator''s readers';
+REVOKE EXECUTE ON FUNCTION metering._config_grants() FROM PUBLIC;
