@@ -77,15 +77,20 @@ per_batch() {  # CPU seconds before, after, batches/s: CPU ms a batch (0: not me
 for db in metering_bench_single metering_bench_citus; do
   name=${db#metering_bench_}
   set -- $(run $db value); eval "${name}_value=$2"
+  # (in read-only sessions, whose reads start no distributed transaction for
+  # the clock: README, One clock per transaction)
+  set -- $(PGOPTIONS='-c default_transaction_read_only=on' run $db value); eval "${name}_value_ro=$2"
   sleep 1; c0=$(node_cpu "$dir/n$port"); w0=$(workers_cpu)
   set -- $(run $db batch); eval "${name}_batch=$1"
   sleep 1
   eval "${name}_cpu=$(per_batch "$c0" "$(node_cpu "$dir/n$port")" "$1")"
   eval "${name}_wcpu=$(per_batch "$w0" "$(workers_cpu)" "$1")"
 done
-awk -v sb="$single_batch" -v cb="$citus_batch" -v sv="$single_value" -v cv="$citus_value" 'BEGIN {
+awk -v sb="$single_batch" -v cb="$citus_batch" -v sv="$single_value" -v cv="$citus_value" \
+    -v svr="$single_value_ro" -v cvr="$citus_value_ro" 'BEGIN {
   printf "ingest_batch of 1,000 events, 2 clients: one node %.0f events/s, coordinator + 2 workers %.0f events/s (ratio %.2f)\n", sb * 1000, cb * 1000, cb / sb
-  printf "entitlement_value, 2 clients: one node %.3f ms, coordinator + 2 workers %.3f ms (ratio %.2f)\n", sv, cv, cv / sv }'
+  printf "entitlement_value, 2 clients: one node %.3f ms, coordinator + 2 workers %.3f ms (ratio %.2f)\n", sv, cv, cv / sv
+  printf "entitlement_value in read-only sessions, 2 clients: one node %.3f ms, coordinator + 2 workers %.3f ms (ratio %.2f)\n", svr, cvr, cvr / svr }'
 # Where the work of ingestion goes: CPU ms per 1,000 events (a batch) on one
 # node, on the coordinator and on the two workers together.  Extrapolated
 # to nodes of 16 cores, taking the workers' total to stay what two workers

@@ -130,9 +130,13 @@ MeteringTransactionClock(void)
 	id = citus_current_id();
 	/*
 	 * A parallel worker reads its leader's identifier; it cannot start one,
-	 * and its leader's transaction start is its own.
+	 * and its leader's transaction start is its own.  A read-only
+	 * transaction starts none either: it writes nothing on which the nodes
+	 * must agree, and an identifier costs each worker it reads from a BEGIN
+	 * and a COMMIT more (its parts that read the clock there read their
+	 * own).
 	 */
-	if (id->number == 0 && !IsParallelWorker())
+	if (id->number == 0 && !IsParallelWorker() && !XactReadOnly)
 	{
 		citus_ensure_id();
 		id = citus_current_id();

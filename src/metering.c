@@ -123,11 +123,12 @@ ParseClockValue(const char *str, TimestampTz *result)
 }
 
 /*
- * Without Citus's catalog there is nothing to ask (and no query to pay);
- * with it, the SQL helper decides.
+ * Asks an SQL helper of 80_distribute.sql or 81_config_copies.sql whether
+ * this node may run what: without Citus's catalog there is nothing to ask
+ * (and no query to pay).
  */
-void
-MeteringRequireCoordinator(const char *what)
+static void
+AskNode(const char *query, const char *what)
 {
 	Oid			types[1] = {TEXTOID};
 	Datum		args[1];
@@ -136,29 +137,23 @@ MeteringRequireCoordinator(const char *what)
 	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
 		return;
 	args[0] = CStringGetTextDatum(what);
-	ret = SPI_execute_with_args("SELECT metering._require_coordinator($1)", 1, types, args, NULL, true, 0);
+	ret = SPI_execute_with_args(query, 1, types, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not check the node: %s", SPI_result_code_string(ret));
 }
 
-/*
- * What reads configuration that every node holds (81_config_copies.sql):
- * on a worker whose copy is not complete, 55000.
- */
+/* What reads the coordinator's own configuration: 0A000 on a worker. */
+void
+MeteringRequireCoordinator(const char *what)
+{
+	AskNode("SELECT metering._require_coordinator($1)", what);
+}
+
+/* What reads configuration that every node holds: 55000 where a worker's copy is not whole. */
 void
 MeteringRequireConfig(const char *what)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		args[1];
-	int			ret;
-
-	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
-		return;
-	args[0] = CStringGetTextDatum(what);
-	ret = SPI_execute_with_args("SELECT metering._require_config($1)",
-								1, types, args, NULL, true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not check the node's configuration: %s", SPI_result_code_string(ret));
+	AskNode("SELECT metering._require_config($1)", what);
 }
 
 /*

@@ -302,6 +302,8 @@ check "metering.now() is read once per transaction, before and after its first d
   "$(sql m "BEGIN; CREATE TEMP TABLE clock AS SELECT metering.now() AS t, pg_sleep(0.01)::text AS slept;
               WITH e AS MATERIALIZED (SELECT metering.now() AS n FROM metering.events)
               SELECT count(DISTINCT e.n) || ' ' || bool_and(e.n = c.t) || ' ' || bool_and(metering.now() = c.t) FROM e, clock c; COMMIT")" "1 true true"
+check "a read-only transaction starts no distributed transaction for the clock: it reads its own start" \
+  "$(sql m "BEGIN READ ONLY; SELECT (metering.now() = transaction_timestamp()) || ' ' || ((get_current_transaction_id()).transaction_number = 0); COMMIT")" "true true"
 check "TRUNCATE empties the events and what is derived from them" \
   "$(sql m "BEGIN; TRUNCATE metering.events;
               SELECT (SELECT count(*) FROM metering.events) + (SELECT count(*) FROM metering.meter_rollups)
