@@ -16,13 +16,13 @@
  * Any role may set a transaction's identifier itself (Citus's
  * assign_distributed_transaction_id is PUBLIC, and it runs it on the
  * workers as the user), so an identifier is not trusted blindly: on the
- * coordinator only one that Citus assigned there is the clock (an
- * identifier set by hand there is refused, but from a superuser, who may
- * move the clock anyway); on a worker, one dated after the worker's own
- * transaction start, beyond a minute of clock skew, is not the
- * coordinator's and the node keeps its own start.  A role that connects to
- * a worker directly can still date its own transaction there in the past
- * (README, Security).
+ * coordinator only one that Citus assigned there is the clock (one set by
+ * hand there is refused, whoever the user: inside an owner-run function
+ * the current user is the owner; a superuser sets metering.now instead);
+ * on a worker, one dated after the worker's own transaction start, beyond
+ * a minute of clock skew, is not the coordinator's and the node keeps its
+ * own start.  A role that connects to a worker directly can still date its
+ * own transaction there in the past (README, Security).
  *
  * Citus's functions are found in its library, which is loaded only where
  * it is preloaded; a database without Citus pays one test per backend.
@@ -31,11 +31,13 @@
 
 #include "access/parallel.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "nodes/pg_list.h"
 #include "storage/proc.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 #include "utils/varlena.h"
 
@@ -57,6 +59,7 @@ typedef bool (*CitusLoadedFn) (void);
 typedef void (*CitusEnsureIdFn) (void);
 typedef CitusTransactionId *(*CitusCurrentIdFn) (void);
 typedef int32 (*CitusGroupIdFn) (void);
+typedef bool (*CitusTableFn) (Oid relid);
 
 #define COORDINATOR_GROUP 0
 #define MAX_SKEW_USECS (60 * USECS_PER_SEC)
@@ -66,6 +69,7 @@ static CitusLoadedFn citus_loaded;
 static CitusEnsureIdFn citus_ensure_id;
 static CitusCurrentIdFn citus_current_id;
 static CitusGroupIdFn citus_group_id;
+static CitusTableFn citus_table;
 
 static LocalTransactionId clock_lxid = InvalidLocalTransactionId;
 static TimestampTz clock_value;
@@ -104,7 +108,9 @@ CitusPreloaded(void)
 		citus_ensure_id = (CitusEnsureIdFn) load_external_function("citus", "EnsureDistributedTransactionId", false, NULL);
 		citus_current_id = (CitusCurrentIdFn) load_external_function("citus", "GetCurrentDistributedTransactionId", false, NULL);
 		citus_group_id = (CitusGroupIdFn) load_external_function("citus", "GetLocalGroupId", false, NULL);
-		if (citus_loaded == NULL || citus_ensure_id == NULL || citus_current_id == NULL || citus_group_id == NULL)
+		citus_table = (CitusTableFn) load_external_function("citus", "IsCitusTable", false, NULL);
+		if (citus_loaded == NULL || citus_ensure_id == NULL || citus_current_id == NULL ||
+			citus_group_id == NULL || citus_table == NULL)
 			citus_preloaded = 0;
 	}
 	return citus_preloaded == 1;
@@ -129,14 +135,17 @@ MeteringTransactionClock(void)
 		return start;			/* this database has no citus extension */
 	id = citus_current_id();
 	/*
-	 * A parallel worker reads its leader's identifier; it cannot start one,
-	 * and its leader's transaction start is its own.  A read-only
-	 * transaction starts none either: it writes nothing on which the nodes
-	 * must agree, and an identifier costs each worker it reads from a BEGIN
-	 * and a COMMIT more (its parts that read the clock there read their
-	 * own).
+	 * Only where the extension's tables are distributed (Citus's metadata
+	 * cache answers).  Not in parallel mode: the parallel workers, which
+	 * read the leader's identifier, may have read none already.  Not in a
+	 * read-only statement outside a transaction block: it writes nothing
+	 * on which the nodes must agree, and an identifier costs each worker it
+	 * reads from a BEGIN and a COMMIT more (a read-only transaction block
+	 * may get one from Citus later, whose instant its parts on the workers
+	 * would read: it starts one at once, as a writing one does).
 	 */
-	if (id->number == 0 && !IsParallelWorker() && !XactReadOnly)
+	if (id->number == 0 && !IsInParallelMode() && (!XactReadOnly || IsTransactionBlock()) &&
+		citus_table(get_relname_relid("events", get_namespace_oid("metering", true))))
 	{
 		citus_ensure_id();
 		id = citus_current_id();
@@ -145,14 +154,11 @@ MeteringTransactionClock(void)
 	if (id->number != 0 && id->originator)
 		clock_value = id->timestamp;
 	else if (id->number != 0 && citus_group_id() == COORDINATOR_GROUP)
-	{
-		if (!superuser())
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("metering.now(): this transaction's distributed transaction identifier was set by hand"),
-					 errdetail("On the coordinator the clock is the identifier Citus assigns; assign_distributed_transaction_id() would move it.")));
-		clock_value = id->timestamp;
-	}
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("metering.now(): this transaction's distributed transaction identifier was not assigned on this node"),
+				 errdetail("On the coordinator the clock is the identifier Citus assigns there; one set with assign_distributed_transaction_id() would move it."),
+				 errhint("To move the clock, a superuser sets metering.now. Citus itself sends the coordinator such an identifier when citus.enable_local_execution is off: leave it on.")));
 	else if (id->number != 0 && id->timestamp <= start + MAX_SKEW_USECS)
 		clock_value = id->timestamp;
 	clock_lxid = MyProc->lxid;
