@@ -24,7 +24,7 @@ REVOKE ALL ON metering.config_copies FROM PUBLIC;
 
 -- the tables copied, and their primary keys
 CREATE FUNCTION metering._config_tables() RETURNS text[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 RETURN ARRAY['hashmap_services', 'hashmap_fields', 'hashmap_groups', 'hashmap_mappings', 'hashmap_thresholds'];
 COMMENT ON FUNCTION metering._config_tables() IS
   'internal (distributed mode): the configuration tables whose rows every node holds';
@@ -95,10 +95,10 @@ COMMENT ON FUNCTION metering._config_copy() IS
   'internal (distributed mode): copies a statement''s changes to a configuration table of the coordinator into config_copies';
 REVOKE EXECUTE ON FUNCTION metering._config_copy() FROM PUBLIC;
 
--- Writes one row of config_copies (NULL: removes one) into this node's
--- table.  The rows were checked where they were written: the node's own
--- triggers stay quiet (replica), but for those that are ENABLE ALWAYS, the
--- caches' invalidation.
+-- Writes one row of config_copies into this node's table (row NULL:
+-- removes the key's; key NULL too: every row).  The rows were checked
+-- where they were written: the node's own triggers stay quiet (replica),
+-- but for those that are ENABLE ALWAYS, the caches' invalidation.
 CREATE FUNCTION metering._config_write(tab text, key jsonb, "row" jsonb) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -108,11 +108,15 @@ BEGIN
   IF NOT (tab = ANY (metering._config_tables())) THEN
     RAISE EXCEPTION 'config_copies: "%" is not a configuration table', tab USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  keys := metering._config_key(tab);
   PERFORM pg_catalog.set_config('session_replication_role', 'replica', true);
-  EXECUTE format('DELETE FROM metering.%I t USING pg_catalog.jsonb_populate_record(NULL::metering.%I, $1) k WHERE %s',
-                 tab, tab, (SELECT string_agg(format('t.%I = k.%I', c, c), ' AND ') FROM unnest(keys) c))
-    USING key;
+  IF key IS NULL THEN
+    EXECUTE format('DELETE FROM metering.%I', tab);
+  ELSE
+    keys := metering._config_key(tab);
+    EXECUTE format('DELETE FROM metering.%I t USING pg_catalog.jsonb_populate_record(NULL::metering.%I, $1) k WHERE %s',
+                   tab, tab, (SELECT string_agg(format('t.%I = k.%I', c, c), ' AND ') FROM unnest(keys) c))
+      USING key;
+  END IF;
   IF "row" IS NOT NULL THEN
     EXECUTE format('INSERT INTO metering.%I SELECT * FROM pg_catalog.jsonb_populate_record(NULL::metering.%I, $1)', tab, tab)
       USING "row";
@@ -130,17 +134,14 @@ CREATE FUNCTION metering._config_apply() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t text;
-  role text := pg_catalog.current_setting('session_replication_role');
 BEGIN
   IF NOT metering._on_worker() THEN
     RETURN NULL;
   END IF;
   IF TG_OP = 'TRUNCATE' THEN
-    PERFORM pg_catalog.set_config('session_replication_role', 'replica', true);
     FOREACH t IN ARRAY metering._config_tables() LOOP
-      EXECUTE format('DELETE FROM metering.%I', t);
+      PERFORM metering._config_write(t, NULL, NULL);
     END LOOP;
-    PERFORM pg_catalog.set_config('session_replication_role', role, true);
   ELSIF TG_OP = 'DELETE' THEN
     PERFORM metering._config_write(OLD.tab, OLD.key, NULL);
   ELSE
