@@ -3,7 +3,8 @@
 # (tools/citus-cluster; the same PostgreSQL, settings and data): ingest_batch
 # of 1,000-event batches (random subjects of 1,000) and entitlement_value of
 # a random subject (100 events each above the refreshed rollups), pgbench
-# 10 s at 2 clients each; the coordinator keeps 8 connections per worker
+# 10 s at 2 clients each, then refresh_rollups() of what the batches
+# stored; the coordinator keeps 8 connections per worker
 # (tools/citus-cluster) and the events have 4 shards.  On loopback, with every node on the same cores,
 # the ratio is the overhead of distribution, not its scaling (README,
 # Scaling).  Skipped when Citus is not installed (tools/citus installs it).
@@ -86,6 +87,25 @@ for db in metering_bench_single metering_bench_citus; do
   eval "${name}_cpu=$(per_batch "$c0" "$(node_cpu "$dir/n$port")" "$1")"
   eval "${name}_wcpu=$(per_batch "$w0" "$(workers_cpu)" "$1")"
 done
+# the refresh of what the batches stored: on the cluster the coordinator
+# sends each shard an INSERT ... SELECT of its events, which its worker runs
+# (README, Scaling out on Citus); (meter, event) pairs a second, and the CPU
+# each side spent per 1,000 of them
+now_s() { date +%s.%N; }
+for db in metering_bench_single metering_bench_citus; do
+  name=${db#metering_bench_}
+  sleep 1; c0=$(node_cpu "$dir/n$port"); w0=$(workers_cpu); t0=$(now_s)
+  pairs=$(q $db "SELECT metering.refresh_rollups()")
+  t1=$(now_s); sleep 1
+  eval "${name}_refresh=$(echo "$pairs $t0 $t1" | awk '{ printf "%.0f", $1 / ($3 - $2) }')"
+  eval "${name}_rcpu=$(per_batch "$c0" "$(node_cpu "$dir/n$port")" "$(echo "$pairs $secs" | awk '{ print $1 / 1000 / $2 }')")"
+  eval "${name}_rwcpu=$(per_batch "$w0" "$(workers_cpu)" "$(echo "$pairs $secs" | awk '{ print $1 / 1000 / $2 }')")"
+  eval "${name}_pairs=$pairs"
+done
+awk -v sr="$single_refresh" -v cr="$citus_refresh" -v sp="$single_pairs" -v cp="$citus_pairs" \
+    -v sc="$single_rcpu" -v cc="$citus_rcpu" -v cw="$citus_rwcpu" 'BEGIN {
+  printf "refresh_rollups() of the batches: one node %d pairs at %.0f a second, coordinator + 2 workers %d at %.0f a second (ratio %.2f)\n", sp, sr, cp, cr, cr / sr
+  if (sc > 0 && cc > 0) printf "CPU per 1,000 pairs refreshed: one node %.1f ms; coordinator %.1f ms, the workers %.1f ms in all\n", sc, cc, cw }'
 awk -v sb="$single_batch" -v cb="$citus_batch" -v sv="$single_value" -v cv="$citus_value" \
     -v svr="$single_value_ro" -v cvr="$citus_value_ro" 'BEGIN {
   printf "ingest_batch of 1,000 events, 2 clients: one node %.0f events/s, coordinator + 2 workers %.0f events/s (ratio %.2f)\n", sb * 1000, cb * 1000, cb / sb

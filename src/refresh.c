@@ -18,6 +18,7 @@
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
@@ -49,6 +50,25 @@ LastEventNumber(void)
 				 errmsg("metering.events_seq must not cache numbers"),
 				 errhint("ALTER SEQUENCE metering.events_seq CACHE 1;")));
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * The refresh's statements group a meter's new events by subject, hour and
+ * group values (rollups) or period (usage periods): planned with the default
+ * work_mem (4MB) they sort every event on disk, where a hash table of the
+ * groups fits in memory.  A refresh is maintenance, so they get
+ * maintenance_work_mem, until AtEOXact_GUC(true, the level returned).
+ */
+static int
+MaintenanceWorkMem(void)
+{
+	int			level = NewGUCNestLevel();
+	char		kb[32];
+
+	snprintf(kb, sizeof(kb), "%d", Max(work_mem, maintenance_work_mem));
+	(void) set_config_option("work_mem", kb, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return level;
 }
 
 /*
@@ -120,16 +140,18 @@ MeteringRefreshMeters(const char *only_slug)
 int64
 MeteringRefreshMeter(const char *slug, int64 upto, MeteringRefreshCounts *counts)
 {
-	RollupBuffer *buf = RollupBufferCreate();
 	RollupMeter *m;
 	Oid			argtypes[3] = {TEXTOID, INT8OID, INT8OID};
 	Datum		args[3];
+	bool		isnull;
 	int64		added;
+	int			nmeters;
+	int			level;
 	int			ret;
 
 	/* its watermark, locked: refreshes and the rebuilds of DELETE take turns */
-	RollupLoadMeters(buf, slug);
-	if (buf->nmeters == 0)
+	m = RollupLoadMeters(slug, &nmeters);
+	if (nmeters == 0)
 		return 0;				/* deleted meanwhile */
 	/* a TRUNCATE ... RESTART IDENTITY (or a setval) since the refresh began */
 	if (LastEventNumber() < upto)
@@ -137,18 +159,19 @@ MeteringRefreshMeter(const char *slug, int64 upto, MeteringRefreshCounts *counts
 				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
 				 errmsg("metering.events_seq went backwards during the refresh"),
 				 errhint("Run metering.refresh_rollups() again.")));
-	m = &buf->meters[0];
 	if (m->watermark >= upto)
 		return 0;
+	/* how many events it adds (the rollups' statement returns the rows it wrote) */
 	args[0] = CStringGetTextDatum(m->event_type);
 	args[1] = Int64GetDatum(m->watermark);
 	args[2] = Int64GetDatum(upto);
-	RollupAddQueryEvents(buf, 0,
-				   "SELECT subject, type, time, data FROM metering.events "
-				   "WHERE type = $1 AND seq > $2 AND seq <= $3",
-				   3, argtypes, args);
-	added = buf->added;
-	RollupFlush(buf);
+	ret = SPI_execute_with_args("SELECT count(*) FROM metering.events WHERE type = $1 AND seq > $2 AND seq <= $3",
+								3, argtypes, args, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not count the events of meter \"%s\"", m->slug);
+	added = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	level = MaintenanceWorkMem();
+	counts->rows += added > 0 ? RollupAdd(m, upto) : 0;
 	args[0] = CStringGetTextDatum(m->slug);
 	args[1] = Int64GetDatum(upto);
 	ret = SPI_execute_with_args("UPDATE metering.meter_rollup_state SET rolled_up_to = $2, refreshed_at = metering.now() "
@@ -157,11 +180,9 @@ MeteringRefreshMeter(const char *slug, int64 upto, MeteringRefreshCounts *counts
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not move the watermark of meter \"%s\"", m->slug);
 	counts->events += added;
-	counts->rows += buf->written;
 	if (RollupHasDerivedData())
 	{
 		Datum		hookargs[3] = {args[0], Int64GetDatum(m->watermark), Int64GetDatum(upto)};
-		bool		isnull;
 
 		/* what depends on the meter's events: the usage periods ... */
 		ret = SPI_execute_with_args("SELECT metering._usage_periods_add($1, $2, $3)",
@@ -175,6 +196,7 @@ MeteringRefreshMeter(const char *slug, int64 upto, MeteringRefreshCounts *counts
 			elog(ERROR, "could not refresh the snapshots of meter \"%s\"", m->slug);
 		counts->snapshots += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	}
+	AtEOXact_GUC(true, level);
 	return added;
 }
 

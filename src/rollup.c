@@ -1,7 +1,7 @@
 /*
- * rollup.c: hourly meter rollups, kept behind a watermark: the buffer
- * that builds and writes them, and the rebuild after DELETE on events.
- * The refresh that moves the watermark is in refresh.c.
+ * rollup.c: hourly meter rollups, kept behind a watermark: the statement
+ * that adds events to them, and the rebuild after DELETE on events.  The
+ * refresh that moves the watermark is in refresh.c.
  *
  * For every live meter, metering.meter_rollups holds one row per
  * (meter, subject, UTC hour, group values) with the partial aggregates every
@@ -15,30 +15,28 @@
  * or not the rollups are current; refresh_rollups() only moves work from
  * query time to a maintenance call.
  *
- * DELETE on metering.events rebuilds the touched hours below the watermark
- * (a min, max or latest value cannot be subtracted).  The same accumulator
- * serves it and the refresh, so they cannot disagree.  Upserts go in key order.
+ * Events are added by one INSERT ... SELECT that aggregates them by
+ * subject, hour and group values: on one node the executor does the work
+ * (and spills to disk past work_mem), and where the events are distributed
+ * Citus runs the same statement on each shard, next to its events, since
+ * it groups by the distribution column.  DELETE rebuilds the touched hours
+ * below the watermark (a min, max or latest value cannot be subtracted)
+ * with the same statement, so the two cannot disagree.
  */
 #include "postgres.h"
 
+#include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "utils/builtins.h"
-#include "utils/lsyscache.h"
+#include "utils/jsonb.h"
+#include "utils/jsonpath.h"
 #include "utils/memutils.h"
-#include "utils/snapmgr.h"
-#include "utils/timestamp.h"
 
-#include "calendar.h"
 #include "metering.h"
 #include "refresh.h"
 #include "rollup.h"
 
-/* entries buffered before they are written out */
-#define FLUSH_EVERY 65536
-
 static SPIPlanPtr meters_plan = NULL;
-static SPIPlanPtr upsert_plan = NULL;
-static SPIPlanPtr upsert_plan_020 = NULL;	/* before ALTER EXTENSION ... UPDATE TO 0.3.0 */
 
 static SPIPlanPtr
 SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
@@ -61,8 +59,8 @@ SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
  * DELETE take turns, meter by meter.  Must be called inside an SPI
  * connection.
  */
-void
-RollupLoadMeters(RollupBuffer *buf, const char *only_slug)
+RollupMeter *
+RollupLoadMeters(const char *only_slug, int *n)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
@@ -73,7 +71,8 @@ RollupLoadMeters(RollupBuffer *buf, const char *only_slug)
 								 "WHERE m.deleted_at IS NULL AND ($1 IS NULL OR m.slug = $1) "
 								 "ORDER BY m.slug COLLATE \"C\" FOR UPDATE OF s",
 								 1, argtypes);
-	MemoryContext old;
+	RollupMeter *meters;
+	MemoryContext caller = CurrentMemoryContext;
 	int			ret;
 
 	args[0] = only_slug ? CStringGetTextDatum(only_slug) : (Datum) 0;
@@ -82,365 +81,145 @@ RollupLoadMeters(RollupBuffer *buf, const char *only_slug)
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read metering.meters: %s", SPI_result_code_string(ret));
 
-	old = MemoryContextSwitchTo(buf->cxt->parent);
-	buf->nmeters = (int) SPI_processed;
-	buf->meters = palloc0(sizeof(RollupMeter) * Max(buf->nmeters, 1));
-	for (int i = 0; i < buf->nmeters; i++)
+	*n = (int) SPI_processed;
+	meters = MemoryContextAllocZero(caller, sizeof(RollupMeter) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		RollupMeter *m = &buf->meters[i];
+		RollupMeter *m = &meters[i];
+		MemoryContext old = MemoryContextSwitchTo(caller);
 		bool		isnull;
 		Datum		d;
 
 		m->slug = SPI_getvalue(tup, desc, 1);
 		m->event_type = SPI_getvalue(tup, desc, 2);
-		m->event_type_len = strlen(m->event_type);
 		m->agg = MeterAggregationFromName(SPI_getvalue(tup, desc, 3));
 		d = SPI_getbinval(tup, desc, 4, &isnull);
-		m->value_path = isnull ? NULL : DatumGetJsonPathPCopy(d);
+		m->value_property = isnull ? (Datum) 0 : PointerGetDatum(DatumGetJsonPathPCopy(d));
 		d = SPI_getbinval(tup, desc, 5, &isnull);
-		m->groups = MeterGroupsCompile(DatumGetJsonbPCopy(d), CurrentMemoryContext);
+		m->group_by = PointerGetDatum(DatumGetJsonbPCopy(d));
 		m->watermark = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+		MemoryContextSwitchTo(old);
 	}
-	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
-}
-
-RollupBuffer *
-RollupBufferCreate(void)
-{
-	RollupBuffer *buf = palloc0(sizeof(RollupBuffer));
-
-	buf->cxt = AllocSetContextCreate(CurrentMemoryContext, "metering rollup",
-									 ALLOCSET_DEFAULT_SIZES);
-	buf->scratch = AllocSetContextCreate(CurrentMemoryContext, "metering rollup event",
-										 ALLOCSET_SMALL_SIZES);
-	return buf;
+	return meters;
 }
 
 /*
- * Adds one event for every meter of its type (or for meter `only` alone).
- * JSONPath evaluation leaves garbage behind, so it runs in a scratch context
- * reset after every event; only the results are kept.
+ * The statement that adds a meter's events to its rollups.  Parameters: $1
+ * the meter's slug, $2 its event type, $3 its value_property, $4 its
+ * group_by, $5 and $6 the range of seq (the refresh's; the rebuild reads its
+ * own).  `with` comes before the INSERT and `where` selects the events
+ * (alias e) besides their type.  The partial aggregates follow the
+ * aggregation:
+ *   events      every event; first and last instant over every event
+ *   valued      COUNT: every event; UNIQUE_COUNT: those whose value_property
+ *               selects a value; others: those where it is a usage number
+ *   sum         SUM, AVG (0 when none)
+ *   min         SUM (entitlements read a bucket with a negative value event
+ *               by event), MIN
+ *   max         MAX
+ *   latest      LATEST: the last instant's value, a tie to the larger value
+ *               (the greatest [epoch, value] pair: constant memory, and the
+ *               plan may hash the groups, which an ordered aggregate forbids)
+ * A merge with a row already there combines them the same way.  The groups
+ * are grouped as the text of their jsonb (canonical, so equal values are
+ * equal text, and text hashes faster).  No ORDER BY: it would make the
+ * planner sort every event to group them, where a hash of the groups is
+ * faster.
  */
+static char *
+RollupSql(MeterAggregation agg, bool keyed, const char *with, const char *where)
+{
+	bool		numeric = agg != METER_COUNT && agg != METER_UNIQUE_COUNT;
+	const char *valued = agg == METER_COUNT ? "count(*)"
+		: agg == METER_UNIQUE_COUNT ? "count(metering._meter_text(x.data, $3))"
+		: "count(x.v)";
+
+	return psprintf("%s"
+					"INSERT INTO metering.meter_rollups AS r "
+					"(meter, subject, bucket, groups, events, valued, sum, min, max, "
+					" first_time, last_time, latest_time, latest_value%s) "
+					"SELECT $1, x.subject, x.bucket, x.groups::jsonb, count(*), %s, %s, %s, %s, "
+					" min(x.time), max(x.time), %s, %s%s "
+					"FROM (SELECT e.subject, date_trunc('hour', e.time, 'UTC') AS bucket, e.time, e.data, "
+					"             metering._meter_groups(e.data, $4)::text AS groups, %s AS v "
+					"        FROM metering.events e WHERE e.type = $2 AND %s) x "
+					"GROUP BY x.subject, x.bucket, x.groups "
+					"ON CONFLICT (meter, subject, bucket, %s) DO UPDATE SET "
+					" events = r.events + excluded.events, "
+					" valued = r.valued + excluded.valued, "
+					" sum = r.sum + excluded.sum, "
+					" min = least(r.min, excluded.min), "
+					" max = greatest(r.max, excluded.max), "
+					" first_time = least(r.first_time, excluded.first_time), "
+					" last_time = greatest(r.last_time, excluded.last_time), "
+					" latest_time = CASE WHEN r.latest_time IS NULL OR "
+					"   (excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value) "
+					"   THEN excluded.latest_time ELSE r.latest_time END, "
+					" latest_value = CASE WHEN r.latest_time IS NULL OR "
+					"   (excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value) "
+					"   THEN excluded.latest_value ELSE r.latest_value END",
+					with,
+					keyed ? ", groups_key" : "",
+					valued,
+					agg == METER_SUM || agg == METER_AVG ? "coalesce(sum(x.v), 0)" : "NULL::numeric",
+					agg == METER_SUM || agg == METER_MIN ? "min(x.v)" : "NULL::numeric",
+					agg == METER_MAX ? "max(x.v)" : "NULL::numeric",
+					agg == METER_LATEST ? "max(x.time) FILTER (WHERE x.v IS NOT NULL)" : "NULL::timestamptz",
+					agg == METER_LATEST ? "(max(ARRAY[extract(epoch FROM x.time), x.v]) FILTER (WHERE x.v IS NOT NULL))[2]"
+					: "NULL::numeric",
+					keyed ? ", pg_catalog.sha256(pg_catalog.textsend(x.groups))" : "",
+					numeric ? "metering._meter_number(e.data, $3)" : "NULL::numeric",
+					where,
+					keyed ? "groups_key" : "groups");
+}
+
+static Oid	add_argtypes[6] = {TEXTOID, TEXTOID, JSONPATHOID, JSONBOID, INT8OID, INT8OID};
+
 static void
-RollupAddEvent(RollupBuffer *buf, int only, text *subject, text *type,
-			   TimestampTz time, Jsonb *data)
+RollupArgs(RollupMeter *m, int64 from, int64 to, Datum *args, char *nulls)
 {
-	const char *tp = VARDATA_ANY(type);
-	int			tlen = VARSIZE_ANY_EXHDR(type);
-	const char *subject_copy = NULL;
-
-	for (int i = 0; i < buf->nmeters; i++)
-	{
-		RollupMeter *m = &buf->meters[i];
-		RollupEntry *e;
-		MemoryContext old;
-		JsonbValue	v;
-		char	   *groups;
-		bool		valued;
-		Numeric		value = NULL;
-
-		if ((only >= 0 && i != only) || m->event_type_len != tlen ||
-			memcmp(m->event_type, tp, tlen) != 0)
-			continue;
-
-		old = MemoryContextSwitchTo(buf->scratch);
-		groups = MeterGroupsText(m->groups, data);
-		switch (m->agg)
-		{
-			case METER_COUNT:
-				valued = true;
-				break;
-			case METER_UNIQUE_COUNT:
-				valued = MeterPathValue(data, m->value_path, &v);
-				break;
-			default:
-				valued = MeterPathValue(data, m->value_path, &v) &&
-					(value = MeterValueNumber(&v)) != NULL;
-				break;
-		}
-
-		MemoryContextSwitchTo(buf->cxt);
-		if (buf->nentries == buf->capacity)
-		{
-			buf->capacity = buf->capacity ? buf->capacity * 2 : 1024;
-			buf->entries = buf->entries
-				? repalloc_huge(buf->entries, sizeof(RollupEntry) * buf->capacity)
-				: palloc(sizeof(RollupEntry) * buf->capacity);
-		}
-		if (subject_copy == NULL)
-			subject_copy = pnstrdup(VARDATA_ANY(subject), VARSIZE_ANY_EXHDR(subject));
-		e = &buf->entries[buf->nentries++];
-		buf->added++;
-		e->meter = i;
-		e->subject = subject_copy;
-		e->subject_len = VARSIZE_ANY_EXHDR(subject);
-		e->bucket = TruncHour(time);
-		e->time = time;
-		e->groups = pstrdup(groups);
-		e->valued = valued;
-		e->value = value ? DatumGetNumericCopy(NumericGetDatum(value)) : NULL;
-		MemoryContextSwitchTo(old);
-		MemoryContextReset(buf->scratch);
-	}
+	args[0] = CStringGetTextDatum(m->slug);
+	args[1] = CStringGetTextDatum(m->event_type);
+	args[2] = m->value_property;
+	args[3] = m->group_by;
+	args[4] = Int64GetDatum(from);
+	args[5] = Int64GetDatum(to);
+	memset(nulls, ' ', 6);
+	nulls[2] = m->value_property == (Datum) 0 ? 'n' : ' ';
 }
 
-static int
-CompareKeys(const RollupEntry *a, const RollupEntry *b)
+/*
+ * 0.3.0 keys the rollups by a hash of their groups (a group value may be
+ * longer than a btree entry holds); until ALTER EXTENSION ... UPDATE has
+ * run, the library writes 0.2.0's table, keyed by the groups themselves.
+ */
+static bool
+RollupKeyed(void)
 {
-	int			c;
-
-	if (a->meter != b->meter)
-		return a->meter < b->meter ? -1 : 1;
-	c = memcmp(a->subject, b->subject, Min(a->subject_len, b->subject_len));
-	if (c != 0)
-		return c;
-	if (a->subject_len != b->subject_len)
-		return a->subject_len < b->subject_len ? -1 : 1;
-	if (a->bucket != b->bucket)
-		return a->bucket < b->bucket ? -1 : 1;
-	return strcmp(a->groups, b->groups);
+	return MeteringInstalledVersion() >= 300;
 }
 
-static int
-CompareEntries(const void *x, const void *y)
+/*
+ * (planned for each call, to its range of seq: a generic plan cannot tell a
+ * tail of a few events, read through the btree on (seq, subject), from a
+ * first refresh of the whole table, read sequentially)
+ */
+int64
+RollupAdd(RollupMeter *m, int64 upto)
 {
-	return CompareKeys((const RollupEntry *) x, (const RollupEntry *) y);
-}
-
-static int
-NumericCompare(Numeric a, Numeric b)
-{
-	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(a),
-											 NumericGetDatum(b)));
-}
-
-/* Aggregates the buffered entries by key and upserts them, in key order. */
-void
-RollupFlush(RollupBuffer *buf)
-{
-	static Oid	argtypes[13] = {
-		TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
-		INT8ARRAYOID, INT8ARRAYOID, NUMERICARRAYOID, NUMERICARRAYOID,
-		NUMERICARRAYOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID,
-		TIMESTAMPTZARRAYOID, NUMERICARRAYOID
-	};
-	static const Oid elemtypes[13] = {
-		TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID, INT8OID, INT8OID,
-		NUMERICOID, NUMERICOID, NUMERICOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, NUMERICOID
-	};
-	SPIPlanPtr	plan;
-	MemoryContext old;
-	Datum	   *cols[13];
-	bool	   *colnulls[13];
-	Datum		args[13];
-	int			nrows = 0;
+	Datum		args[6];
+	char		nulls[6];
 	int			ret;
-	bool		keyed;
-	SPIPlanPtr *slot;
 
-	if (buf->nentries == 0)
-		return;
-	/*
-	 * 0.3.0 keys the rollups by a hash of their groups (a group value may be
-	 * longer than a btree entry holds); until ALTER EXTENSION ... UPDATE has
-	 * run, the library writes 0.2.0's table, keyed by the groups themselves.
-	 */
-	keyed = MeteringInstalledVersion() >= 300;
-	slot = keyed ? &upsert_plan : &upsert_plan_020;
-	plan = SavedPlan(slot, *slot ? NULL :
-					 psprintf("INSERT INTO metering.meter_rollups AS r "
-					 "(meter, subject, bucket, groups, events, valued, sum, min, max, "
-					 " first_time, last_time, latest_time, latest_value%s) "
-					 "SELECT u.meter, u.subject, u.bucket, u.groups::jsonb, u.events, u.valued, "
-					 " u.sum, u.min, u.max, u.first_time, u.last_time, u.latest_time, u.latest_value%s "
-					 "FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
-					 " AS u(meter, subject, bucket, groups, events, valued, sum, min, max, "
-					 "      first_time, last_time, latest_time, latest_value) "
-					 "ON CONFLICT (meter, subject, bucket, %s) DO UPDATE SET "
-					 " events = r.events + excluded.events, "
-					 " valued = r.valued + excluded.valued, "
-					 " sum = r.sum + excluded.sum, "
-					 " min = least(r.min, excluded.min), "
-					 " max = greatest(r.max, excluded.max), "
-					 " first_time = least(r.first_time, excluded.first_time), "
-					 " last_time = greatest(r.last_time, excluded.last_time), "
-					 " latest_time = CASE WHEN r.latest_time IS NULL OR "
-					 "   (excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value) "
-					 "   THEN excluded.latest_time ELSE r.latest_time END, "
-					 " latest_value = CASE WHEN r.latest_time IS NULL OR "
-					 "   (excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value) "
-					 "   THEN excluded.latest_value ELSE r.latest_value END",
-					 keyed ? ", groups_key" : "",
-					 keyed ? ", pg_catalog.sha256(pg_catalog.textsend(u.groups::jsonb::text))" : "",
-					 keyed ? "groups_key" : "groups"),
-					 13, argtypes);
-
-	old = MemoryContextSwitchTo(buf->cxt);
-	qsort(buf->entries, buf->nentries, sizeof(RollupEntry), CompareEntries);
-	for (int c = 0; c < 13; c++)
-	{
-		cols[c] = palloc(sizeof(Datum) * buf->nentries);
-		colnulls[c] = palloc0(sizeof(bool) * buf->nentries);
-	}
-
-	for (int i = 0; i < buf->nentries;)
-	{
-		RollupEntry *first = &buf->entries[i];
-		RollupMeter *m = &buf->meters[first->meter];
-		int64		events = 0,
-					valued = 0;
-		Numeric		sum = NULL,
-					min = NULL,
-					max = NULL,
-					latest = NULL;
-		TimestampTz first_time = first->time,
-					last_time = first->time,
-					latest_time = 0;
-		int			r = nrows++;
-
-		if (m->agg == METER_SUM || m->agg == METER_AVG)
-			sum = int64_to_numeric(0);
-		for (; i < buf->nentries && CompareKeys(first, &buf->entries[i]) == 0; i++)
-		{
-			RollupEntry *e = &buf->entries[i];
-
-			events++;
-			first_time = Min(first_time, e->time);
-			last_time = Max(last_time, e->time);
-			if (!e->valued)
-				continue;
-			valued++;
-			if (e->value == NULL)
-				continue;
-			switch (m->agg)
-			{
-				case METER_SUM:
-				case METER_AVG:
-					sum = DatumGetNumeric(DirectFunctionCall2(numeric_add,
-															  NumericGetDatum(sum),
-															  NumericGetDatum(e->value)));
-					/* entitlements read a bucket with a negative value event by event */
-					if (m->agg == METER_SUM && (min == NULL || NumericCompare(e->value, min) < 0))
-						min = e->value;
-					break;
-				case METER_MIN:
-					if (min == NULL || NumericCompare(e->value, min) < 0)
-						min = e->value;
-					break;
-				case METER_MAX:
-					if (max == NULL || NumericCompare(e->value, max) > 0)
-						max = e->value;
-					break;
-				case METER_LATEST:
-					/* the last instant wins; a tie goes to the larger value */
-					if (latest == NULL || e->time > latest_time ||
-						(e->time == latest_time && NumericCompare(e->value, latest) > 0))
-					{
-						latest = e->value;
-						latest_time = e->time;
-					}
-					break;
-				default:
-					break;
-			}
-		}
-		cols[0][r] = CStringGetTextDatum(m->slug);
-		cols[1][r] = PointerGetDatum(cstring_to_text_with_len(first->subject, first->subject_len));
-		cols[2][r] = TimestampTzGetDatum(first->bucket);
-		cols[3][r] = CStringGetTextDatum(first->groups);
-		cols[4][r] = Int64GetDatum(events);
-		cols[5][r] = Int64GetDatum(valued);
-		cols[6][r] = NumericGetDatum(sum);
-		colnulls[6][r] = sum == NULL;
-		cols[7][r] = NumericGetDatum(min);
-		colnulls[7][r] = min == NULL;
-		cols[8][r] = NumericGetDatum(max);
-		colnulls[8][r] = max == NULL;
-		cols[9][r] = TimestampTzGetDatum(first_time);
-		cols[10][r] = TimestampTzGetDatum(last_time);
-		cols[11][r] = TimestampTzGetDatum(latest_time);
-		colnulls[11][r] = latest == NULL;
-		cols[12][r] = NumericGetDatum(latest);
-		colnulls[12][r] = latest == NULL;
-	}
-
-	for (int c = 0; c < 13; c++)
-	{
-		int16		typlen;
-		bool		typbyval;
-		char		typalign;
-		int			dims[1] = {nrows};
-		int			lbs[1] = {1};
-
-		get_typlenbyvalalign(elemtypes[c], &typlen, &typbyval, &typalign);
-		args[c] = PointerGetDatum(construct_md_array(cols[c], colnulls[c], 1, dims, lbs,
-													 elemtypes[c], typlen, typbyval, typalign));
-	}
-	MemoryContextSwitchTo(old);
-
-	ret = SPI_execute_plan(plan, args, NULL, false, 0);
+	RollupArgs(m, m->watermark, upto, args, nulls);
+	ret = SPI_execute_with_args(RollupSql(m->agg, RollupKeyed(), "", "e.seq > $5 AND e.seq <= $6"),
+								6, add_argtypes, args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write metering.meter_rollups: %s", SPI_result_code_string(ret));
-	buf->written += nrows;
-
-	MemoryContextReset(buf->cxt);
-	buf->entries = NULL;
-	buf->nentries = 0;
-	buf->capacity = 0;
-}
-
-/*
- * Feeds the events a query returns (subject, type, time, data) into the
- * buffer, under the latest snapshot, writing out every FLUSH_EVERY entries.
- */
-void
-RollupAddQueryEvents(RollupBuffer *buf, int only, const char *sql, int nargs,
-					 Oid *argtypes, Datum *args)
-{
-	Portal		portal;
-	MemoryContext batch = AllocSetContextCreate(CurrentMemoryContext, "metering rollup batch",
-												ALLOCSET_DEFAULT_SIZES);
-	MemoryContext old;
-
-	PushActiveSnapshot(GetLatestSnapshot());
-	portal = SPI_cursor_open_with_args(NULL, sql, nargs, argtypes, args, NULL, true, 0);
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, 10000);
-		if (SPI_processed == 0)
-			break;
-		/* detoasted payloads live only as long as their batch */
-		old = MemoryContextSwitchTo(batch);
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
-			bool		isnull;
-			Datum		subject = SPI_getbinval(tup, desc, 1, &isnull);
-			Datum		type = SPI_getbinval(tup, desc, 2, &isnull);
-			Datum		time = SPI_getbinval(tup, desc, 3, &isnull);
-			Datum		data = SPI_getbinval(tup, desc, 4, &isnull);
-
-			RollupAddEvent(buf, only, DatumGetTextPP(subject), DatumGetTextPP(type),
-						   DatumGetTimestampTz(time), DatumGetJsonbP(data));
-		}
-		MemoryContextSwitchTo(old);
-		MemoryContextReset(batch);
-		SPI_freetuptable(SPI_tuptable);
-		if (buf->nentries >= FLUSH_EVERY)
-		{
-			PopActiveSnapshot();
-			RollupFlush(buf);
-			PushActiveSnapshot(GetLatestSnapshot());
-		}
-	}
-	SPI_cursor_close(portal);
-	PopActiveSnapshot();
-	MemoryContextDelete(batch);
+	return (int64) SPI_processed;
 }
 
 /*
@@ -462,7 +241,7 @@ RollupHasDerivedData(void)
  * can spill to disk) rather than held in memory here.
  */
 static void
-RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
+RebuildDeleted(RollupMeter *meters, int nmeters, TriggerData *trig)
 {
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT8OID};
 	bool		derived = RollupHasDerivedData();
@@ -481,10 +260,12 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 			elog(ERROR, "could not update the snapshots of deleted meters: %s", SPI_result_code_string(ret));
 	}
 
-	for (int i = 0; i < buf->nmeters; i++)
+	for (int i = 0; i < nmeters; i++)
 	{
-		RollupMeter *m = &buf->meters[i];
+		RollupMeter *m = &meters[i];
 		Datum		args[3];
+		Datum		rargs[6];
+		char		rnulls[6];
 		int			ret;
 
 		args[0] = CStringGetTextDatum(m->slug);
@@ -505,17 +286,21 @@ RebuildDeleted(RollupBuffer *buf, TriggerData *trig)
 			elog(ERROR, "could not clear metering.meter_rollups: %s", SPI_result_code_string(ret));
 		if (SPI_processed == 0)
 			continue;
-		/* the time span bounds the scan (BRIN); the hours are a hashed semi-join */
-		RollupAddQueryEvents(buf, i,
-					   "WITH k AS MATERIALIZED (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
-					   "                          FROM old_events o WHERE o.type = $2 AND o.seq <= $3) "
-					   "SELECT e.subject, e.type, e.time, e.data FROM metering.events e "
-					   "WHERE e.type = $2 AND e.seq <= $3 "
-					   "  AND e.time >= (SELECT min(bucket) FROM k) "
-					   "  AND e.time < (SELECT max(bucket) FROM k) + interval '1 hour' "
-					   "  AND (e.subject, date_trunc('hour', e.time, 'UTC')) IN (SELECT subject, bucket FROM k)",
-					   3, argtypes, args);
-		RollupFlush(buf);
+		/*
+		 * the events that remain in those hours, below the watermark: the
+		 * time span bounds the scan (BRIN); the hours are a hashed semi-join
+		 */
+		RollupArgs(m, 0, m->watermark, rargs, rnulls);
+		ret = SPI_execute_with_args(RollupSql(m->agg, RollupKeyed(),
+											  "WITH k AS MATERIALIZED (SELECT DISTINCT o.subject, date_trunc('hour', o.time, 'UTC') AS bucket "
+											  "  FROM old_events o WHERE o.type = $2 AND o.seq <= $6) ",
+											  "e.seq <= $6 "
+											  "AND e.time >= (SELECT min(bucket) FROM k) "
+											  "AND e.time < (SELECT max(bucket) FROM k) + interval '1 hour' "
+											  "AND (e.subject, date_trunc('hour', e.time, 'UTC')) IN (SELECT subject, bucket FROM k)"),
+									6, add_argtypes, rargs, rnulls, false, 0);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "could not rebuild metering.meter_rollups: %s", SPI_result_code_string(ret));
 		/* ... and then the usage periods, from the rebuilt rollups */
 		if (derived)
 		{
@@ -534,7 +319,8 @@ Datum
 metering_events_deleted(PG_FUNCTION_ARGS)
 {
 	TriggerData *trig = (TriggerData *) fcinfo->context;
-	RollupBuffer *buf;
+	RollupMeter *meters;
+	int			nmeters;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_STATEMENT(trig->tg_event) ||
 		!TRIGGER_FIRED_AFTER(trig->tg_event) || !TRIGGER_FIRED_BY_DELETE(trig->tg_event) ||
@@ -549,11 +335,10 @@ metering_events_deleted(PG_FUNCTION_ARGS)
 				 errdetail("The rollups of deleted events are rebuilt on the coordinator only in this release."),
 				 errhint("Record correcting events instead.")));
 	SPI_connect();
-	buf = RollupBufferCreate();
 	/* FOR UPDATE: deleters take turns, each rebuilding on the last one's rows */
-	RollupLoadMeters(buf, NULL);
-	if (buf->nmeters > 0)
-		RebuildDeleted(buf, trig);
+	meters = RollupLoadMeters(NULL, &nmeters);
+	if (nmeters > 0)
+		RebuildDeleted(meters, nmeters, trig);
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }

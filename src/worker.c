@@ -549,6 +549,14 @@ metering_worker_main(Datum arg)
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	pgstat_report_appname(WORKER_TYPE);
+
+	/*
+	 * The steps run as the extension's owner with this session's settings,
+	 * which include the database's (ALTER DATABASE ... SET search_path): the
+	 * names in their statements must be pg_catalog's, as in the SQL
+	 * functions that pin their search_path, not a schema's early in it.
+	 */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 	/* what a round allocates outside its transactions, freed after it */
 	round_cxt = AllocSetContextCreate(TopMemoryContext, "metering refresh round", ALLOCSET_DEFAULT_SIZES);
 

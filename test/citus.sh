@@ -96,6 +96,35 @@ while [ -f "$tmp.q.$k.sql" ]; do
   n=$((n + 1)); k=$((k + 1))
 done
 
+say "the refresh rolls up each shard's events on its worker"
+# new events in both, then a refresh: the coordinator sends each shard one
+# INSERT ... SELECT of its events into its rollups (and usage periods), and
+# no event comes back to it
+new="SELECT count(*) FROM metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object('specversion', '1.0', 'id', 'w' || i, 'source', 'gw',
+       'type', 'llm.tokens', 'subject', 's' || (1 + i % 40), 'time', '2026-03-04 11:00:00+00'::timestamptz + i * interval '7 seconds',
+       'data', jsonb_build_object('tokens', i % 50, 'model', CASE WHEN i % 3 = 0 THEN 'big' ELSE 'small' END))) FROM generate_series(1, 300) i))"
+sql single "$new" >/dev/null && sql single "SELECT metering.refresh_rollups()" >"$tmp.refresh.single" && sql m "$new" >/dev/null &&
+  "$bindir/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d m \
+    -c "SET citus.log_remote_commands = on" -c "SELECT metering.refresh_rollups()" >"$tmp.refresh.m" 2>"$tmp.refresh.log"
+ok "the same events refreshed on one node and on the cluster" $?
+pushed=$(grep -c 'issuing INSERT INTO metering\.meter_rollups_[0-9]* AS r .* FROM metering\.events_[0-9]* e WHERE' "$tmp.refresh.log")
+got="$([ "$pushed" -gt 0 ] && echo pushed) $(grep -c 'issuing INSERT INTO metering\.meter_rollups_' "$tmp.refresh.log" | sed "s/^$pushed\$/only/") \
+$(grep -c 'issuing \(SELECT\|COPY\)[^(]* \(subject\|data\)\(,\| AS\).* FROM metering\.events_[0-9]' "$tmp.refresh.log")"
+check "the refresh sends each shard an INSERT ... SELECT of its own events into its rollups, and no other write of them, nor a read of the events' rows" \
+  "$got" "pushed only 0"
+[ "$got" = "pushed only 0" ] || grep 'issuing' "$tmp.refresh.log" | grep -v 'BEGIN\|COMMIT\|PREPARE\|SAVEPOINT' | head -5 | cut -c1-200 | sed 's/^/#   /'
+check "... and it rolls up the same (meter, event) pairs, into the same rollups and usage periods as one node" \
+  "$(cat "$tmp.refresh.m") $(sql m "SELECT md5(string_agg(r::text, '|' ORDER BY r::text)) FROM (SELECT meter, subject, bucket, groups, events, valued, sum, min, max, first_time, last_time, latest_time, latest_value, groups_key FROM metering.meter_rollups) r")
+ $(sql m "SELECT md5(string_agg(p::text, '|' ORDER BY p::text)) FROM metering.usage_periods p")" \
+  "$(cat "$tmp.refresh.single") $(sql single "SELECT md5(string_agg(r::text, '|' ORDER BY r::text)) FROM (SELECT meter, subject, bucket, groups, events, valued, sum, min, max, first_time, last_time, latest_time, latest_value, groups_key FROM metering.meter_rollups) r")
+ $(sql single "SELECT md5(string_agg(p::text, '|' ORDER BY p::text)) FROM metering.usage_periods p")"
+
+# a refresh of more than 100,000 events rebuilds a meter's usage periods
+# from its rollups, every subject's at once
+periods="SELECT metering._usage_periods_rebuild(slug) FROM metering.meters ORDER BY slug; SELECT md5(string_agg(p::text, '|' ORDER BY p::text)) FROM metering.usage_periods p"
+check "the whole rebuild of the usage periods (a refresh of more than 100,000 events) runs on the shards and makes the rows one node makes" \
+  "$(sql m "$periods" | tail -1)" "$(sql single "$periods" | tail -1)"
+
 say "pg_dump of the coordinator"
 # Citus reads a distributed table's rows from its shards for COPY TO, so the
 # dump holds every event; restored elsewhere it is a database of one node

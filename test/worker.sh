@@ -49,9 +49,9 @@ oracle="SELECT string_agg(m.slug || '=' || coalesce((SELECT CASE m.aggregation W
                                                      FROM metering.events e WHERE e.type = m.event_type)::text, '-'), ' ' ORDER BY m.slug)
            FROM metering.meters m WHERE m.deleted_at IS NULL"
 
-echo "1..19"
+echo "1..20"
 if [ "$(psql -X -A -t -q -d postgres -c "SELECT current_setting('shared_preload_libraries') ~ 'metering'")" != t ]; then
-  for i in $(seq 1 19); do echo "ok $i # skip metering is not in shared_preload_libraries"; done
+  for i in $(seq 1 20); do echo "ok $i # skip metering is not in shared_preload_libraries"; done
   exit 0
 fi
 dropdb --if-exists $db >/dev/null 2>&1; dropdb --if-exists $copy >/dev/null 2>&1
@@ -65,6 +65,13 @@ $(batch b acme eb 2000);
 SET metering.now = '2024-06-01 00:00+00';
 SELECT metering.create_feature('fa', 'A', 'a');
 SELECT metering.create_entitlement('acme', 'fa', usage_period => '1 day', issue_after_reset => 1000000);
+-- a count(numeric) of a schema that a database setting puts before
+-- pg_catalog (as a database owner could): the worker must not run it
+CREATE TABLE public.trojan_calls (who text);
+CREATE FUNCTION public.trojan_count(bigint, numeric) RETURNS bigint LANGUAGE plpgsql
+  AS \$\$BEGIN INSERT INTO public.trojan_calls VALUES (current_user); RETURN \$1 + 1; END\$\$;
+CREATE AGGREGATE public.count(numeric) (SFUNC = public.trojan_count, STYPE = bigint, INITCOND = '0');
+ALTER DATABASE $db SET search_path = public, pg_catalog;
 SQL
 check "with the refresh off, nothing is rolled up" "$(q "SELECT sum(rolled_up_to) FROM metering.meter_rollup_state")" "0"
 
@@ -76,6 +83,8 @@ check "its rounds are in refresh_status" \
   "$(q "SELECT count(*) > 0 AND sum(events) = 4000 AND bool_and(failed = 0) FROM metering.refresh_status")" "t"
 check "and it wrote the entitlement's snapshot" "$(q "SELECT count(*) > 0 FROM metering.entitlement_snapshots")" "t"
 check "the answers are those of the events" "$(q "$answers")" "$(q "$oracle")"
+check "the worker's statements name pg_catalog's functions, whatever the database's search_path" \
+  "$(q "SELECT count(*) FROM public.trojan_calls")" "0"
 
 # between two rounds an hour apart, the tail: fewer events than
 # metering.refresh_tail wait, as many are rolled up within seconds, by a

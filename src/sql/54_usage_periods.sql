@@ -101,26 +101,35 @@ BEGIN
   IF (SELECT m.aggregation FROM metering.meters m WHERE m.slug = _usage_periods_rebuild.meter) = 'UNIQUE_COUNT' THEN
     RETURN;
   END IF;
-  -- (each touched period reads its own hours of rollups)
-  INSERT INTO metering.usage_periods AS p
-    (meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value)
-  SELECT _usage_periods_rebuild.meter, r.subject, k.kind, k.start_time, min(k.end_time),
-         metering._usage_period_id(r.subject, _usage_periods_rebuild.meter, k.kind, k.start_time),
-         sum(r.events), sum(r.valued), sum(r.sum), min(r.min), max(r.max),
-         max(r.latest_time),
-         (array_agg(r.latest_value ORDER BY r.latest_time DESC, r.latest_value DESC) FILTER (WHERE r.latest_time IS NOT NULL))[1]
-    FROM (SELECT r.*, k.kind, k.start_time, k.end_time
-            FROM metering.meter_rollups r CROSS JOIN LATERAL metering._usage_periods_of(r.bucket) k
-           WHERE subjects IS NULL AND r.meter = _usage_periods_rebuild.meter
-          UNION ALL
-          SELECT r.*, t.kind, t.start_time, metering._usage_period_end(t.kind, t.start_time)
-            FROM unnest(t_subjects, t_kinds, t_starts) t(subject, kind, start_time)
-            JOIN metering.meter_rollups r
-              ON r.meter = _usage_periods_rebuild.meter AND r.subject = t.subject
-             AND r.bucket >= t.start_time AND r.bucket < metering._usage_period_end(t.kind, t.start_time)
-           WHERE subjects IS NOT NULL) r
-   CROSS JOIN LATERAL (SELECT r.kind, r.start_time, r.end_time) k
-   GROUP BY r.subject, k.kind, k.start_time;
+  -- Every period, from the rollups grouped by subject (on a Citus cluster
+  -- each shard's own, where its rollups are); or each touched period from
+  -- its own hours of rollups.  Two statements: Citus refuses a UNION of the
+  -- two, whose second half joins a list of subjects.
+  IF subjects IS NULL THEN
+    INSERT INTO metering.usage_periods AS p
+      (meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value)
+    SELECT _usage_periods_rebuild.meter, r.subject, k.kind, k.start_time, min(k.end_time),
+           metering._usage_period_id(r.subject, _usage_periods_rebuild.meter, k.kind, k.start_time),
+           sum(r.events), sum(r.valued), sum(r.sum), min(r.min), max(r.max),
+           max(r.latest_time),
+           (max(ARRAY[extract(epoch FROM r.latest_time), r.latest_value]) FILTER (WHERE r.latest_time IS NOT NULL))[2]
+      FROM metering.meter_rollups r CROSS JOIN LATERAL metering._usage_periods_of(r.bucket) k
+     WHERE r.meter = _usage_periods_rebuild.meter
+     GROUP BY r.subject, k.kind, k.start_time;
+  ELSE
+    INSERT INTO metering.usage_periods AS p
+      (meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value)
+    SELECT _usage_periods_rebuild.meter, r.subject, t.kind, t.start_time, metering._usage_period_end(t.kind, t.start_time),
+           metering._usage_period_id(r.subject, _usage_periods_rebuild.meter, t.kind, t.start_time),
+           sum(r.events), sum(r.valued), sum(r.sum), min(r.min), max(r.max),
+           max(r.latest_time),
+           (max(ARRAY[extract(epoch FROM r.latest_time), r.latest_value]) FILTER (WHERE r.latest_time IS NOT NULL))[2]
+      FROM unnest(t_subjects, t_kinds, t_starts) t(subject, kind, start_time)
+      JOIN metering.meter_rollups r
+        ON r.meter = _usage_periods_rebuild.meter AND r.subject = t.subject
+       AND r.bucket >= t.start_time AND r.bucket < metering._usage_period_end(t.kind, t.start_time)
+     GROUP BY r.subject, t.kind, t.start_time;
+  END IF;
 END $$;
 COMMENT ON FUNCTION metering._usage_periods_rebuild(text, text[], timestamptz[]) IS
   'internal: recomputes a meter''s usage periods (all, or those of the given subjects and instants) from its rollups';
@@ -146,7 +155,7 @@ BEGIN
          metering._usage_period_id(e.subject, m.slug, k.kind, k.start_time),
          count(*), count(x.v), sum(x.v), min(x.v), max(x.v),
          max(e.time) FILTER (WHERE x.v IS NOT NULL),
-         (array_agg(x.v ORDER BY e.time DESC, x.v DESC) FILTER (WHERE x.v IS NOT NULL))[1]
+         (max(ARRAY[extract(epoch FROM e.time), x.v]) FILTER (WHERE x.v IS NOT NULL))[2]
     FROM metering.events e
    CROSS JOIN LATERAL (SELECT CASE WHEN m.aggregation = 'COUNT' THEN NULL
                                    ELSE metering._meter_number(e.data, m.value_property) END AS v) x

@@ -10,7 +10,11 @@ INSERT INTO metering.meters (slug, event_type, aggregation, value_property, grou
   ('tokens', 'llm.tokens', 'SUM', '$.tokens', '{"model": "$.model"}'),
   ('calls', 'api.call', 'COUNT', NULL, '{"route": "$.route"}'),
   ('peak', 'llm.tokens', 'MAX', '$.tokens', '{}'),
-  ('users', 'api.call', 'UNIQUE_COUNT', '$.user', '{}');
+  ('users', 'api.call', 'UNIQUE_COUNT', '$.user', '{}'),
+  -- every aggregation, so that the rollups the workers make are checked for each
+  ('last', 'llm.tokens', 'LATEST', '$.tokens', '{"model": "$.model"}'),
+  ('least', 'llm.tokens', 'MIN', '$.tokens', '{}'),
+  ('mean', 'llm.tokens', 'AVG', '$.tokens', '{}');
 SELECT metering.create_feature('gpt', 'GPT tokens', 'tokens') IS NOT NULL AS f1,
        metering.create_feature('gpt-big', 'big model', 'tokens', '{"model": "big"}') IS NOT NULL AS f2,
        metering.create_feature('api', 'API calls', 'calls') IS NOT NULL AS f3;

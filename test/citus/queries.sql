@@ -94,9 +94,10 @@ SELECT n.subject, n.feature_key, n.kind, n.threshold, n.period_start, n.usage, n
 -- q: refresh_rollups
 SELECT metering.refresh_rollups();
 -- q: rollups after the refresh
-SELECT meter, subject, bucket, groups, events, valued, sum, min, max, first_time, last_time FROM metering.meter_rollups ORDER BY 1, 2, 3, groups::text;
+SELECT meter, subject, bucket, groups, events, valued, sum, min, max, first_time, last_time, latest_time, latest_value, encode(groups_key, 'hex')
+  FROM metering.meter_rollups ORDER BY 1, 2, 3, groups::text;
 -- q: usage periods after the refresh
-SELECT meter, subject, kind, start_time, end_time, events, valued, sum, min, max FROM metering.usage_periods ORDER BY 1, 2, 3, 4;
+SELECT meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value FROM metering.usage_periods ORDER BY 1, 2, 3, 4;
 -- q: entitlement_value after the refresh
 SELECT e.subject, e.feature_key, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
 -- q: query_meter after the refresh
