@@ -31,7 +31,7 @@ Stored(Datum *ev)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
 	Datum		args[3] = {ev[2], ev[1], ev[0]};
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "SELECT 1 FROM metering.events x "
 											   "WHERE x.subject = $1 AND x.source = $2 AND x.id = $3",
 											   3, types),
@@ -54,7 +54,7 @@ Store(Datum *ev)
 	static SPIPlanPtr plan = NULL;
 	static SPIPlanPtr alerts = NULL;
 	Oid			types[6] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, JSONBOID};
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "INSERT INTO metering.events (id, source, subject, type, time, data) "
 											   "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
 											   6, types),
@@ -66,7 +66,7 @@ Store(Datum *ev)
 	stored = SPI_processed == 1;
 	if (stored && OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
 	{
-		ret = SPI_execute_plan(EntPrepare(&alerts,
+		ret = SPI_execute_plan(MeteringPrepare(&alerts,
 										  "SELECT metering._alerts_for_events(ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4]) "
 										  "WHERE metering._distributed()",
 										  4, (Oid[]) {TEXTOID, TEXTOID, TIMESTAMPTZOID, JSONBOID}),

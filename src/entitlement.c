@@ -57,7 +57,7 @@ EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 	UUIDPGetDatum(&id), TimestampTzGetDatum(at)};
 	char		nulls[4] = {' ', ' ', is_id ? ' ' : 'n', ' '};
 	bool		isnull;
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "SELECT id FROM metering.entitlements "
 											   "WHERE subject = $1 AND (feature_key = $2 OR id = $3) "
 											   "  AND CASE WHEN type = 'metered' THEN measure_usage_from ELSE created_at END <= $4 "

@@ -79,8 +79,7 @@ typedef struct EntSnapshot
 	Numeric    *balances;
 } EntSnapshot;
 
-/* entitlement_load.c: SPI helpers (plans kept for the session, columns from 1) */
-extern SPIPlanPtr EntPrepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types);
+/* entitlement_load.c: SPI helpers (columns from 1; plans are kept with MeteringPrepare) */
 extern Datum EntGetCol(int row, int col, bool *isnull);
 extern Datum EntCopyCol(int row, int col, bool *isnull);
 extern bool EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with_grants);

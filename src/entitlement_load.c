@@ -11,21 +11,6 @@
 #include "entitlement.h"
 #include "metering.h"
 
-SPIPlanPtr
-EntPrepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
-{
-	if (*cache == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, types);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*cache = p;
-	}
-	return *cache;
-}
-
 Datum
 EntGetCol(int row, int col, bool *isnull)
 {
@@ -60,7 +45,7 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with
 	bool		isnull;
 	int			ret;
 
-	ret = SPI_execute_plan(EntPrepare(&ent_plan,
+	ret = SPI_execute_plan(MeteringPrepare(&ent_plan,
 								   "SELECT e.type::text, e.subject, e.config, e.is_soft_limit, e.created_at, e.deleted_at, "
 								   "       e.usage_period, e.usage_period_anchor, e.measure_usage_from, e.preserve_overage_at_reset, "
 								   "       m.aggregation::text, m.event_type, m.value_property, m.group_by, "
@@ -106,7 +91,7 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with
 	if (ent->type != 'm')
 		return true;
 
-	ret = SPI_execute_plan(EntPrepare(&reset_plan,
+	ret = SPI_execute_plan(MeteringPrepare(&reset_plan,
 								   "SELECT effective_at, retain_anchor, preserve_overage FROM metering.resets "
 								   "WHERE entitlement_id = $1 ORDER BY effective_at", 1, types),
 						   args, NULL, true, 0);
@@ -125,7 +110,7 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with
 	if (!with_grants)
 		return true;
 
-	ret = SPI_execute_plan(EntPrepare(&grant_plan,
+	ret = SPI_execute_plan(MeteringPrepare(&grant_plan,
 								   "SELECT id, amount, priority, effective_at, coalesce(expires_at, 'infinity'), "
 								   "       least(coalesce(expires_at, 'infinity'), coalesce(voided_at, 'infinity'), "
 								   "             coalesce(deleted_at, 'infinity')), "

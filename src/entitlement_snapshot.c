@@ -36,7 +36,7 @@ EntLoadEntitlementSnapshot(Entitlement *ent, TimestampTz limit, EntSnapshot *sna
 			   *bals;
 	int			n1,
 				n2;
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "SELECT at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before "
 											   "FROM metering.entitlement_snapshots "
 											   "WHERE entitlement_id = $1 AND at <= $2 ORDER BY at DESC LIMIT 1",
@@ -227,7 +227,7 @@ SnapshotOne(pg_uuid_t *id)
 	 * is at work, skip it rather than wait (its change drops the snapshots it
 	 * reaches and queues the entitlement for the next refresh anyway).
 	 */
-	ret = SPI_execute_plan(EntPrepare(&lock_plan,
+	ret = SPI_execute_plan(MeteringPrepare(&lock_plan,
 								   "SELECT 1 FROM metering.entitlements WHERE id = $1 FOR SHARE SKIP LOCKED",
 								   1, types), args, NULL, false, 1);
 	if (ret != SPI_OK_SELECT)
@@ -236,7 +236,7 @@ SnapshotOne(pg_uuid_t *id)
 	{
 		static SPIPlanPtr queue_plan = NULL;
 
-		ret = SPI_execute_plan(EntPrepare(&queue_plan,
+		ret = SPI_execute_plan(MeteringPrepare(&queue_plan,
 									   "INSERT INTO metering.entitlement_snapshot_queue "
 									   "SELECT $1 WHERE EXISTS (SELECT 1 FROM metering.entitlements WHERE id = $1) "
 									   "ON CONFLICT DO NOTHING", 1, types), args, NULL, false, 0);
@@ -358,7 +358,7 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		iargs[7] = Int64GetDatum(SnapshotInputs(&ent, x));
 		iargs[8] = hour_before ? NumericGetDatum(hour_before) : (Datum) 0;
 		inulls[8] = hour_before ? ' ' : 'n';
-		ret = SPI_execute_plan(EntPrepare(&insert_plan,
+		ret = SPI_execute_plan(MeteringPrepare(&insert_plan,
 									   "INSERT INTO metering.entitlement_snapshots AS s "
 									   "(entitlement_id, at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before) "
 									   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
@@ -390,7 +390,7 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		Datum		pargs[3] = {UUIDPGetDatum(id), TimestampTzGetDatum(started_hourly ? cut - 1 : cut),
 		TimestampTzGetDatum(x)};
 
-		ret = SPI_execute_plan(EntPrepare(&prune_plan,
+		ret = SPI_execute_plan(MeteringPrepare(&prune_plan,
 										  "DELETE FROM metering.entitlement_snapshots "
 										  "WHERE entitlement_id = $1 AND at > $2 AND at < $3",
 										  3, ptypes), pargs, NULL, false, 0);
@@ -408,7 +408,7 @@ QueueSnapshot(pg_uuid_t *id)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[1] = {UUIDOID};
 	Datum		args[1] = {UUIDPGetDatum(id)};
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 												  "INSERT INTO metering.entitlement_snapshot_queue "
 												  "SELECT $1 WHERE EXISTS (SELECT 1 FROM metering.entitlements WHERE id = $1) "
 												  "ON CONFLICT DO NOTHING", 1, types),

@@ -15,6 +15,7 @@
 
 #include "calendar.h"
 #include "entitlement.h"
+#include "metering.h"
 #include "numeric_ops.h"
 
 static void
@@ -115,7 +116,7 @@ EntOpenUsage(Entitlement *ent, int which, TimestampTz from, TimestampTz to, Arra
 	Datum		args[10];
 	char		nulls[10];
 	bool		filtered = ent->filters != (Datum) 0;
-	SPIPlanPtr	plan = EntPrepare(&plans[which][ent->count][filtered],
+	SPIPlanPtr	plan = MeteringPrepare(&plans[which][ent->count][filtered],
 							   UsageSql(which, ent->count, filtered), 10, types);
 
 	memset(nulls, ' ', sizeof(nulls));

@@ -43,7 +43,7 @@ GateLock(Datum id, Datum *row)
 	Oid			types[1] = {UUIDOID};
 	Datum		args[1] = {id};
 	bool		isnull;
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "SELECT e FROM metering.entitlements e WHERE e.id = $1 FOR NO KEY UPDATE",
 											   1, types),
 									   args, NULL, false, 1);
@@ -75,7 +75,7 @@ GateTakeTurn(Datum id, char purpose, TimestampTz usage_time)
 	Oid			types[3] = {UUIDOID, CHAROID, TIMESTAMPTZOID};
 	Datum		args[3] = {id, CharGetDatum(purpose), TimestampTzGetDatum(usage_time)};
 	bool		isnull;
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until) "
 											   "VALUES ($1, $2, 1, $3) ON CONFLICT ON CONSTRAINT entitlement_turns_pkey "
 											   "DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until) "
@@ -140,7 +140,7 @@ GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *wha
 	Oid			types[1] = {UUIDOID};
 	Datum		args[1] = {id};
 	bool		n;
-	int			ret = SPI_execute_plan(EntPrepare(&plan,
+	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "SELECT e.subject, f.key, m.slug, m.event_type, m.aggregation = 'COUNT', "
 											   "       m.value_property, m.group_by, f.meter_group_by_filters "
 											   "FROM metering.entitlements e JOIN metering.features f ON f.id = e.feature_id "

@@ -205,12 +205,12 @@ MeteringPlanByIndexEnd(int level)
 	AtEOXact_GUC(true, level);
 }
 
-SPIPlanPtr
-MeteringPrepareGeneric(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
+static SPIPlanPtr
+KeptPlan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types, int options)
 {
 	if (*cache == NULL)
 	{
-		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types, options);
 
 		if (p == NULL)
 			elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
@@ -218,6 +218,18 @@ MeteringPrepareGeneric(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types
 		*cache = p;
 	}
 	return *cache;
+}
+
+SPIPlanPtr
+MeteringPrepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
+{
+	return KeptPlan(cache, sql, nargs, types, 0);
+}
+
+SPIPlanPtr
+MeteringPrepareGeneric(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
+{
+	return KeptPlan(cache, sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
 }
 
 int

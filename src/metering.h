@@ -48,8 +48,12 @@ extern void MeteringRequireConfig(const char *what);
 extern int	MeteringPlanByIndexBegin(void);
 extern void MeteringPlanByIndexEnd(int level);
 
-/* A kept generic plan of sql, prepared once into *cache (inside SPI). */
+/*
+ * A kept plan of sql, prepared once into *cache (inside SPI): planned as
+ * the plan cache chooses, or always generic.
+ */
 struct _SPI_plan;
+extern struct _SPI_plan *MeteringPrepare(struct _SPI_plan **cache, const char *sql, int nargs, Oid *types);
 extern struct _SPI_plan *MeteringPrepareGeneric(struct _SPI_plan **cache, const char *sql, int nargs, Oid *types);
 
 /* SPI_execute_plan of such a plan, planned by index (above). */

@@ -38,21 +38,6 @@
 
 static SPIPlanPtr meters_plan = NULL;
 
-static SPIPlanPtr
-SavedPlan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*plan = p;
-	}
-	return *plan;
-}
-
 /*
  * Loads the live meters (or just one) in slug order with their watermarks,
  * locking the watermark rows FOR UPDATE: refreshes and the rebuilds of
@@ -65,7 +50,7 @@ RollupLoadMeters(const char *only_slug, int *n)
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
 	char		argnulls[1];
-	SPIPlanPtr	plan = SavedPlan(&meters_plan,
+	SPIPlanPtr	plan = MeteringPrepare(&meters_plan,
 								 "SELECT m.slug, m.event_type, m.aggregation::text, m.value_property, m.group_by, s.rolled_up_to "
 								 "FROM metering.meters m JOIN metering.meter_rollup_state s ON s.meter = m.slug "
 								 "WHERE m.deleted_at IS NULL AND ($1 IS NULL OR m.slug = $1) "
