@@ -63,10 +63,10 @@ say "distribute(): 55000 without Citus or without workers; idempotent"
 check "distribute() where Citus is not installed" "$(errcode single 'SELECT metering.distribute()')" 55000
 check "distribute() on a coordinator without workers" "$(errcode lonely 'SELECT metering.distribute()')" 55000
 sql m "SELECT metering.distribute(8)" >/dev/null && sql m "SELECT metering.distribute(8)" >/dev/null
-check "distribute() twice: the events, rollups and usage periods distributed, co-located by subject; subjects, their access and the configuration copies replicated" \
+check "distribute() twice: the events, rollups, usage periods, AWS usage records and registrations distributed, co-located by subject; subjects, their access, AWS products and customers and the configuration copies replicated" \
   "$(sql m "SELECT string_agg(logicalrelid::text || ':' || partmethod::text, ' ' ORDER BY logicalrelid::text) || ' ' || count(DISTINCT colocationid)
               FROM pg_dist_partition WHERE logicalrelid::text LIKE 'metering.%'")" \
-  "metering.config_copies:n metering.events:h metering.meter_rollups:h metering.subject_access:n metering.subjects:n metering.usage_periods:h 2"
+  "metering.config_copies:n metering.customers:n metering.events:h metering.meter_rollups:h metering.product_dimensions:n metering.products:n metering.registrations:h metering.subject_access:n metering.subjects:n metering.usage_periods:h metering.usage_records:h 2"
 
 say "the same data in both"
 for db in single m; do
@@ -142,12 +142,15 @@ SELECT e.subject, e.feature_key, v.* FROM metering.entitlements e, metering.enti
 SELECT * FROM metering.query_meter('tokens', '2026-03-01', '2026-03-05', 'DAY', 'UTC', NULL, '{model}', NULL) ORDER BY 1, 2, 3, 4;
 SELECT count(*) FROM metering.reservations;
 SELECT count(*) FROM metering.notification_events;
+SELECT customer_identifier, dimension, usage_hour, quantity FROM metering.usage_records ORDER BY 1, 2, 3;
+SELECT customer_identifier, registration_token_used_at FROM metering.customers ORDER BY 1;
+SELECT customer_identifier, nonce, calls FROM metering.registrations ORDER BY 1, 2;
 SQL
 }
 answers m >"$tmp.ans.m"
 answers restored >"$tmp.ans.restored"
 cmp -s "$tmp.ans.m" "$tmp.ans.restored" && ! grep -q ERROR "$tmp.ans.m"
-ok "... and the restored database answers as the cluster ($(wc -l <"$tmp.ans.m") rows: events, entitlement values, query_meter, holds, alerts)" $?
+ok "... and the restored database answers as the cluster ($(wc -l <"$tmp.ans.m") rows: events, entitlement values, query_meter, holds, alerts, AWS records)" $?
 diff "$tmp.ans.m" "$tmp.ans.restored" | head -10 | sed 's/^/#   /'
 # the same dump into a cluster database that has data when it is distributed
 for p in $port $w1 $w2; do
@@ -161,7 +164,7 @@ ok "the dump restored into a cluster and distributed with its rows" $?
 sed 's/^/#   /' "$tmp.restore.err" "$tmp.err"
 answers redist >"$tmp.ans.redist"
 check "... answers as before, and the coordinator keeps no copy of the rows it moved" \
-  "$(cmp -s "$tmp.ans.m" "$tmp.ans.redist" && echo same) $(sql redist "SELECT pg_relation_size('metering.events') + pg_relation_size('metering.subjects')")" "same 0"
+  "$(cmp -s "$tmp.ans.m" "$tmp.ans.redist" && echo same) $(sql redist "SELECT sum(pg_relation_size(('metering.' || t)::regclass)) FROM unnest(ARRAY['events', 'subjects', 'usage_records', 'customers', 'products', 'registrations']) t")" "same 0"
 diff "$tmp.ans.m" "$tmp.ans.redist" | head -10 | sed 's/^/#   /'
 
 say "where the events are"
@@ -250,11 +253,15 @@ sql m "CREATE ROLE citus_reader LOGIN" >/dev/null 2>&1
 # (in the cluster first: roles made there are made on every node)
 for db in m single; do
   sql $db "SELECT metering.setup_roles(); GRANT metering_reader TO citus_reader;
-           INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_reader', 's3')" >/dev/null
+           INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_reader', 's3')" >/dev/null ||
+    { sed 's/^/#   /' "$tmp.err"; echo "Bail out! setup_roles() failed in $db"; exit 1; }
 done
-check "row security on the workers: a role that sees one subject reads its events only, as on one node" \
-  "$(sql m "SET ROLE citus_reader; SELECT count(DISTINCT subject) || ' ' || min(subject) || ' ' || count(*) FROM metering.events")" \
-  "$(sql single "SET ROLE citus_reader; SELECT count(DISTINCT subject) || ' ' || min(subject) || ' ' || count(*) FROM metering.events")"
+readers_rows="SET ROLE citus_reader; SELECT count(DISTINCT subject) || ' ' || min(subject) || ' ' || count(*) FROM metering.events;
+              SELECT string_agg(customer_identifier || ':' || quantity, ' ') FROM metering.usage_records;
+              SELECT string_agg(customer_identifier, ' ') FROM metering.customers;
+              SELECT string_agg(customer_identifier || ':' || calls, ' ') FROM metering.registrations"
+check "row security on the workers: a role that sees one subject reads its events, usage records, customer and registrations only, as on one node" \
+  "$(sql m "$readers_rows" | tr '\n' ' ')" "$(sql single "$readers_rows" | tr '\n' ' ')"
 check "... and the functions answer it as on one node" \
   "$(sql m "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")" \
   "$(sql single "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")"

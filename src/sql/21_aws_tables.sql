@@ -22,8 +22,11 @@ COMMENT ON COLUMN metering.product_dimensions.product_code IS 'the product';
 COMMENT ON COLUMN metering.product_dimensions.dimension IS 'the dimension name, also the event type of its records';
 COMMENT ON COLUMN metering.product_dimensions.description IS 'free text';
 
+-- A customer identifier is the subject of the customer's events: compared
+-- byte by byte as subjects are (11_events.sql), and in a distributed install
+-- the key its usage records are co-located with its events by.
 CREATE TABLE metering.customers (
-  customer_identifier           text PRIMARY KEY CHECK (customer_identifier <> ''),
+  customer_identifier           text COLLATE "C" PRIMARY KEY CHECK (customer_identifier <> ''),
   product_code                  text REFERENCES metering.products,
   customer_aws_account_id       text,
   subscribed_at                 timestamptz DEFAULT metering.now(),
@@ -47,7 +50,7 @@ COMMENT ON COLUMN metering.customers.registration_token_used_at IS 'when the tok
 
 CREATE TABLE metering.usage_records (
   metering_record_id  uuid PRIMARY KEY DEFAULT metering.uuid_v7(),
-  customer_identifier text NOT NULL,
+  customer_identifier text COLLATE "C" NOT NULL,
   product_code        text NOT NULL,
   dimension           text NOT NULL,
   usage_hour          timestamptz NOT NULL,
@@ -82,7 +85,7 @@ CREATE TRIGGER usage_records_immutable BEFORE UPDATE OR DELETE ON metering.usage
 
 CREATE TABLE metering.registrations (
   product_code        text NOT NULL,
-  customer_identifier text NOT NULL,
+  customer_identifier text COLLATE "C" NOT NULL,
   nonce               text,
   public_key_version  integer NOT NULL,
   first_registered_at timestamptz NOT NULL DEFAULT metering.now(),

@@ -181,6 +181,12 @@ BEGIN
   IF NOT pg_has_role('metering_admin', 'metering_writer', 'MEMBER') THEN
     GRANT metering_writer TO metering_admin;
   END IF;
+  -- Distributed, a grant on the AWS reference tables, which have foreign
+  -- keys between them, must not follow the parallel grants on the shards in
+  -- this transaction (Citus refuses): one connection per node throughout
+  IF metering._distributed() THEN
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+  END IF;
   -- Nobody but the owner holds TRIGGER, TRUNCATE or REFERENCES, a right on
   -- a sequence, or CREATE in the schema: each would let a role's own code
   -- run inside the owner-run functions, or the rows of the derived tables

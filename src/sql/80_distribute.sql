@@ -65,15 +65,45 @@ END $$;
 COMMENT ON FUNCTION metering._require_coordinator(text) IS
   'internal: 0A000 on a Citus worker of a distributed install';
 
+-- A statement that changes a table before Citus converts it, run on the
+-- coordinator and on every worker: the workers hold the extension's tables
+-- too (Citus leaves the tables of an extension to it), and their
+-- definitions must stay the same.  Each statement distribute() gives it can
+-- run again, so a distribute() that failed half-way can.
+CREATE FUNCTION metering._distribute_everywhere(stmt text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  failed text;
+BEGIN
+  EXECUTE stmt;
+  EXECUTE 'SELECT string_agg(nodename || '':'' || nodeport || '': '' || result, ''; '') '
+          'FROM run_command_on_workers($1) WHERE NOT success' INTO failed USING stmt;
+  IF failed IS NOT NULL THEN
+    RAISE EXCEPTION 'distribute: a worker could not run "%": %', stmt, failed
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+END $$;
+COMMENT ON FUNCTION metering._distribute_everywhere(text) IS
+  'internal (distributed mode): runs one of distribute()''s preparing statements on the coordinator and on every worker';
+REVOKE ALL ON FUNCTION metering._distribute_everywhere(text) FROM PUBLIC;
+
+-- The row-security rule of a distributed or reference table (see
+-- _visible_subjects_once above), on its subject column.
+CREATE FUNCTION metering._distribute_policy(tab text, col text) RETURNS text
+LANGUAGE sql STABLE STRICT SET search_path = pg_catalog, pg_temp
+RETURN pg_catalog.format('ALTER POLICY %I ON metering.%I USING (metering._visible_subjects_once(current_user) IS NULL '
+                         'OR %I = ANY (metering._visible_subjects_once(current_user)))', tab || '_by_subject', tab, col);
+COMMENT ON FUNCTION metering._distribute_policy(text, text) IS
+  'internal (distributed mode): the ALTER POLICY that gives a table the subquery-free rule by subject';
+
 CREATE FUNCTION metering.distribute(shard_count integer DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   workers bigint;
   tab text;
-  stmt text;
-  prep text[] := '{}';
-  failed text;
-  parent_fkey text;
+  done boolean;
+  fkeys text[];
+  fkey record;
 BEGIN
   IF to_regclass('pg_catalog.pg_dist_node') IS NULL THEN
     RAISE EXCEPTION 'distribute: Citus is not installed in this database'
@@ -91,58 +121,81 @@ BEGIN
     RAISE EXCEPTION 'distribute: shard_count must be from 1 to 64000, got %', shard_count
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF metering._distributed() THEN
-    -- again: the configuration onto every node, a worker added since too
-    PERFORM metering._config_distribute();
-    RETURN;
-  END IF;
   PERFORM set_config('client_min_messages', 'warning', true);
   -- (the events keep their triggers: see the notes of 11_events.sql)
   PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
 
-  -- What changes before the tables are converted, run on every node: the
-  -- workers hold the extension's tables too (Citus leaves the tables of an
-  -- extension to it), and their definitions must stay the same.  Each
-  -- statement can run again, so a distribute() that failed half-way can.
-  -- The dedup key names the distribution column:
-  prep := prep || ('ALTER TABLE metering.events DROP CONSTRAINT IF EXISTS events_pkey, '
-                   'ADD CONSTRAINT events_pkey PRIMARY KEY (subject, source, id)')::text;
-  -- policies without subqueries (see above):
-  FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods'] LOOP
-    prep := prep || format('ALTER POLICY %I ON metering.%I USING (metering._visible_subjects_once(current_user) IS NULL '
-                           'OR subject = ANY (metering._visible_subjects_once(current_user)))', tab || '_by_subject', tab);
-  END LOOP;
-  prep := prep || 'ALTER POLICY subjects_by_subject ON metering.subjects USING (metering._visible_subjects_once(current_user) IS NULL '
-                  'OR key = ANY (metering._visible_subjects_once(current_user)))'::text
-               || 'ALTER POLICY subject_access_own ON metering.subject_access USING ('
-                  'metering._visible_subjects_once(current_user) IS NULL OR metering._role_is_mine(role_name))'::text;
-  -- the subjects' own foreign key would be made twice on the workers
-  SELECT pg_get_constraintdef(oid) INTO parent_fkey FROM pg_constraint
-   WHERE conrelid = 'metering.subjects'::regclass AND conname = 'subjects_parent_key_fkey';
-  prep := prep || 'ALTER TABLE metering.subjects DROP CONSTRAINT IF EXISTS subjects_parent_key_fkey'::text;
-  FOREACH stmt IN ARRAY prep LOOP
-    EXECUTE stmt;
-    EXECUTE 'SELECT string_agg(nodename || '':'' || nodeport || '': '' || result, ''; '') '
-            'FROM run_command_on_workers($1) WHERE NOT success' INTO failed USING stmt;
-    IF failed IS NOT NULL THEN
-      RAISE EXCEPTION 'distribute: a worker could not run "%": %', stmt, failed
-        USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
-  END LOOP;
-  -- row security on the workers reads who may see which subjects
-  EXECUTE 'SELECT create_reference_table(''metering.subject_access'')';
-  EXECUTE 'SELECT create_reference_table(''metering.subjects'')';
-  EXECUTE 'ALTER TABLE metering.subjects ADD CONSTRAINT subjects_parent_key_fkey '
-          || coalesce(parent_fkey, 'FOREIGN KEY (parent_key) REFERENCES metering.subjects(key) DEFERRABLE INITIALLY DEFERRED');
-  EXECUTE 'SELECT create_distributed_table(''metering.events'', ''subject'', shard_count => $1)' USING shard_count;
-  EXECUTE 'SELECT create_distributed_table(''metering.meter_rollups'', ''subject'', colocate_with => ''metering.events'')';
-  EXECUTE 'SELECT create_distributed_table(''metering.usage_periods'', ''subject'', colocate_with => ''metering.events'')';
+  -- Each group of tables is converted once; a later call (after an update
+  -- that added a group) converts the groups not converted yet.
+  -- The events and what is derived from them, with the subjects:
+  IF NOT metering._distributed() THEN
+    -- the dedup key names the distribution column
+    PERFORM metering._distribute_everywhere(
+      'ALTER TABLE metering.events DROP CONSTRAINT IF EXISTS events_pkey, '
+      'ADD CONSTRAINT events_pkey PRIMARY KEY (subject, source, id)');
+    FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods'] LOOP
+      PERFORM metering._distribute_everywhere(metering._distribute_policy(tab, 'subject'));
+    END LOOP;
+    PERFORM metering._distribute_everywhere(metering._distribute_policy('subjects', 'key'));
+    PERFORM metering._distribute_everywhere(
+      'ALTER POLICY subject_access_own ON metering.subject_access USING ('
+      'metering._visible_subjects_once(current_user) IS NULL OR metering._role_is_mine(role_name))');
+    -- row security on the workers reads who may see which subjects; the
+    -- subjects' own foreign key would be made twice on the workers
+    SELECT array_agg(format('ALTER TABLE metering.subjects ADD CONSTRAINT %I %s', conname, pg_get_constraintdef(oid)))
+      INTO fkeys FROM pg_constraint
+     WHERE conrelid = 'metering.subjects'::regclass AND conname = 'subjects_parent_key_fkey';
+    PERFORM metering._distribute_everywhere('ALTER TABLE metering.subjects DROP CONSTRAINT IF EXISTS subjects_parent_key_fkey');
+    EXECUTE 'SELECT create_reference_table(''metering.subject_access'')';
+    EXECUTE 'SELECT create_reference_table(''metering.subjects'')';
+    EXECUTE coalesce(fkeys[1], 'ALTER TABLE metering.subjects ADD CONSTRAINT subjects_parent_key_fkey '
+                               'FOREIGN KEY (parent_key) REFERENCES metering.subjects(key) DEFERRABLE INITIALLY DEFERRED');
+    EXECUTE 'SELECT create_distributed_table(''metering.events'', ''subject'', shard_count => $1)' USING shard_count;
+    EXECUTE 'SELECT create_distributed_table(''metering.meter_rollups'', ''subject'', colocate_with => ''metering.events'')';
+    EXECUTE 'SELECT create_distributed_table(''metering.usage_periods'', ''subject'', colocate_with => ''metering.events'')';
+  END IF;
+
+  -- AWS Marketplace: a customer's usage records and registrations beside its
+  -- events; the products and customers on every node (the registration
+  -- token is unique across customers, which no distributed table can check)
+  EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = ''metering.usage_records''::regclass)'
+    INTO done;
+  IF NOT done THEN
+    PERFORM metering._distribute_everywhere(
+      'ALTER TABLE metering.usage_records DROP CONSTRAINT IF EXISTS usage_records_pkey, '
+      'ADD CONSTRAINT usage_records_pkey PRIMARY KEY (customer_identifier, metering_record_id)');
+    FOREACH tab IN ARRAY ARRAY['customers', 'usage_records', 'registrations'] LOOP
+      PERFORM metering._distribute_everywhere(metering._distribute_policy(tab, 'customer_identifier'));
+    END LOOP;
+    -- a reference table that a plain table references would take that
+    -- table into Citus's metadata with it, which the workers' own copy of
+    -- the table stops: the foreign keys go, and come back between the
+    -- reference tables
+    SELECT array_agg(format('ALTER TABLE %s ADD CONSTRAINT %I %s', conrelid::regclass, conname, pg_get_constraintdef(oid)))
+      INTO fkeys FROM pg_constraint
+     WHERE confrelid = 'metering.products'::regclass AND contype = 'f';
+    FOR fkey IN SELECT conrelid::regclass AS rel, conname FROM pg_constraint
+                 WHERE confrelid = 'metering.products'::regclass AND contype = 'f' LOOP
+      PERFORM metering._distribute_everywhere(format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', fkey.rel, fkey.conname));
+    END LOOP;
+    FOREACH tab IN ARRAY ARRAY['products', 'product_dimensions', 'customers'] LOOP
+      EXECUTE 'SELECT create_reference_table($1)' USING ('metering.' || tab)::regclass;
+    END LOOP;
+    FOREACH tab IN ARRAY coalesce(fkeys, '{}') LOOP
+      EXECUTE tab;
+    END LOOP;
+    EXECUTE 'SELECT create_distributed_table(''metering.usage_records'', ''customer_identifier'', colocate_with => ''metering.events'')';
+    EXECUTE 'SELECT create_distributed_table(''metering.registrations'', ''customer_identifier'', colocate_with => ''metering.events'')';
+  END IF;
+
+  -- again on every call: the configuration onto every node, a worker added since too
   PERFORM metering._config_distribute();
   -- Citus copied the rows of a database that had some into the shards and
   -- left them in the coordinator's tables too, where nothing reads them any
   -- more: they go, without the events' TRUNCATE trigger, which would empty
   -- what is derived from them (now on the workers)
-  FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods', 'subjects', 'subject_access'] LOOP
+  FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods', 'subjects', 'subject_access',
+                             'products', 'product_dimensions', 'customers', 'usage_records', 'registrations'] LOOP
     IF pg_relation_size(('metering.' || tab)::regclass) > 0 THEN
       PERFORM set_config('session_replication_role', 'replica', true);
       EXECUTE 'SELECT truncate_local_data_after_distributing_table($1)' USING ('metering.' || tab)::regclass;
@@ -151,5 +204,5 @@ BEGIN
   PERFORM set_config('session_replication_role', 'origin', true);
 END $$;
 COMMENT ON FUNCTION metering.distribute(integer) IS
-  'on a Citus coordinator with workers: distributes the events and their rollups and usage periods by subject (co-located); idempotent; 55000 without Citus or workers';
+  'on a Citus coordinator with workers: distributes the per-subject tables by subject (co-located: events, rollups, usage periods, AWS usage records and registrations) and replicates subjects, AWS products and customers and the configuration copies; idempotent, and converts what an update added; 55000 without Citus or workers';
 REVOKE ALL ON FUNCTION metering.distribute(integer) FROM PUBLIC;

@@ -45,3 +45,21 @@ ALTER TABLE metering.meter_rollups ALTER COLUMN groups_key SET NOT NULL,
   DROP CONSTRAINT meter_rollups_pkey, ADD PRIMARY KEY (meter, subject, bucket, groups_key);
 COMMENT ON COLUMN metering.meter_rollups.groups_key IS
   'sha256 of groups (its canonical text): the key, since group values taken from events may be longer than a btree entry holds';
+
+-- customer identifiers are subjects: COLLATE "C" as the events' (a
+-- distributed install co-locates the usage records with the events by them);
+-- the policies that read the column are made again around the change
+DO $$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['customers', 'usage_records', 'registrations'] LOOP
+    EXECUTE format('DROP POLICY %I ON metering.%I', t || '_by_subject', t);
+    EXECUTE format('ALTER TABLE metering.%I ALTER COLUMN customer_identifier TYPE text COLLATE "C"', t);
+    EXECUTE format('CREATE POLICY %I ON metering.%I USING ((SELECT metering._visible_subjects(current_user)) IS NULL '
+                   'OR customer_identifier = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))) '
+                   'WITH CHECK (true)', t || '_by_subject', t);
+    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t || '_by_subject', t,
+                   'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
+  END LOOP;
+END $$;

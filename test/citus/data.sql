@@ -73,9 +73,17 @@ INSERT INTO metering.prices (meter_slug, model, tiers, minimum_amount) VALUES
   ('tokens', 'graduated', '[{"up_to": 5000, "unit_amount": 0}, {"up_to": null, "unit_amount": 0.002, "flat_amount": 1}]', 2);
 INSERT INTO metering.products (product_code, name) VALUES ('prod-1', 'Product');
 INSERT INTO metering.product_dimensions (product_code, dimension) VALUES ('prod-1', 'api-calls');
-INSERT INTO metering.customers (customer_identifier, product_code, customer_aws_account_id, subscribed_at)
-VALUES ('s2', 'prod-1', '123456789012', '2026-02-01');
+INSERT INTO metering.customers (customer_identifier, product_code, customer_aws_account_id, subscribed_at, registration_token)
+VALUES ('s2', 'prod-1', '123456789012', '2026-02-01', 'token-s2'), ('s3', 'prod-1', '210987654321', '2026-02-01', 'token-s3');
 SELECT metering.meter_usage('prod-1', 's2', '2026-03-04 10:30:00+00', 'api-calls', 40) IS NOT NULL AS metered;
+SELECT metering.meter_usage('prod-1', 's3', '2026-03-04 11:30:00+00', 'api-calls', 3) IS NOT NULL AS metered;
+-- a repeat is the same record; another quantity a duplicate
+SELECT metering.meter_usage('prod-1', 's3', '2026-03-04 11:10:00+00', 'api-calls', 3) AS again \gset
+SELECT metering_record_id = :'again' AS same_record FROM metering.usage_records WHERE customer_identifier = 's3';
+SELECT * FROM metering.resolve_customer('token-s2');
+SELECT signature IS NOT NULL AS signed, public_key_rotation_timestamp FROM metering.register_usage('prod-1', 's2', 1, 'pod-1');
+SELECT signature IS NOT NULL AS signed FROM metering.register_usage('prod-1', 's2', 1, 'pod-1');
+SELECT signature IS NOT NULL AS signed FROM metering.register_usage('prod-1', 's3', 1);
 SELECT metering.batch_meter_usage('{"ProductCode": "prod-1", "UsageRecords": [
   {"CustomerIdentifier": "s2", "Dimension": "api-calls", "Quantity": 7, "Timestamp": "2026-03-04T09:05:00Z"},
   {"CustomerIdentifier": "nobody", "Dimension": "api-calls", "Quantity": 5, "Timestamp": "2026-03-04T09:05:00Z"}]}')

@@ -84,6 +84,11 @@ SELECT e.subject, e.feature_key, e.deleted_at IS NOT NULL, g.amount, g.priority,
   FROM metering.entitlements e LEFT JOIN metering.grants g ON g.entitlement_id = e.id ORDER BY 1, 2, 4, 5;
 -- q: AWS usage records
 SELECT customer_identifier, product_code, dimension, usage_hour, quantity FROM metering.usage_records ORDER BY 1, 2, 3, 4;
+-- q: AWS customers
+SELECT customer_identifier, product_code, registration_token, registration_token_used_at FROM metering.customers ORDER BY 1;
+-- q: AWS registrations
+SELECT customer_identifier, product_code, nonce, public_key_version, first_registered_at, last_registered_at, calls
+  FROM metering.registrations ORDER BY 1, 2, 3;
 -- q: AWS events
 SELECT subject, type, time, data - 'allocations' FROM metering.events WHERE source LIKE 'aws-marketplace/%' ORDER BY 1, 2, 3;
 -- q: reservations
