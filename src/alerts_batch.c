@@ -181,13 +181,14 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 	Covered    *covered = NULL;
 	Datum	   *pair_ids,
 			   *pair_times,
-			   *pair_amounts;
+			   *pair_amounts,
+			   *pair_subjects;
 	Numeric		zero = int64_to_numeric(0),
 				one = int64_to_numeric(1);
 	MemoryContext outer,
 				scratch;
-	Oid			turn_types[4] = {UUIDARRAYOID, TIMESTAMPTZARRAYOID, NUMERICARRAYOID, TIMESTAMPTZOID};
-	Datum		turn_args[4];
+	Oid			turn_types[5] = {UUIDARRAYOID, TIMESTAMPTZARRAYOID, NUMERICARRAYOID, TIMESTAMPTZOID, TEXTARRAYOID};
+	Datum		turn_args[5];
 	Oid			eval_types[2] = {UUIDOID, TIMESTAMPTZOID};
 	int			ret;
 
@@ -217,6 +218,7 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 	pair_ids = palloc(sizeof(Datum) * nevents);
 	pair_times = palloc(sizeof(Datum) * nevents);
 	pair_amounts = palloc(sizeof(Datum) * nevents);
+	pair_subjects = palloc(sizeof(Datum) * nevents);
 	for (int i = 0; i < nevents; i++)
 	{
 		Covered		key;
@@ -260,10 +262,12 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 				pair_ids = repalloc(pair_ids, sizeof(Datum) * (npairs + nevents));
 				pair_times = repalloc(pair_times, sizeof(Datum) * (npairs + nevents));
 				pair_amounts = repalloc(pair_amounts, sizeof(Datum) * (npairs + nevents));
+				pair_subjects = repalloc(pair_subjects, sizeof(Datum) * (npairs + nevents));
 			}
 			pair_ids[npairs] = covered[j].id;
 			pair_times[npairs] = times[i];
 			pair_amounts[npairs] = NumericGetDatum(amount);
+			pair_subjects[npairs] = PointerGetDatum(covered[j].subject);
 			npairs++;
 		}
 	}
@@ -285,15 +289,16 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 												   TYPALIGN_DOUBLE));
 	turn_args[2] = PointerGetDatum(construct_array(pair_amounts, npairs, NUMERICOID, -1, false, TYPALIGN_INT));
 	turn_args[3] = TimestampTzGetDatum(MeteringNow());
+	turn_args[4] = PointerGetDatum(construct_array(pair_subjects, npairs, TEXTOID, -1, false, TYPALIGN_INT));
 	ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&turns_plan,
 								 "INSERT INTO metering.entitlement_turns AS t "
-								 "       (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom) "
-								 "SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until, "
+								 "       (entitlement_id, subject, purpose, turns, usage_until, armed_from, armed_until, headroom) "
+								 "SELECT u.id, u.subject, 'a', 1, max(u.time), w.armed_from, w.armed_until, "
 								 "       CASE WHEN w.armed_from IS NOT NULL THEN coalesce(sum(u.amount) "
 								 "            FILTER (WHERE u.time >= w.armed_from AND u.time < w.armed_until), 0) END "
-								 "  FROM unnest($1, $2, $3) AS u(id, time, amount) "
+								 "  FROM unnest($1, $2, $3, $5) AS u(id, time, amount, subject) "
 								 "  LEFT JOIN metering.entitlement_turns w ON w.entitlement_id = u.id AND w.purpose = 'a' "
-								 " GROUP BY u.id, w.armed_from, w.armed_until ORDER BY u.id "
+								 " GROUP BY u.id, u.subject, w.armed_from, w.armed_until ORDER BY u.id "
 								 "ON CONFLICT ON CONSTRAINT entitlement_turns_pkey "
 								 "DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until), "
 								 "  headroom = CASE WHEN t.armed_from = excluded.armed_from AND t.armed_until = excluded.armed_until "
@@ -302,7 +307,7 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 								 "                      AND greatest(t.usage_until, excluded.usage_until) < t.armed_until "
 								 "                 THEN t.headroom - excluded.headroom END "
 								 "RETURNING t.entitlement_id, t.usage_until, t.headroom IS NULL",
-								 4, turn_types),
+								 5, turn_types),
 						 turn_args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "could not take the entitlements' turns: %s", SPI_result_code_string(ret));

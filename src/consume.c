@@ -124,7 +124,7 @@ metering_consume(PG_FUNCTION_ARGS)
 						   DatumGetJsonbP(ev[5]), "entitlement", &usage_null);
 	if (!GateLock(UUIDPGetDatum(&id), NULL))
 		elog(ERROR, "entitlement vanished");	/* (they are never deleted) */
-	until = GateTakeTurn(UUIDPGetDatum(&id), 'u', Max(DatumGetTimestampTz(ev[4]), now));
+	until = GateTakeTurn(UUIDPGetDatum(&id), ev[2], 'u', Max(DatumGetTimestampTz(ev[4]), now));
 
 	/*
 	 * The turn is ours: what follows reads with a snapshot taken now, which

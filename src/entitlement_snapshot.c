@@ -238,7 +238,7 @@ SnapshotOne(pg_uuid_t *id)
 
 		ret = SPI_execute_plan(MeteringPrepare(&queue_plan,
 									   "INSERT INTO metering.entitlement_snapshot_queue "
-									   "SELECT $1 WHERE EXISTS (SELECT 1 FROM metering.entitlements WHERE id = $1) "
+									   "SELECT id, subject FROM metering.entitlements WHERE id = $1 "
 									   "ON CONFLICT DO NOTHING", 1, types), args, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "could not queue the entitlement: %s", SPI_result_code_string(ret));
@@ -332,10 +332,10 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	/* the writer: bounded by the loop above, not by a reader's budget */
 	EntEvaluate(&ent, &e, x, x, NULL, 0, NULL, true);
 	{
-		Oid			itypes[9] = {UUIDOID, TIMESTAMPTZOID, NUMERICOID, NUMERICOID, NUMERICOID,
-		UUIDARRAYOID, NUMERICARRAYOID, INT8OID, NUMERICOID};
-		Datum		iargs[9];
-		char		inulls[9] = "        ";
+		Oid			itypes[10] = {UUIDOID, TIMESTAMPTZOID, NUMERICOID, NUMERICOID, NUMERICOID,
+		UUIDARRAYOID, NUMERICARRAYOID, INT8OID, NUMERICOID, TEXTOID};
+		Datum		iargs[10];
+		char		inulls[10] = "         ";
 		Numeric		hour_before = EntHourUsageBefore(&ent, x);
 		Datum	   *ids = palloc(sizeof(Datum) * Max(e.ngrants, 1));
 		Datum	   *bals = palloc(sizeof(Datum) * Max(e.ngrants, 1));
@@ -358,10 +358,11 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 		iargs[7] = Int64GetDatum(SnapshotInputs(&ent, x));
 		iargs[8] = hour_before ? NumericGetDatum(hour_before) : (Datum) 0;
 		inulls[8] = hour_before ? ' ' : 'n';
+		iargs[9] = ent.subject;
 		ret = SPI_execute_plan(MeteringPrepare(&insert_plan,
 									   "INSERT INTO metering.entitlement_snapshots AS s "
-									   "(entitlement_id, at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before) "
-									   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+									   "(entitlement_id, at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before, subject) "
+									   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
 									   "ON CONFLICT (entitlement_id, at) DO UPDATE SET usage = EXCLUDED.usage, "
 									   "grant_usage = EXCLUDED.grant_usage, overage = EXCLUDED.overage, "
 									   "grant_ids = EXCLUDED.grant_ids, balances = EXCLUDED.balances, "
@@ -370,7 +371,7 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 									   "WHERE (s.usage, s.grant_usage, s.overage, s.grant_ids, s.balances, s.inputs, s.hour_usage_before) "
 									   "IS DISTINCT FROM (EXCLUDED.usage, EXCLUDED.grant_usage, EXCLUDED.overage, "
 									   "EXCLUDED.grant_ids, EXCLUDED.balances, EXCLUDED.inputs, EXCLUDED.hour_usage_before)",
-									   9, itypes), iargs, inulls, false, 0);
+									   10, itypes), iargs, inulls, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "could not write the snapshot: %s", SPI_result_code_string(ret));
 		written = SPI_processed > 0;
@@ -410,7 +411,7 @@ QueueSnapshot(pg_uuid_t *id)
 	Datum		args[1] = {UUIDPGetDatum(id)};
 	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 												  "INSERT INTO metering.entitlement_snapshot_queue "
-												  "SELECT $1 WHERE EXISTS (SELECT 1 FROM metering.entitlements WHERE id = $1) "
+												  "SELECT id, subject FROM metering.entitlements WHERE id = $1 "
 												  "ON CONFLICT DO NOTHING", 1, types),
 									   args, NULL, false, 0);
 
@@ -532,7 +533,7 @@ metering_snapshot_meter(PG_FUNCTION_ARGS)
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not drop snapshots: %s", SPI_result_code_string(ret));
 		/* their new snapshots, or (MeteringRefreshQueuesSnapshots) their turn for them */
-		ret = SPI_execute_with_args(psprintf("%s SELECT n.id FROM metering.entitlements n "
+		ret = SPI_execute_with_args(psprintf("%s SELECT n.id, n.subject FROM metering.entitlements n "
 											 "JOIN metering.features f ON f.id = n.feature_id AND f.meter_slug = $1 "
 											 "WHERE n.type = 'metered' AND n.deleted_at IS NULL AND n.subject = ANY ($2) "
 											 "  AND $3 IS NOT NULL ORDER BY n.id %s",

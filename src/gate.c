@@ -69,17 +69,17 @@ GateLock(Datum id, Datum *row)
  * wrote at its own now.
  */
 TimestampTz
-GateTakeTurn(Datum id, char purpose, TimestampTz usage_time)
+GateTakeTurn(Datum id, Datum subject, char purpose, TimestampTz usage_time)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[3] = {UUIDOID, CHAROID, TIMESTAMPTZOID};
-	Datum		args[3] = {id, CharGetDatum(purpose), TimestampTzGetDatum(usage_time)};
+	Oid			types[4] = {UUIDOID, TEXTOID, CHAROID, TIMESTAMPTZOID};
+	Datum		args[4] = {id, subject, CharGetDatum(purpose), TimestampTzGetDatum(usage_time)};
 	bool		isnull;
 	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
-											   "INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until) "
-											   "VALUES ($1, $2, 1, $3) ON CONFLICT ON CONSTRAINT entitlement_turns_pkey "
+											   "INSERT INTO metering.entitlement_turns AS t (entitlement_id, subject, purpose, turns, usage_until) "
+											   "VALUES ($1, $2, $3, 1, $4) ON CONFLICT ON CONSTRAINT entitlement_turns_pkey "
 											   "DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until) "
-											   "RETURNING t.usage_until", 3, types),
+											   "RETURNING t.usage_until", 4, types),
 									   args, NULL, false, 1);
 
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
@@ -243,9 +243,9 @@ metering_take_turn(PG_FUNCTION_ARGS)
 {
 	TimestampTz until;
 
-	RequireArgs(fcinfo, 3, "_take_turn");
+	RequireArgs(fcinfo, 4, "_take_turn");
 	SPI_connect();
-	until = GateTakeTurn(PG_GETARG_DATUM(0), PG_GETARG_CHAR(1), PG_GETARG_TIMESTAMPTZ(2));
+	until = GateTakeTurn(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1), PG_GETARG_CHAR(2), PG_GETARG_TIMESTAMPTZ(3));
 	SPI_finish();
 	PG_RETURN_TIMESTAMPTZ(until);
 }

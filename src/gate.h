@@ -10,7 +10,7 @@
 #include "entitlement.h"
 
 extern bool GateLock(Datum id, Datum *row);
-extern TimestampTz GateTakeTurn(Datum id, char purpose, TimestampTz usage_time);
+extern TimestampTz GateTakeTurn(Datum id, Datum subject, char purpose, TimestampTz usage_time);
 extern TimestampTz GateCheckInstant(Entitlement *ent, TimestampTz now, TimestampTz until, bool until_null);
 extern Numeric GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *what, bool *isnull);
 

@@ -102,7 +102,7 @@ BEGIN
   -- each event's amount for each of those entitlements its subject and type reach
   FOR x IN
     WITH usage AS (
-      SELECT c.id, n.time,
+      SELECT c.id, c.subject, n.time,
              CASE WHEN c.filters IS NOT NULL AND NOT metering._meter_groups(n.data, c.group_by) @> c.filters THEN 0
                   WHEN c.counts THEN 1
                   ELSE greatest(coalesce(metering._meter_number(n.data, c.path), 0), 0) END AS amount
@@ -110,14 +110,14 @@ BEGIN
         JOIN unnest(ids, owners, event_types, filters, group_bys, counts, paths)
                AS c(id, subject, type, filters, group_by, counts, path)
           ON c.subject = n.subject AND c.type = n.type)
-    INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until, armed_from, armed_until, headroom)
-    SELECT u.id, 'a', 1, max(u.time), w.armed_from, w.armed_until,
+    INSERT INTO metering.entitlement_turns AS t (entitlement_id, subject, purpose, turns, usage_until, armed_from, armed_until, headroom)
+    SELECT u.id, u.subject, 'a', 1, max(u.time), w.armed_from, w.armed_until,
            -- (the usage in the window, carried to the update as the new row's headroom)
            CASE WHEN w.armed_from IS NOT NULL
                 THEN coalesce(sum(u.amount) FILTER (WHERE u.time >= w.armed_from AND u.time < w.armed_until), 0) END
       FROM usage u
       LEFT JOIN metering.entitlement_turns w ON w.entitlement_id = u.id AND w.purpose = 'a'
-     GROUP BY u.id, w.armed_from, w.armed_until ORDER BY u.id
+     GROUP BY u.id, u.subject, w.armed_from, w.armed_until ORDER BY u.id
     ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
     DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until),
                   headroom = CASE WHEN t.armed_from = excluded.armed_from AND t.armed_until = excluded.armed_until

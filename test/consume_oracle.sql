@@ -71,13 +71,13 @@ BEGIN
   RETURN r;
 END $$;
 
-CREATE FUNCTION oracle._take_turn(entitlement uuid, purpose "char", usage_time timestamptz) RETURNS timestamptz
+CREATE FUNCTION oracle._take_turn(entitlement uuid, subject text, purpose "char", usage_time timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   until timestamptz;
 BEGIN
-  INSERT INTO metering.entitlement_turns AS t (entitlement_id, purpose, turns, usage_until)
-  VALUES (_take_turn.entitlement, _take_turn.purpose, 1, _take_turn.usage_time)
+  INSERT INTO metering.entitlement_turns AS t (entitlement_id, subject, purpose, turns, usage_until)
+  VALUES (_take_turn.entitlement, _take_turn.subject, _take_turn.purpose, 1, _take_turn.usage_time)
   ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
   DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until)
   RETURNING t.usage_until INTO until;
@@ -156,7 +156,7 @@ BEGIN
   END IF;
   usage := oracle._event_usage(e, p.subject, p.type, p.data, 'entitlement');
   e := oracle._lock_entitlement(e.id);
-  at := oracle._check_instant(e, now, oracle._take_turn(e.id, 'u', greatest(p.time, now)));
+  at := oracle._check_instant(e, now, oracle._take_turn(e.id, e.subject, 'u', greatest(p.time, now)));
   SELECT * INTO v FROM metering.entitlement_value(e.subject, e.id::text, at);
   IF e.deleted_at IS NOT NULL AND e.deleted_at <= now THEN
     ok := false;

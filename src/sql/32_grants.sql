@@ -21,7 +21,8 @@ CREATE TABLE metering.grants (
   voided_at           timestamptz,
   deleted_at          timestamptz,
   metadata            jsonb,
-  created_at          timestamptz NOT NULL DEFAULT metering.now()
+  created_at          timestamptz NOT NULL DEFAULT metering.now(),
+  subject             text COLLATE "C" NOT NULL
 );
 CREATE INDEX grants_entitlement ON metering.grants (entitlement_id);
 COMMENT ON TABLE metering.grants IS
@@ -41,6 +42,7 @@ COMMENT ON COLUMN metering.grants.voided_at IS 'when it was voided: it ends ther
 COMMENT ON COLUMN metering.grants.deleted_at IS 'when it was deleted: it ends there';
 COMMENT ON COLUMN metering.grants.metadata IS 'free-form JSON object';
 COMMENT ON COLUMN metering.grants.created_at IS 'when it was made (metering.now()); breaks ties in burn order';
+COMMENT ON COLUMN metering.grants.subject IS 'the entitlement''s subject (filled in when not given; another is refused)';
 
 CREATE TABLE metering.resets (
   id               uuid PRIMARY KEY DEFAULT metering.uuid_v7(),
@@ -49,6 +51,7 @@ CREATE TABLE metering.resets (
   retain_anchor    boolean NOT NULL DEFAULT false,
   preserve_overage boolean,
   created_at       timestamptz NOT NULL DEFAULT metering.now(),
+  subject          text COLLATE "C" NOT NULL,
   UNIQUE (entitlement_id, effective_at)
 );
 COMMENT ON TABLE metering.resets IS
@@ -59,6 +62,7 @@ COMMENT ON COLUMN metering.resets.effective_at IS 'when the new period starts (t
 COMMENT ON COLUMN metering.resets.retain_anchor IS 'keep the old grid of period boundaries (else the grid starts here)';
 COMMENT ON COLUMN metering.resets.preserve_overage IS 'whether the overage is carried into the new period (default: the entitlement''s setting, stored here)';
 COMMENT ON COLUMN metering.resets.created_at IS 'when the reset was made';
+COMMENT ON COLUMN metering.resets.subject IS 'the entitlement''s subject (filled in when not given; another is refused)';
 
 CREATE TABLE metering.entitlement_snapshots (
   entitlement_id uuid NOT NULL REFERENCES metering.entitlements (id),
@@ -71,6 +75,7 @@ CREATE TABLE metering.entitlement_snapshots (
   inputs         bigint NOT NULL,
   created_at     timestamptz NOT NULL DEFAULT metering.now(),
   hour_usage_before numeric,
+  subject        text COLLATE "C" NOT NULL,
   PRIMARY KEY (entitlement_id, at)
 );
 COMMENT ON TABLE metering.entitlement_snapshots IS
@@ -86,21 +91,24 @@ COMMENT ON COLUMN metering.entitlement_snapshots.grant_ids IS 'the grants active
 COMMENT ON COLUMN metering.entitlement_snapshots.balances IS 'their balances, in the same order';
 COMMENT ON COLUMN metering.entitlement_snapshots.inputs IS 'a fingerprint of the period rules, resets and grants it was computed from; a reader ignores the snapshot when they differ';
 COMMENT ON COLUMN metering.entitlement_snapshots.created_at IS 'when it was computed';
+COMMENT ON COLUMN metering.entitlement_snapshots.subject IS 'the entitlement''s subject';
 
 CREATE TABLE metering.entitlement_snapshot_queue (
-  entitlement_id uuid PRIMARY KEY REFERENCES metering.entitlements (id)
+  entitlement_id uuid PRIMARY KEY REFERENCES metering.entitlements (id),
+  subject        text COLLATE "C" NOT NULL
 );
 COMMENT ON TABLE metering.entitlement_snapshot_queue IS
   'derived: entitlements whose snapshots a grant, void or reset removed, or whose new ones the background refresh left to its next full round; the next refresh saves them';
 COMMENT ON COLUMN metering.entitlement_snapshot_queue.entitlement_id IS 'the entitlement';
+COMMENT ON COLUMN metering.entitlement_snapshot_queue.subject IS 'the entitlement''s subject';
 
 CREATE FUNCTION metering._forget_snapshots(entitlement uuid, since timestamptz) RETURNS void
 LANGUAGE sql
 BEGIN ATOMIC
   WITH gone AS (
     DELETE FROM metering.entitlement_snapshots WHERE entitlement_id = entitlement AND at >= since RETURNING 1)
-  INSERT INTO metering.entitlement_snapshot_queue
-  SELECT entitlement WHERE EXISTS (SELECT 1 FROM gone)
+  INSERT INTO metering.entitlement_snapshot_queue (entitlement_id, subject)
+  SELECT e.id, e.subject FROM metering.entitlements e WHERE e.id = entitlement AND EXISTS (SELECT 1 FROM gone)
   ON CONFLICT DO NOTHING;
 END;
 COMMENT ON FUNCTION metering._forget_snapshots(uuid, timestamptz) IS
@@ -135,6 +143,21 @@ CREATE FUNCTION metering._lock_entitlement(entitlement uuid) RETURNS metering.en
 COMMENT ON FUNCTION metering._lock_entitlement(uuid) IS
   'internal: locks an entitlement against concurrent grant, void, reset and snapshot writers';
 
+-- A row of an entitlement names the entitlement's subject, so that it can
+-- live beside the subject's events (a distributed install keys them by it):
+-- filled in when not given, refused when another.
+CREATE FUNCTION metering._entitlement_subject(given text, e metering.entitlements, what text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF given IS NOT NULL AND given IS DISTINCT FROM e.subject THEN
+    RAISE EXCEPTION '% subject must be its entitlement''s (%), got %', what, e.subject, given
+      USING ERRCODE = 'invalid_parameter_value', DETAIL = format('Entitlement %s.', e.id);
+  END IF;
+  RETURN e.subject;
+END $$;
+COMMENT ON FUNCTION metering._entitlement_subject(text, metering.entitlements, text) IS
+  'internal: the subject a row of an entitlement carries: the entitlement''s; 22023 when another is given';
+
 -- Rows that carry their own created_at (a restore, a migration) are checked
 -- for shape only; rows made now are also checked against now.
 CREATE FUNCTION metering._grants_before_insert() RETURNS trigger
@@ -147,6 +170,7 @@ BEGIN
   IF e.id IS NULL THEN
     RAISE EXCEPTION 'entitlement % does not exist', NEW.entitlement_id USING ERRCODE = 'foreign_key_violation';
   END IF;
+  NEW.subject := metering._entitlement_subject(NEW.subject, e, 'grant');
   IF e.type <> 'metered' THEN
     RAISE EXCEPTION 'grants belong to metered entitlements, not % ones', e.type
       USING ERRCODE = 'object_not_in_prerequisite_state', DETAIL = format('Entitlement %s.', e.id);
@@ -289,6 +313,7 @@ BEGIN
   IF e.id IS NULL THEN
     RAISE EXCEPTION 'entitlement % does not exist', NEW.entitlement_id USING ERRCODE = 'foreign_key_violation';
   END IF;
+  NEW.subject := metering._entitlement_subject(NEW.subject, e, 'reset');
   IF e.type <> 'metered' THEN
     RAISE EXCEPTION 'only metered entitlements have usage to reset, not % ones', e.type
       USING ERRCODE = 'object_not_in_prerequisite_state', DETAIL = format('Entitlement %s.', e.id);

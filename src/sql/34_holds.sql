@@ -53,6 +53,7 @@ COMMENT ON COLUMN metering.reservations.released_at IS 'when it was released unu
 -- predates the previous holder's commit fails on it with 40001
 CREATE TABLE metering.entitlement_turns (
   entitlement_id uuid NOT NULL,
+  subject        text COLLATE "C" NOT NULL,
   purpose        "char" NOT NULL,
   turns          bigint NOT NULL,
   usage_until    timestamptz,
@@ -64,6 +65,7 @@ CREATE TABLE metering.entitlement_turns (
 COMMENT ON TABLE metering.entitlement_turns IS
   'derived: the turns taken on an entitlement by the writers that must see each other (purpose u: reserve, consume and commit; a: alert evaluation)';
 COMMENT ON COLUMN metering.entitlement_turns.entitlement_id IS 'the entitlement';
+COMMENT ON COLUMN metering.entitlement_turns.subject IS 'the entitlement''s subject';
 COMMENT ON COLUMN metering.entitlement_turns.purpose IS 'u: usage gate (reserve, consume, commit_reservation); a: alert evaluation';
 COMMENT ON COLUMN metering.entitlement_turns.turns IS 'how many turns were taken (the update is the lock)';
 COMMENT ON COLUMN metering.entitlement_turns.usage_until IS 'the latest instant the holders wrote at (their metering.now(), or the time of the usage they stored): checks count holds and usage up to it';
@@ -155,10 +157,10 @@ COMMENT ON FUNCTION metering._active_entitlement(text, text, timestamptz) IS
 -- that holder committed; at REPEATABLE READ a snapshot taken before that
 -- commit fails here with 40001.  Returns the latest instant the holders
 -- wrote at (see GateTakeTurn).
-CREATE FUNCTION metering._take_turn(entitlement uuid, purpose "char", usage_time timestamptz) RETURNS timestamptz
+CREATE FUNCTION metering._take_turn(entitlement uuid, subject text, purpose "char", usage_time timestamptz) RETURNS timestamptz
   AS 'MODULE_PATHNAME', 'metering_take_turn'
   LANGUAGE C;
-COMMENT ON FUNCTION metering._take_turn(uuid, "char", timestamptz) IS
+COMMENT ON FUNCTION metering._take_turn(uuid, text, "char", timestamptz) IS
   'internal: waits for the entitlement''s previous writer of this purpose to end (40001 at REPEATABLE READ when its commit is invisible to the snapshot); returns the latest usage time its holders stored';
 
 -- The instant a check reads the balance at: just after now, or just after
@@ -226,7 +228,7 @@ BEGIN
   e := metering._lock_entitlement(e.id);
   -- (the instant of the hold it may write: a session whose transaction began
   -- earlier must count it, as it counts the usage of a later one)
-  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', now));
+  at := metering._check_instant(e, now, metering._take_turn(e.id, e.subject, 'u', now));
   IF idempotency_key IS NOT NULL THEN
     SELECT * INTO r FROM metering.reservations x
      WHERE x.entitlement_id = e.id AND x.idempotency_key = reserve.idempotency_key;
@@ -287,7 +289,7 @@ BEGIN
   SELECT * INTO p FROM metering._parse_events(event, false);
   usage := metering._event_usage(e, p.subject, p.type, p.data, 'reservation');
   e := metering._lock_entitlement(e.id);
-  at := metering._check_instant(e, now, metering._take_turn(e.id, 'u', greatest(p.time, now)));
+  at := metering._check_instant(e, now, metering._take_turn(e.id, e.subject, 'u', greatest(p.time, now)));
   -- a concurrent commit or release of the hold ends first, or waits for us
   UPDATE metering.reservations x SET committed_at = now, committed_amount = usage
    WHERE x.id = r.id AND x.committed_at IS NULL AND x.released_at IS NULL
@@ -338,7 +340,7 @@ COMMENT ON FUNCTION metering.consume(jsonb, text) IS
 REVOKE EXECUTE ON FUNCTION
   metering.reserve(text, text, numeric, interval, text), metering.commit_reservation(uuid, jsonb),
   metering.release_reservation(uuid), metering.consume(jsonb, text),
-  metering._take_turn(uuid, "char", timestamptz)
+  metering._take_turn(uuid, text, "char", timestamptz)
 FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('metering.reservations', '');

@@ -194,8 +194,8 @@ BEGIN
                     AND (r.feature_key IS NULL OR r.feature_key = e.feature_key)) THEN
     RETURN 0;
   END IF;
-  INSERT INTO metering.entitlement_turns AS x (entitlement_id, purpose, turns, usage_until)
-  VALUES (e.id, 'a', 1, _evaluate_alerts.usage_until)
+  INSERT INTO metering.entitlement_turns AS x (entitlement_id, subject, purpose, turns, usage_until)
+  VALUES (e.id, e.subject, 'a', 1, _evaluate_alerts.usage_until)
   ON CONFLICT ON CONSTRAINT entitlement_turns_pkey
   DO UPDATE SET turns = x.turns + 1, usage_until = greatest(x.usage_until, excluded.usage_until)
   RETURNING * INTO t;

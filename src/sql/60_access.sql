@@ -91,20 +91,14 @@ BEGIN
   FOR t IN SELECT * FROM (VALUES ('events', 'subject'), ('meter_rollups', 'subject'), ('usage_periods', 'subject'), ('entitlements', 'subject'),
                                  ('subjects', 'key'), ('usage_records', 'customer_identifier'),
                                  ('customers', 'customer_identifier'), ('registrations', 'customer_identifier'),
-                                 ('reservations', 'subject'), ('notification_events', 'subject')) v(tab, col) LOOP
+                                 ('reservations', 'subject'), ('notification_events', 'subject'),
+                                 ('grants', 'subject'), ('resets', 'subject'), ('entitlement_snapshots', 'subject'),
+                                 ('entitlement_snapshot_queue', 'subject'), ('entitlement_turns', 'subject')) v(tab, col) LOOP
     EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);
     EXECUTE format('CREATE POLICY %I ON metering.%I USING (' || visible || ') WITH CHECK (true)',
                    t.tab || '_by_subject', t.tab, t.col, t.col);
     EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t.tab || '_by_subject', t.tab,
                    'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
-  END LOOP;
-  FOR t IN SELECT * FROM (VALUES ('grants'), ('resets'), ('entitlement_snapshots'), ('entitlement_snapshot_queue'),
-                                 ('entitlement_turns')) v(tab) LOOP
-    EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);
-    EXECUTE format('CREATE POLICY %I ON metering.%I USING (entitlement_id IN (SELECT e.id FROM metering.entitlements e)) WITH CHECK (true)',
-                   t.tab || '_by_subject', t.tab);
-    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t.tab || '_by_subject', t.tab,
-                   'a role sees the rows of the entitlements it may see');
   END LOOP;
 END $$;
 ALTER TABLE metering.subject_access ENABLE ROW LEVEL SECURITY;
@@ -227,7 +221,7 @@ BEGIN
   -- (the alert evaluators trust what they are handed, and the turns are the
   -- enforcing functions' own)
   REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]),
-    metering._evaluate_alerts(uuid, timestamptz, boolean), metering._take_turn(uuid, "char", timestamptz)
+    metering._evaluate_alerts(uuid, timestamptz, boolean), metering._take_turn(uuid, text, "char", timestamptz)
     FROM metering_admin;
   -- (the copies of the configuration are the coordinator's triggers' alone)
   REVOKE EXECUTE ON FUNCTION metering._config_copy(), metering._config_apply(), metering._config_write(text, jsonb, jsonb),

@@ -40,18 +40,14 @@ DECLARE
   t record;
   visible text := '(SELECT metering._visible_subjects(current_user)) IS NULL OR %I = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))';
 BEGIN
-  FOR t IN SELECT * FROM (VALUES ('reservations', 'subject'), ('notification_events', 'subject')) v(tab, col) LOOP
+  FOR t IN SELECT * FROM (VALUES ('reservations', 'subject'), ('notification_events', 'subject'),
+                                 ('entitlement_turns', 'subject')) v(tab, col) LOOP
     EXECUTE format('ALTER TABLE metering.%I ENABLE ROW LEVEL SECURITY', t.tab);
     EXECUTE format('CREATE POLICY %I ON metering.%I USING (' || visible || ') WITH CHECK (true)',
                    t.tab || '_by_subject', t.tab, t.col, t.col);
     EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t.tab || '_by_subject', t.tab,
                    'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
   END LOOP;
-  ALTER TABLE metering.entitlement_turns ENABLE ROW LEVEL SECURITY;
-  CREATE POLICY entitlement_turns_by_subject ON metering.entitlement_turns
-    USING (entitlement_id IN (SELECT e.id FROM metering.entitlements e)) WITH CHECK (true);
-  COMMENT ON POLICY entitlement_turns_by_subject ON metering.entitlement_turns IS
-    'a role sees the rows of the entitlements it may see';
 END $$;
 
 -- the events' BRIN index has ranges of 32 pages and summarizes each as it

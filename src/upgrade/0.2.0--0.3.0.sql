@@ -63,3 +63,34 @@ BEGIN
                    'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
   END LOOP;
 END $$;
+
+-- the rows of an entitlement carry its subject (the key a distributed
+-- install keeps them beside the subject's events by), and are seen by it
+ALTER TABLE metering.grants ADD COLUMN subject text COLLATE "C";
+ALTER TABLE metering.resets ADD COLUMN subject text COLLATE "C";
+ALTER TABLE metering.entitlement_snapshots ADD COLUMN subject text COLLATE "C";
+ALTER TABLE metering.entitlement_snapshot_queue ADD COLUMN subject text COLLATE "C";
+-- (grants and resets are immutable: their guards stand aside for the fill)
+ALTER TABLE metering.grants DISABLE TRIGGER grants_before_update;
+ALTER TABLE metering.resets DISABLE TRIGGER resets_immutable;
+DO $$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['grants', 'resets', 'entitlement_snapshots', 'entitlement_snapshot_queue'] LOOP
+    EXECUTE format('UPDATE metering.%I x SET subject = e.subject FROM metering.entitlements e WHERE e.id = x.entitlement_id', t);
+    EXECUTE format('ALTER TABLE metering.%I ALTER COLUMN subject SET NOT NULL', t);
+    EXECUTE format('DROP POLICY %I ON metering.%I', t || '_by_subject', t);
+    EXECUTE format('CREATE POLICY %I ON metering.%I USING ((SELECT metering._visible_subjects(current_user)) IS NULL '
+                   'OR subject = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))) '
+                   'WITH CHECK (true)', t || '_by_subject', t);
+    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t || '_by_subject', t,
+                   'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
+  END LOOP;
+END $$;
+ALTER TABLE metering.grants ENABLE TRIGGER grants_before_update;
+ALTER TABLE metering.resets ENABLE TRIGGER resets_immutable;
+COMMENT ON COLUMN metering.grants.subject IS 'the entitlement''s subject (filled in when not given; another is refused)';
+COMMENT ON COLUMN metering.resets.subject IS 'the entitlement''s subject (filled in when not given; another is refused)';
+COMMENT ON COLUMN metering.entitlement_snapshots.subject IS 'the entitlement''s subject';
+COMMENT ON COLUMN metering.entitlement_snapshot_queue.subject IS 'the entitlement''s subject';
