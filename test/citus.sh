@@ -255,6 +255,7 @@ for db in m single; do
   sql $db "SELECT metering.setup_roles(); GRANT metering_reader TO citus_reader;
            INSERT INTO metering.subject_access (role_name, subject) VALUES ('citus_reader', 's3')" >/dev/null ||
     { sed 's/^/#   /' "$tmp.err"; echo "Bail out! setup_roles() failed in $db"; exit 1; }
+  [ $db = m ] && cp "$tmp.err" "$tmp.warn"
 done
 readers_rows="SET ROLE citus_reader; SELECT count(DISTINCT subject) || ' ' || min(subject) || ' ' || count(*) FROM metering.events;
               SELECT string_agg(customer_identifier || ':' || quantity, ' ') FROM metering.usage_records;
@@ -265,15 +266,19 @@ check "row security on the workers: a role that sees one subject reads its event
 check "... and the functions answer it as on one node" \
   "$(sql m "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")" \
   "$(sql single "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")"
-# (the first setup_roles() made the roles in its own transaction, which the workers' grants could not see yet)
-sql m "SELECT metering.setup_roles()" >/dev/null 2>"$tmp.warn"
 # (the same rates computed on the coordinator: the rows read in a materialized CTE)
 readers_rate="SET ROLE citus_reader; SELECT subject, metering.rated_total(type, coalesce((data->>'tokens')::numeric, 1), data, subject, time)
                 FROM metering.events GROUP BY subject ORDER BY 1"
 readers_rate_here="SET ROLE citus_reader; WITH e AS MATERIALIZED (SELECT * FROM metering.events)
                      SELECT subject, metering.rated_total(type, coalesce((data->>'tokens')::numeric, 1), data, subject, time) FROM e GROUP BY subject ORDER BY 1"
-check "a reader rates on the workers, its own subjects only, as the coordinator does (the workers' copies take the coordinator's readers)" \
+check "a reader rates on the workers, its own subjects only, as the coordinator does (the workers' copies take the coordinator's readers, from the setup_roles() that made the roles, without a warning)" \
   "$(sql m "$readers_rate" | tr '\n' ' ')$(grep -c WARNING "$tmp.warn")" "$(sql m "$readers_rate_here" | grep '^s3|' | tr '\n' ' ')0"
+# a reader made on the coordinator alone (Citus's propagation of roles off): the workers cannot grant it, and say so
+sql m "SET citus.enable_create_role_propagation = off; CREATE ROLE coordinator_only_reader; GRANT SELECT ON metering.hashmap_groups TO coordinator_only_reader" >/dev/null 2>&1
+sql m "SELECT metering.setup_roles()" >/dev/null; cp "$tmp.err" "$tmp.warn"
+check "a reader the workers do not know is named in a warning from each worker, and the others are granted there all the same" \
+  "$(grep -c 'is not on this worker' "$tmp.warn") $(sql m "SET ROLE citus_reader; SELECT count(*) > 0 FROM (SELECT subject, metering.rated_total(type, 1, data, subject, time) FROM metering.events GROUP BY subject) r")" "2 t"
+sql m "DROP ROLE coordinator_only_reader" >/dev/null 2>&1 || sql m "REVOKE SELECT ON metering.hashmap_groups FROM coordinator_only_reader; DROP ROLE coordinator_only_reader" >/dev/null 2>&1
 forged() {  # role, statement after a hand-set identifier: whether the identifier was set, and the refusal
   out=$(sql m "SET ROLE $1; BEGIN; SELECT count(*) FROM (SELECT assign_distributed_transaction_id(0, 12345, '2020-01-01+00')) x; $2")
   echo "$out $(grep -c 'identifier was not assigned on this node' "$tmp.err")"

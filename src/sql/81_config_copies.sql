@@ -142,6 +142,15 @@ BEGIN
     FOREACH t IN ARRAY metering._config_tables() LOOP
       PERFORM metering._config_write(t, NULL, NULL);
     END LOOP;
+  ELSIF TG_OP <> 'DELETE' AND NEW.tab = '_readers' THEN
+    -- who may read a copied table (_config_grants)
+    -- (Citus hands the warning to the coordinator's client)
+    IF metering._config_readers(NEW.key ->> 'tab', ARRAY(SELECT pg_catalog.jsonb_array_elements_text(NEW."row"))) > 0 THEN
+      RAISE WARNING 'a role that may read metering.% on the coordinator is not on this worker, so it cannot read it here', NEW.key ->> 'tab'
+        USING HINT = 'Make roles through the coordinator with Citus''s propagation of roles on (it makes them on every node), or on each worker, and run SELECT metering.setup_roles() again.';
+    END IF;
+  ELSIF TG_OP = 'DELETE' AND OLD.tab = '_readers' THEN
+    NULL;
   ELSIF TG_OP = 'DELETE' THEN
     PERFORM metering._config_write(OLD.tab, OLD.key, NULL);
   ELSE
@@ -257,7 +266,8 @@ REVOKE EXECUTE ON FUNCTION metering._config_distribute() FROM PUBLIC;
 -- Who may read the copied tables on a worker: who may read them on the
 -- coordinator (Citus does not carry grants on plain tables to the
 -- workers); nobody may write them there.  distribute() and setup_roles()
--- run it; a grant made by hand reaches the workers at their next call.
+-- write the readers into config_copies (tab '_readers'); a grant made by
+-- hand reaches the workers at their next call.
 CREATE FUNCTION metering._config_readers(tab text, readers text[]) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -290,38 +300,25 @@ REVOKE EXECUTE ON FUNCTION metering._config_readers(text, text[]) FROM PUBLIC;
 
 CREATE FUNCTION metering._config_grants() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  t text;
-  cmd text;
-  failed text;
-  missing bigint := 0;
-  m bigint;
 BEGIN
   IF NOT metering._distributed() OR metering._on_worker() THEN
     RETURN;
   END IF;
-  FOREACH t IN ARRAY metering._config_tables() LOOP
-    SELECT format('SELECT metering._config_readers(%L, %L)', t,
-                  coalesce(array_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE g.rolname::text END), '{}'))
-      INTO cmd
-      FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
-      LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
-     WHERE c.oid = pg_catalog.to_regclass('metering.' || pg_catalog.quote_ident(t))
-       AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner;
-    EXECUTE 'SELECT string_agg(nodename || '':'' || nodeport || '': '' || result, ''; '') FILTER (WHERE NOT success), '
-            'sum(result::bigint) FILTER (WHERE success) FROM run_command_on_workers($1)' INTO failed, m USING cmd;
-    IF failed IS NOT NULL THEN
-      RAISE EXCEPTION 'a worker could not take the grants of metering.%: %', t, failed
-        USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
-    missing := missing + coalesce(m, 0);
-  END LOOP;
-  -- (the workers' sessions of run_command_on_workers see only what has
-  -- committed: a role made in this transaction is not there yet)
-  IF missing > 0 THEN
-    RAISE WARNING 'a role that may read the rating rules is not on every worker yet, so it cannot rate there'
-      USING HINT = 'Run SELECT metering.setup_roles() again once the transaction that made the role has committed.';
-  END IF;
+  -- through config_copies, in this transaction: each worker grants when the
+  -- row reaches it, and sees a role this transaction made (Citus makes it
+  -- on every node in the same transaction), which a session of its own
+  -- would not until the commit
+  INSERT INTO metering.config_copies AS c (tab, key, "row")
+  SELECT '_readers', pg_catalog.jsonb_build_object('tab', t),
+         pg_catalog.to_jsonb(ARRAY(
+           SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE g.rolname::text END
+             FROM pg_catalog.pg_class r CROSS JOIN LATERAL pg_catalog.aclexplode(r.relacl) a
+             LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+            WHERE r.oid = pg_catalog.to_regclass('metering.' || pg_catalog.quote_ident(t))
+              AND a.privilege_type = 'SELECT' AND a.grantee <> r.relowner
+            ORDER BY 1))
+    FROM pg_catalog.unnest(metering._config_tables()) t
+  ON CONFLICT (tab, key) DO UPDATE SET "row" = excluded."row";
 END $$;
 COMMENT ON FUNCTION metering._config_grants() IS
   'internal (distributed mode): gives each worker''s copies of the configuration tables the coordinator''s readers';
