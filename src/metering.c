@@ -149,6 +149,24 @@ MeteringRequireCoordinator(const char *what)
 	AskNode("SELECT metering._require_coordinator($1)", what);
 }
 
+/*
+ * Whether this session runs on a Citus worker of a distributed install
+ * (metering._on_worker()); false without Citus's catalog, unasked.
+ */
+bool
+MeteringOnWorker(void)
+{
+	bool		isnull;
+	int			ret;
+
+	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+		return false;
+	ret = SPI_execute("SELECT metering._on_worker()", true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not check the node: %s", SPI_result_code_string(ret));
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
 /* What reads configuration that every node holds: 55000 where a worker's copy is not whole. */
 void
 MeteringRequireConfig(const char *what)

@@ -36,6 +36,7 @@ extern Oid	MeteringExtensionOwner(void);
 
 /* 0A000 on a Citus worker of a distributed install (inside SPI; see 80_distribute.sql) */
 extern void MeteringRequireCoordinator(const char *what);
+extern bool MeteringOnWorker(void);
 extern void MeteringRequireConfig(const char *what);
 
 /*

@@ -23,6 +23,7 @@
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 
+#include "metering.h"
 #include "refresh.h"
 #include "rollup.h"
 
@@ -120,10 +121,18 @@ MeteringRefreshMeters(const char *only_slug)
 	Datum		args[1] = {only_slug ? CStringGetTextDatum(only_slug) : (Datum) 0};
 	char		nulls[1] = {only_slug ? ' ' : 'n'};
 	List	   *slugs = NIL;
-	int			ret = SPI_execute_with_args("SELECT slug FROM metering.meters WHERE deleted_at IS NULL "
-											"AND ($1 IS NULL OR slug = $1) ORDER BY slug COLLATE \"C\"",
-											1, argtypes, args, nulls, true, 0);
+	int			ret;
 
+	/*
+	 * A Citus worker holds a copy of the meters, but the coordinator rolls up
+	 * every shard's events (its watermarks follow its sequence): a worker's
+	 * refresh, by call or in the background, has nothing to do.
+	 */
+	if (MeteringOnWorker())
+		return NIL;
+	ret = SPI_execute_with_args("SELECT slug FROM metering.meters WHERE deleted_at IS NULL "
+								"AND ($1 IS NULL OR slug = $1) ORDER BY slug COLLATE \"C\"",
+								1, argtypes, args, nulls, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read metering.meters: %s", SPI_result_code_string(ret));
 	for (uint64 i = 0; i < SPI_processed; i++)

@@ -188,14 +188,16 @@ digest="SELECT string_agg(t || ':' || (SELECT count(*) FROM metering.config_copi
 rules="SELECT md5(string_agg(x, '|' ORDER BY x)) FROM (
          SELECT 's' || to_jsonb(r)::text AS x FROM metering.hashmap_services r UNION ALL SELECT 'f' || to_jsonb(r)::text FROM metering.hashmap_fields r
          UNION ALL SELECT 'g' || to_jsonb(r)::text FROM metering.hashmap_groups r UNION ALL SELECT 'm' || to_jsonb(r)::text FROM metering.hashmap_mappings r
-         UNION ALL SELECT 't' || to_jsonb(r)::text FROM metering.hashmap_thresholds r) q"
+         UNION ALL SELECT 't' || to_jsonb(r)::text FROM metering.hashmap_thresholds r
+         UNION ALL SELECT 'M' || to_jsonb(r)::text FROM metering.meters r UNION ALL SELECT 'F' || to_jsonb(r)::text FROM metering.features r
+         UNION ALL SELECT 'P' || to_jsonb(r)::text FROM metering.prices r UNION ALL SELECT 'N' || to_jsonb(r)::text FROM metering.notification_rules r) q"
 same_rules() {  # the coordinator's rules, and whether each worker's own tables hold the same rows
   c=$(sql m "$rules")
   echo "$(sql m "SELECT string_agg(DISTINCT (result = '$c')::text, ',') FROM run_command_on_workers(\$\$$rules\$\$)")"
 }
-check "the rules are in config_copies, and each worker's own tables hold the coordinator's rows, value for value" \
+check "the rating rules, meters, features, prices and alert rules are in config_copies, and each worker's own tables hold the coordinator's rows, value for value" \
   "$(sql m "$digest") $(same_rules)" \
-  "hashmap_fields:0 hashmap_groups:1 hashmap_mappings:1 hashmap_services:1 hashmap_thresholds:1 true"
+  "features:3 hashmap_fields:0 hashmap_groups:1 hashmap_mappings:1 hashmap_services:1 hashmap_thresholds:1 meters:7 notification_rules:1 prices:1 true"
 check "rated_total is pushed down to the shards, whose workers rate with their copy" \
   "$(sql m "EXPLAIN (VERBOSE, COSTS OFF) SELECT subject, metering.rated_total(type, (data->>'tokens')::numeric, data, subject, time) FROM metering.events GROUP BY subject" | grep -c 'Query: SELECT .*rated_total')" 1
 # the same changes in both databases: a service with a field and rules, a group deleted (its running rules go on
@@ -217,6 +219,17 @@ check "rule changes reach every worker's copy in their transaction (new rows, de
   "$(sql m "$digest" | tr ' ' '\n' | grep -c ':0') $(same_rules)" "0 true"
 check "... and the workers' caches see them: rated_total over the distributed events answers as one node" \
   "$(sql m "$rated" | md5sum) $(sql m "$rated" | grep -c '|')" "$(sql single "$rated" | md5sum) 40"
+sql m "INSERT INTO metering.meters (slug, event_type, aggregation) VALUES ('copied', 'copied.call', 'COUNT');
+        SELECT metering.create_feature('copied-f', 'Copied', 'copied');
+        INSERT INTO metering.notification_rules (name, feature_key, thresholds) VALUES ('copied', 'copied-f', '[{\"type\": \"USAGE_VALUE\", \"value\": 5}]');
+        DELETE FROM metering.notification_rules WHERE name = 'copied';
+        DELETE FROM metering.features WHERE key = 'copied-f'; DELETE FROM metering.meters WHERE slug = 'copied'" >/dev/null
+check "a new meter, feature and alert rule, each deleted again, reach every worker's copy as the coordinator stored them" \
+  "$(same_rules) $("$bindir/psql" -X -A -t -q -h "$dir" -p "$w1" -U postgres -d m -c "SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL) FROM metering.meters WHERE slug = 'copied'")" "true 1"
+rollups="SELECT count(*) || ' ' || sum(sum) || ' ' || sum(valued) FROM metering.meter_rollups"
+before=$(sql m "$rollups")
+check "a worker, which holds the meters now, refreshes nothing: the coordinator rolls up every shard (its watermarks follow its sequence)" \
+  "$("$bindir/psql" -X -A -t -q -h "$dir" -p "$w1" -U postgres -d m -c "SELECT metering.refresh_rollups()") $(sql m "$rollups")" "0 $before"
 check "a change rolled back reaches no node" \
   "$(sql m "BEGIN; INSERT INTO metering.hashmap_services (name) VALUES ('rolled.back'); ROLLBACK; SELECT count(*) FROM metering.config_copies WHERE \"row\"->>'name' = 'rolled.back'") $(same_rules)" "0 true"
 # a writable CTE whose first part's row triggers change the rows its second part changed (the group's running rules

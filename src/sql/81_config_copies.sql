@@ -6,8 +6,9 @@
 -- transaction that made it; the copy of that table on each worker writes
 -- the row into the worker's own table of the same name.  A worker then
 -- rates with the coordinator's rules, and a change reaches every node or
--- none.  Only the tables that work on a worker reads are copied: the
--- rating rules.
+-- none.  Copied: the rating rules, which the workers rate with, and the
+-- meters, features, prices and alert rules, which every node holds for the
+-- work that runs where a subject's rows are.
 
 CREATE TABLE metering.config_copies (
   tab name NOT NULL,
@@ -25,7 +26,8 @@ REVOKE ALL ON metering.config_copies FROM PUBLIC;
 -- the tables copied, and their primary keys
 CREATE FUNCTION metering._config_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-RETURN ARRAY['hashmap_services', 'hashmap_fields', 'hashmap_groups', 'hashmap_mappings', 'hashmap_thresholds'];
+RETURN ARRAY['meters', 'features', 'prices', 'notification_rules',
+             'hashmap_services', 'hashmap_fields', 'hashmap_groups', 'hashmap_mappings', 'hashmap_thresholds'];
 COMMENT ON FUNCTION metering._config_tables() IS
   'internal (distributed mode): the configuration tables whose rows every node holds';
 
@@ -194,8 +196,9 @@ BEGIN
     IF placement IS NULL THEN
       differ := true;
     ELSE
-      EXECUTE format('WITH here AS (SELECT * FROM metering.%1$I), '
-                     'there AS (SELECT r.* FROM %2$s c, pg_catalog.jsonb_populate_record(NULL::metering.%1$I, c."row") r WHERE c.tab = $1) '
+      -- (compared as text: a jsonpath has no equality)
+      EXECUTE format('WITH here AS (SELECT h::text AS r FROM metering.%1$I h), '
+                     'there AS (SELECT r::text AS r FROM %2$s c, pg_catalog.jsonb_populate_record(NULL::metering.%1$I, c."row") r WHERE c.tab = $1) '
                      'SELECT EXISTS (SELECT * FROM here EXCEPT ALL SELECT * FROM there) '
                      '    OR EXISTS (SELECT * FROM there EXCEPT ALL SELECT * FROM here)', t, placement)
         INTO differ USING t;
