@@ -58,6 +58,30 @@ SELECT * FROM metering.ingest_batch(jsonb_build_array(
 SELECT subject, value FROM metering.query_meter('gauge') ORDER BY 1;
 SELECT metering.ingest(regress.ev('g6', 'beta', 'gauge', '2024-01-01T10:00:00Z', '{"v": 8}'));
 SELECT subject, value FROM metering.query_meter('gauge') ORDER BY 1;
+-- equal numbers spelled differently: the one with more decimals, whichever came
+-- first, from the events, from the rollups, and after a later refresh merges them
+SELECT * FROM metering.ingest_batch(jsonb_build_array(
+  regress.ev('g7', 'gam', 'gauge', '2024-01-01T10:00:00Z', '{"v": 5}'),
+  regress.ev('g8', 'gam', 'gauge', '2024-01-01T10:00:00Z', '{"v": 5.00}'),
+  regress.ev('g9', 'del', 'gauge', '2024-01-01T10:00:00Z', '{"v": 5.00}'),
+  regress.ev('g10', 'del', 'gauge', '2024-01-01T10:00:00Z', '{"v": 5}')));
+SELECT subject, value::text FROM metering.query_meter('gauge', subjects => '{gam,del}') ORDER BY 1;
+SELECT metering.refresh_rollups('gauge') > 0 AS refreshed;
+SELECT subject, value::text FROM metering.query_meter('gauge', subjects => '{gam,del}') ORDER BY 1;
+SELECT metering.ingest(regress.ev('g11', 'eps', 'gauge', '2024-01-01T10:00:00Z', '{"v": 5.00}'));
+SELECT metering.refresh_rollups('gauge') > 0 AS refreshed;
+SELECT metering.ingest(regress.ev('g12', 'eps', 'gauge', '2024-01-01T10:00:00Z', '{"v": 5}'));
+SELECT subject, value::text FROM metering.query_meter('gauge', subjects => '{eps}') ORDER BY 1;
+SELECT metering.refresh_rollups('gauge') > 0 AS refreshed;
+SELECT q.subject, q.value::text, r.latest_value::text FROM metering.query_meter('gauge', subjects => '{eps}') q,
+       metering.meter_rollups r WHERE r.meter = 'gauge' AND r.subject = 'eps' ORDER BY 1;
+-- and search_usage, from the usage periods the refreshes kept
+SELECT x ->> 'tenantId' AS tenant, x ->> 'aggregationPeriod' AS period, x ->> 'count' AS value
+  FROM jsonb_array_elements(metering.search_usage('{"searchByAttributes": [
+         {"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2024-01-01T00:00:00"},
+         {"name": "usageType", "operator": "EQUALS", "value": "gauge"},
+         {"name": "tenantId", "operator": "IN", "value": ["gam", "del", "eps"]}]}') -> 'results') x
+ ORDER BY 1, 2;
 
 -- JSONPath: nested values, arrays (the first item), and numeric strings
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by)

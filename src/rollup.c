@@ -105,15 +105,24 @@ RollupLoadMeters(const char *only_slug, int *n)
  *   min         SUM (entitlements read a bucket with a negative value event
  *               by event), MIN
  *   max         MAX
- *   latest      LATEST: the last instant's value, a tie to the larger value
- *               (the greatest [epoch, value] pair: constant memory, and the
- *               plan may hash the groups, which an ordered aggregate forbids)
+ *   latest      LATEST: the greatest metering._latest_key (the last instant,
+ *               a tie to the larger value, then to more decimals): constant
+ *               memory, and the plan may hash the groups, which an ordered
+ *               aggregate forbids.  (Before the update to 0.3.0 the SQL has
+ *               no _latest_key: the old rule, without the decimals.)
  * A merge with a row already there combines them the same way.  The groups
  * are grouped as the text of their jsonb (canonical, so equal values are
  * equal text, and text hashes faster).  No ORDER BY: it would make the
  * planner sort every event to group them, where a hash of the groups is
  * faster.
  */
+/* a LATEST row merged with the one there: the later by _latest_key wins */
+#define LATEST_MERGE(later) \
+	", latest_time = CASE WHEN r.latest_time IS NULL OR " later \
+	"  THEN excluded.latest_time ELSE r.latest_time END, " \
+	"latest_value = CASE WHEN r.latest_time IS NULL OR " later \
+	"  THEN excluded.latest_value ELSE r.latest_value END"
+
 static char *
 RollupSql(MeterAggregation agg, bool keyed, const char *with, const char *where)
 {
@@ -139,13 +148,7 @@ RollupSql(MeterAggregation agg, bool keyed, const char *with, const char *where)
 					" min = least(r.min, excluded.min), "
 					" max = greatest(r.max, excluded.max), "
 					" first_time = least(r.first_time, excluded.first_time), "
-					" last_time = greatest(r.last_time, excluded.last_time), "
-					" latest_time = CASE WHEN r.latest_time IS NULL OR "
-					"   (excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value) "
-					"   THEN excluded.latest_time ELSE r.latest_time END, "
-					" latest_value = CASE WHEN r.latest_time IS NULL OR "
-					"   (excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value) "
-					"   THEN excluded.latest_value ELSE r.latest_value END",
+					" last_time = greatest(r.last_time, excluded.last_time)%s",
 					with,
 					keyed ? ", groups_key" : "",
 					valued,
@@ -153,12 +156,17 @@ RollupSql(MeterAggregation agg, bool keyed, const char *with, const char *where)
 					agg == METER_SUM || agg == METER_MIN ? "min(x.v)" : "NULL::numeric",
 					agg == METER_MAX ? "max(x.v)" : "NULL::numeric",
 					agg == METER_LATEST ? "max(x.time) FILTER (WHERE x.v IS NOT NULL)" : "NULL::timestamptz",
-					agg == METER_LATEST ? "(max(ARRAY[extract(epoch FROM x.time), x.v]) FILTER (WHERE x.v IS NOT NULL))[2]"
-					: "NULL::numeric",
+					agg != METER_LATEST ? "NULL::numeric"
+					: keyed ? "(max(metering._latest_key(x.time, x.v)) FILTER (WHERE x.v IS NOT NULL))[2]"
+					: "(max(ARRAY[extract(epoch FROM x.time), x.v]) FILTER (WHERE x.v IS NOT NULL))[2]",
 					keyed ? ", pg_catalog.sha256(pg_catalog.textsend(x.groups))" : "",
 					numeric ? "metering._meter_number(e.data, $3)" : "NULL::numeric",
 					where,
-					keyed ? "groups_key" : "groups");
+					keyed ? "groups_key" : "groups",
+					agg != METER_LATEST ? ""
+					: keyed ? LATEST_MERGE("metering._latest_key(excluded.latest_time, excluded.latest_value) > "
+										   "metering._latest_key(r.latest_time, r.latest_value)")
+					: LATEST_MERGE("(excluded.latest_time, excluded.latest_value) > (r.latest_time, r.latest_value)"));
 }
 
 static Oid	add_argtypes[6] = {TEXTOID, TEXTOID, JSONPATHOID, JSONBOID, INT8OID, INT8OID};

@@ -31,6 +31,18 @@ COMMENT ON COLUMN metering.meters.window_size IS 'the smallest window the meter 
 COMMENT ON COLUMN metering.meters.created_at IS 'when the meter was defined (metering.now())';
 COMMENT ON COLUMN metering.meters.deleted_at IS 'when the meter was deleted; a deleted meter cannot be queried';
 
+-- LATEST's order of its values, the one rule every reader and writer of it
+-- follows: the later instant, then the larger value, then (5 and 5.00,
+-- equal numbers) the longer spelling, so that no answer depends on the
+-- order the events came in.  The greatest key wins (max() of it, [2] its
+-- value).  Immutable (the epoch of the UTC wall time), as Citus wants of
+-- what an upsert into a distributed table calls.
+CREATE FUNCTION metering._latest_key(at timestamptz, v numeric) RETURNS numeric[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY[extract(epoch FROM at AT TIME ZONE 'UTC'), v, scale(v)];
+COMMENT ON FUNCTION metering._latest_key(timestamptz, numeric) IS
+  'internal: the order of LATEST values (instant, value, scale); the greatest wins';
+
 CREATE FUNCTION metering._meters_before_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE

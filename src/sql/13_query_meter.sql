@@ -216,8 +216,7 @@ BEGIN
     WHEN 'AVG' THEN 'sum(p.sum) / nullif(sum(p.valued), 0)'
     WHEN 'MIN' THEN 'min(p.min)'
     WHEN 'MAX' THEN 'max(p.max)'
-    WHEN 'LATEST' THEN '(array_agg(p.latest_value ORDER BY p.latest_time DESC, p.latest_value DESC)
-                         FILTER (WHERE p.latest_time IS NOT NULL))[1]'
+    WHEN 'LATEST' THEN '(max(metering._latest_key(p.latest_time, p.latest_value)) FILTER (WHERE p.latest_time IS NOT NULL))[2]'
     WHEN 'UNIQUE_COUNT' THEN 'count(DISTINCT p.utext)::numeric'
   END;
 

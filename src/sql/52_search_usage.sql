@@ -392,7 +392,7 @@ BEGIN
       UNION ALL
       SELECT meter, subject, kind, start_time, min(end_time), count(*), count(v), NULL, NULL, NULL,
              max(time) FILTER (WHERE v IS NOT NULL),
-             (array_agg(v ORDER BY time DESC, v DESC) FILTER (WHERE v IS NOT NULL))[1]
+             (max(metering._latest_key(time, v)) FILTER (WHERE v IS NOT NULL))[2]
         FROM tail_events WHERE aggregation = 'LATEST' GROUP BY 1, 2, 3, 4),
     base AS (
       SELECT p.meter, p.subject, p.kind, p.start_time
@@ -411,7 +411,7 @@ BEGIN
                WHEN 'MIN' THEN least(p.min, t.min)
                WHEN 'MAX' THEN greatest(p.max, t.max)
                WHEN 'LATEST' THEN CASE WHEN t.latest_time IS NOT NULL AND (p.latest_time IS NULL
-                                            OR (t.latest_time, t.latest_value) > (p.latest_time, p.latest_value))
+                                            OR metering._latest_key(t.latest_time, t.latest_value) > metering._latest_key(p.latest_time, p.latest_value))
                                        THEN t.latest_value ELSE p.latest_value END
              END AS value
         FROM keys k JOIN ms ON ms.slug = k.meter

@@ -112,7 +112,7 @@ BEGIN
            metering._usage_period_id(r.subject, _usage_periods_rebuild.meter, k.kind, k.start_time),
            sum(r.events), sum(r.valued), sum(r.sum), min(r.min), max(r.max),
            max(r.latest_time),
-           (max(ARRAY[extract(epoch FROM r.latest_time), r.latest_value]) FILTER (WHERE r.latest_time IS NOT NULL))[2]
+           (max(metering._latest_key(r.latest_time, r.latest_value)) FILTER (WHERE r.latest_time IS NOT NULL))[2]
       FROM metering.meter_rollups r CROSS JOIN LATERAL metering._usage_periods_of(r.bucket) k
      WHERE r.meter = _usage_periods_rebuild.meter
      GROUP BY r.subject, k.kind, k.start_time;
@@ -123,7 +123,7 @@ BEGIN
            metering._usage_period_id(r.subject, _usage_periods_rebuild.meter, t.kind, t.start_time),
            sum(r.events), sum(r.valued), sum(r.sum), min(r.min), max(r.max),
            max(r.latest_time),
-           (max(ARRAY[extract(epoch FROM r.latest_time), r.latest_value]) FILTER (WHERE r.latest_time IS NOT NULL))[2]
+           (max(metering._latest_key(r.latest_time, r.latest_value)) FILTER (WHERE r.latest_time IS NOT NULL))[2]
       FROM unnest(t_subjects, t_kinds, t_starts) t(subject, kind, start_time)
       JOIN metering.meter_rollups r
         ON r.meter = _usage_periods_rebuild.meter AND r.subject = t.subject
@@ -155,7 +155,7 @@ BEGIN
          metering._usage_period_id(e.subject, m.slug, k.kind, k.start_time),
          count(*), count(x.v), sum(x.v), min(x.v), max(x.v),
          max(e.time) FILTER (WHERE x.v IS NOT NULL),
-         (max(ARRAY[extract(epoch FROM e.time), x.v]) FILTER (WHERE x.v IS NOT NULL))[2]
+         (max(metering._latest_key(e.time, x.v)) FILTER (WHERE x.v IS NOT NULL))[2]
     FROM metering.events e
    CROSS JOIN LATERAL (SELECT CASE WHEN m.aggregation = 'COUNT' THEN NULL
                                    ELSE metering._meter_number(e.data, m.value_property) END AS v) x
@@ -168,9 +168,9 @@ BEGIN
     sum = CASE WHEN p.sum IS NULL THEN excluded.sum WHEN excluded.sum IS NULL THEN p.sum ELSE p.sum + excluded.sum END,
     min = least(p.min, excluded.min),
     max = greatest(p.max, excluded.max),
-    latest_time = CASE WHEN p.latest_time IS NULL OR (excluded.latest_time, excluded.latest_value) > (p.latest_time, p.latest_value)
+    latest_time = CASE WHEN p.latest_time IS NULL OR metering._latest_key(excluded.latest_time, excluded.latest_value) > metering._latest_key(p.latest_time, p.latest_value)
                        THEN excluded.latest_time ELSE p.latest_time END,
-    latest_value = CASE WHEN p.latest_time IS NULL OR (excluded.latest_time, excluded.latest_value) > (p.latest_time, p.latest_value)
+    latest_value = CASE WHEN p.latest_time IS NULL OR metering._latest_key(excluded.latest_time, excluded.latest_value) > metering._latest_key(p.latest_time, p.latest_value)
                         THEN excluded.latest_value ELSE p.latest_value END;
 END $$;
 COMMENT ON FUNCTION metering._usage_periods_add(text, bigint, bigint) IS
