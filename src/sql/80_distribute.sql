@@ -87,14 +87,29 @@ COMMENT ON FUNCTION metering._distribute_everywhere(text) IS
   'internal (distributed mode): runs one of distribute()''s preparing statements on the coordinator and on every worker';
 REVOKE ALL ON FUNCTION metering._distribute_everywhere(text) FROM PUBLIC;
 
--- The row-security rule of a distributed or reference table (see
--- _visible_subjects_once above), on its subject column.
-CREATE FUNCTION metering._distribute_policy(tab text, col text) RETURNS text
-LANGUAGE sql STABLE STRICT SET search_path = pg_catalog, pg_temp
-RETURN pg_catalog.format('ALTER POLICY %I ON metering.%I USING (metering._visible_subjects_once(current_user) IS NULL '
-                         'OR %I = ANY (metering._visible_subjects_once(current_user)))', tab || '_by_subject', tab, col);
-COMMENT ON FUNCTION metering._distribute_policy(text, text) IS
-  'internal (distributed mode): the ALTER POLICY that gives a table the subquery-free rule by subject';
+-- What a group of tables needs before Citus takes them, on every node: the
+-- primary key of one of them (key_table, unless NULL) with the distribution
+-- column first (Citus wants it in every unique key), and the subquery-free row-security rule
+-- (see _visible_subjects_once above) on each one's subject column.
+CREATE FUNCTION metering._distribute_prepare(key_table text, key_columns text, tabs text[], col text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  tab text;
+BEGIN
+  IF key_table IS NOT NULL THEN
+    PERFORM metering._distribute_everywhere(
+      format('ALTER TABLE metering.%1$I DROP CONSTRAINT IF EXISTS %2$I, ADD CONSTRAINT %2$I PRIMARY KEY (%3$s)',
+             key_table, key_table || '_pkey', key_columns));
+  END IF;
+  FOREACH tab IN ARRAY tabs LOOP
+    PERFORM metering._distribute_everywhere(
+      format('ALTER POLICY %I ON metering.%I USING (metering._visible_subjects_once(current_user) IS NULL '
+             'OR %I = ANY (metering._visible_subjects_once(current_user)))', tab || '_by_subject', tab, col));
+  END LOOP;
+END $$;
+COMMENT ON FUNCTION metering._distribute_prepare(text, text, text[], text) IS
+  'internal (distributed mode): the primary key and row-security rules a group of tables needs before Citus takes them, on every node';
+REVOKE ALL ON FUNCTION metering._distribute_prepare(text, text, text[], text) FROM PUBLIC;
 
 CREATE FUNCTION metering.distribute(shard_count integer DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -129,14 +144,9 @@ BEGIN
   -- that added a group) converts the groups not converted yet.
   -- The events and what is derived from them, with the subjects:
   IF NOT metering._distributed() THEN
-    -- the dedup key names the distribution column
-    PERFORM metering._distribute_everywhere(
-      'ALTER TABLE metering.events DROP CONSTRAINT IF EXISTS events_pkey, '
-      'ADD CONSTRAINT events_pkey PRIMARY KEY (subject, source, id)');
-    FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods'] LOOP
-      PERFORM metering._distribute_everywhere(metering._distribute_policy(tab, 'subject'));
-    END LOOP;
-    PERFORM metering._distribute_everywhere(metering._distribute_policy('subjects', 'key'));
+    -- (the dedup key names the distribution column)
+    PERFORM metering._distribute_prepare('events', 'subject, source, id', ARRAY['events', 'meter_rollups', 'usage_periods'], 'subject');
+    PERFORM metering._distribute_prepare(NULL, NULL, ARRAY['subjects'], 'key');
     PERFORM metering._distribute_everywhere(
       'ALTER POLICY subject_access_own ON metering.subject_access USING ('
       'metering._visible_subjects_once(current_user) IS NULL OR metering._role_is_mine(role_name))');
@@ -161,12 +171,8 @@ BEGIN
   EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = ''metering.usage_records''::regclass)'
     INTO done;
   IF NOT done THEN
-    PERFORM metering._distribute_everywhere(
-      'ALTER TABLE metering.usage_records DROP CONSTRAINT IF EXISTS usage_records_pkey, '
-      'ADD CONSTRAINT usage_records_pkey PRIMARY KEY (customer_identifier, metering_record_id)');
-    FOREACH tab IN ARRAY ARRAY['customers', 'usage_records', 'registrations'] LOOP
-      PERFORM metering._distribute_everywhere(metering._distribute_policy(tab, 'customer_identifier'));
-    END LOOP;
+    PERFORM metering._distribute_prepare('usage_records', 'customer_identifier, metering_record_id',
+                                         ARRAY['customers', 'usage_records', 'registrations'], 'customer_identifier');
     -- a reference table that a plain table references would take that
     -- table into Citus's metadata with it, which the workers' own copy of
     -- the table stops: the foreign keys go, and come back between the

@@ -46,26 +46,13 @@ ALTER TABLE metering.meter_rollups ALTER COLUMN groups_key SET NOT NULL,
 COMMENT ON COLUMN metering.meter_rollups.groups_key IS
   'sha256 of groups (its canonical text): the key, since group values taken from events may be longer than a btree entry holds';
 
--- customer identifiers are subjects: COLLATE "C" as the events' (a
--- distributed install co-locates the usage records with the events by them);
--- the policies that read the column are made again around the change
-DO $$
-DECLARE
-  t text;
-BEGIN
-  FOREACH t IN ARRAY ARRAY['customers', 'usage_records', 'registrations'] LOOP
-    EXECUTE format('DROP POLICY %I ON metering.%I', t || '_by_subject', t);
-    EXECUTE format('ALTER TABLE metering.%I ALTER COLUMN customer_identifier TYPE text COLLATE "C"', t);
-    EXECUTE format('CREATE POLICY %I ON metering.%I USING ((SELECT metering._visible_subjects(current_user)) IS NULL '
-                   'OR customer_identifier = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))) '
-                   'WITH CHECK (true)', t || '_by_subject', t);
-    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t || '_by_subject', t,
-                   'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
-  END LOOP;
-END $$;
-
--- the rows of an entitlement carry its subject (the key a distributed
--- install keeps them beside the subject's events by), and are seen by it
+-- Two changes to tables that row security reads, made with their policies
+-- dropped and then made again as a fresh install has them (60_access.sql):
+-- customer identifiers are subjects, COLLATE "C" as the events' (a
+-- distributed install co-locates the usage records with the events by
+-- them); and the rows of an entitlement carry its subject (the key a
+-- distributed install keeps them beside the subject's events by), which
+-- their policies read.
 ALTER TABLE metering.grants ADD COLUMN subject text COLLATE "C";
 ALTER TABLE metering.resets ADD COLUMN subject text COLLATE "C";
 ALTER TABLE metering.entitlement_snapshots ADD COLUMN subject text COLLATE "C";
@@ -75,16 +62,22 @@ ALTER TABLE metering.grants DISABLE TRIGGER grants_before_update;
 ALTER TABLE metering.resets DISABLE TRIGGER resets_immutable;
 DO $$
 DECLARE
-  t text;
+  t record;
 BEGIN
-  FOREACH t IN ARRAY ARRAY['grants', 'resets', 'entitlement_snapshots', 'entitlement_snapshot_queue'] LOOP
-    EXECUTE format('UPDATE metering.%I x SET subject = e.subject FROM metering.entitlements e WHERE e.id = x.entitlement_id', t);
-    EXECUTE format('ALTER TABLE metering.%I ALTER COLUMN subject SET NOT NULL', t);
-    EXECUTE format('DROP POLICY %I ON metering.%I', t || '_by_subject', t);
+  FOR t IN SELECT * FROM (VALUES ('customers', 'customer_identifier'), ('usage_records', 'customer_identifier'),
+                                 ('registrations', 'customer_identifier'), ('grants', 'subject'), ('resets', 'subject'),
+                                 ('entitlement_snapshots', 'subject'), ('entitlement_snapshot_queue', 'subject')) v(tab, col) LOOP
+    EXECUTE format('DROP POLICY %I ON metering.%I', t.tab || '_by_subject', t.tab);
+    IF t.col = 'customer_identifier' THEN
+      EXECUTE format('ALTER TABLE metering.%I ALTER COLUMN customer_identifier TYPE text COLLATE "C"', t.tab);
+    ELSE
+      EXECUTE format('UPDATE metering.%I x SET subject = e.subject FROM metering.entitlements e WHERE e.id = x.entitlement_id', t.tab);
+      EXECUTE format('ALTER TABLE metering.%I ALTER COLUMN subject SET NOT NULL', t.tab);
+    END IF;
     EXECUTE format('CREATE POLICY %I ON metering.%I USING ((SELECT metering._visible_subjects(current_user)) IS NULL '
-                   'OR subject = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))) '
-                   'WITH CHECK (true)', t || '_by_subject', t);
-    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t || '_by_subject', t,
+                   'OR %I = ANY (CAST((SELECT metering._visible_subjects(current_user)) AS text[]))) '
+                   'WITH CHECK (true)', t.tab || '_by_subject', t.tab, t.col);
+    EXECUTE format('COMMENT ON POLICY %I ON metering.%I IS %L', t.tab || '_by_subject', t.tab,
                    'a role sees the rows of its subjects and their children (metering.subject_access); admins see all');
   END LOOP;
 END $$;
