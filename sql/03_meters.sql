@@ -75,6 +75,11 @@ SELECT subject, value::text FROM metering.query_meter('gauge', subjects => '{eps
 SELECT metering.refresh_rollups('gauge') > 0 AS refreshed;
 SELECT q.subject, q.value::text, r.latest_value::text FROM metering.query_meter('gauge', subjects => '{eps}') q,
        metering.meter_rollups r WHERE r.meter = 'gauge' AND r.subject = 'eps' ORDER BY 1;
+-- events without a value, rolled up after the valued ones, leave the latest value as it is
+SELECT metering.ingest(regress.ev('g13', 'eps', 'gauge', '2024-01-01T10:30:00Z', '{"w": 1}'));
+SELECT metering.refresh_rollups('gauge') > 0 AS refreshed;
+SELECT q.subject, q.value::text, r.latest_value::text, r.events FROM metering.query_meter('gauge', subjects => '{eps}') q,
+       metering.meter_rollups r WHERE r.meter = 'gauge' AND r.subject = 'eps' ORDER BY 1;
 -- and search_usage, from the usage periods the refreshes kept
 SELECT x ->> 'tenantId' AS tenant, x ->> 'aggregationPeriod' AS period, x ->> 'count' AS value
   FROM jsonb_array_elements(metering.search_usage('{"searchByAttributes": [

@@ -143,6 +143,7 @@ ValueRow(FunctionCallInfo fcinfo, MemoryContext caller, bool found, pg_uuid_t *i
 
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "entitlement_value must return a row");
+	MeteringRequireSqlCurrent("entitlement_value");
 	memset(nulls, true, sizeof(nulls));
 	values[0] = BoolGetDatum(false);
 	nulls[0] = false;
@@ -231,6 +232,7 @@ EntErrorNoSuch(Datum id)
 static void
 LoadMetered(Entitlement *ent, pg_uuid_t *id)
 {
+	MeteringRequireSqlCurrent("an entitlement's balances and histories");
 	if (!EntLoadEntitlement(ent, id, CurrentMemoryContext, true))
 	{
 		MeteringRequireCoordinator("an entitlement's balances and histories");

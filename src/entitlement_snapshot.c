@@ -532,6 +532,12 @@ metering_snapshot_meter(PG_FUNCTION_ARGS)
 									3, ftypes, fargs, NULL, false, 0);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not drop snapshots: %s", SPI_result_code_string(ret));
+		/* (before the update to 0.3.0 the snapshots' columns are 0.2.0's: none is written) */
+		if (!MeteringSqlCurrent())
+		{
+			SPI_finish();
+			PG_RETURN_INT64(0);
+		}
 		/* their new snapshots, or (MeteringRefreshQueuesSnapshots) their turn for them */
 		ret = SPI_execute_with_args(psprintf("%s SELECT n.id, n.subject FROM metering.entitlements n "
 											 "JOIN metering.features f ON f.id = n.feature_id AND f.meter_slug = $1 "
@@ -582,6 +588,10 @@ metering_snapshot_queue(PG_FUNCTION_ARGS)
 	int64		written;
 	int			ret;
 
+	/* (before the update to 0.3.0 the snapshots' columns are 0.2.0's: the update's first refresh saves them) */
+	if (!MeteringSqlCurrent())
+		PG_RETURN_INT64(0);
+
 	SPI_connect();
 	/* (the background refresh saves them in a transaction of their own) */
 	LockFeatureMeters();
@@ -607,6 +617,10 @@ metering_refresh_snapshots(PG_FUNCTION_ARGS)
 	char		nulls[1] = {PG_ARGISNULL(0) ? 'n' : ' '};
 	int64		written;
 	int			ret;
+
+	/* (before the update to 0.3.0 the snapshots' columns are 0.2.0's: the update's first refresh saves them) */
+	if (!MeteringSqlCurrent())
+		PG_RETURN_INT64(0);
 
 	if (IsolationUsesXactSnapshot())
 		ereport(ERROR,

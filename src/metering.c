@@ -17,6 +17,7 @@
 #include "access/parallel.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
@@ -123,9 +124,46 @@ ParseClockValue(const char *str, TimestampTz *result)
 }
 
 /*
+ * Whether the installed SQL is 0.3.0's or later (the library is updated
+ * before ALTER EXTENSION metering UPDATE runs, and must keep ingesting and
+ * rolling up until then): told by a table 0.3.0 made, a cheap cached lookup
+ * where reading the extension's version would be a catalog scan.
+ */
+bool
+MeteringSqlCurrent(void)
+{
+	Oid			nsp = get_namespace_oid("metering", true);
+
+	return OidIsValid(nsp) && OidIsValid(get_relname_relid("reservations", nsp));
+}
+
+/* What reads entitlements as 0.3.0 keeps them: 55000 before the update. */
+void
+MeteringRequireSqlCurrent(const char *what)
+{
+	if (!MeteringSqlCurrent())
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("%s needs the SQL of metering 0.3.0, and this database has an older one", what),
+				 errhint("Run ALTER EXTENSION metering UPDATE in this database.")));
+}
+
+/*
+ * Whether there is a distributed install to ask about: Citus's catalog, and
+ * the SQL of 0.3.0 or later, which has the helpers (the library is updated
+ * before ALTER EXTENSION metering UPDATE runs).  Without them, a single node.
+ */
+static bool
+MayBeDistributed(void)
+{
+	return OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)) &&
+		MeteringInstalledVersion() >= 300;
+}
+
+/*
  * Asks an SQL helper of 80_distribute.sql or 81_config_copies.sql whether
- * this node may run what: without Citus's catalog there is nothing to ask
- * (and no query to pay).
+ * this node may run what: on a single node there is nothing to ask (and no
+ * query to pay).
  */
 static void
 AskNode(const char *query, const char *what)
@@ -134,7 +172,7 @@ AskNode(const char *query, const char *what)
 	Datum		args[1];
 	int			ret;
 
-	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+	if (!MayBeDistributed())
 		return;
 	args[0] = CStringGetTextDatum(what);
 	ret = SPI_execute_with_args(query, 1, types, args, NULL, true, 0);
@@ -151,7 +189,7 @@ MeteringRequireCoordinator(const char *what)
 
 /*
  * Whether this session runs on a Citus worker of a distributed install
- * (metering._on_worker()); false without Citus's catalog, unasked.
+ * (metering._on_worker()); false on a single node, unasked.
  */
 bool
 MeteringOnWorker(void)
@@ -159,7 +197,7 @@ MeteringOnWorker(void)
 	bool		isnull;
 	int			ret;
 
-	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+	if (!MayBeDistributed())
 		return false;
 	ret = SPI_execute("SELECT metering._on_worker()", true, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)

@@ -37,6 +37,8 @@ extern Oid	MeteringExtensionOwner(void);
 /* 0A000 on a Citus worker of a distributed install (inside SPI; see 80_distribute.sql) */
 extern void MeteringRequireCoordinator(const char *what);
 extern bool MeteringOnWorker(void);
+extern bool MeteringSqlCurrent(void);
+extern void MeteringRequireSqlCurrent(const char *what);
 extern void MeteringRequireConfig(const char *what);
 
 /*

@@ -116,11 +116,14 @@ RollupLoadMeters(const char *only_slug, int *n)
  * planner sort every event to group them, where a hash of the groups is
  * faster.
  */
-/* a LATEST row merged with the one there: the later by _latest_key wins */
+/*
+ * a LATEST row merged with the one there: the later by _latest_key wins; new
+ * events without a value (latest_time NULL) leave it as it is
+ */
 #define LATEST_MERGE(later) \
-	", latest_time = CASE WHEN r.latest_time IS NULL OR " later \
+	", latest_time = CASE WHEN r.latest_time IS NULL OR (excluded.latest_time IS NOT NULL AND " later ") " \
 	"  THEN excluded.latest_time ELSE r.latest_time END, " \
-	"latest_value = CASE WHEN r.latest_time IS NULL OR " later \
+	"latest_value = CASE WHEN r.latest_time IS NULL OR (excluded.latest_time IS NOT NULL AND " later ") " \
 	"  THEN excluded.latest_value ELSE r.latest_value END"
 
 static char *

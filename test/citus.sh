@@ -62,6 +62,13 @@ sql postgres "CREATE DATABASE lonely" && sql lonely "SET client_min_messages = w
 say "distribute(): 55000 without Citus or without workers; idempotent"
 check "distribute() where Citus is not installed" "$(errcode single 'SELECT metering.distribute()')" 55000
 check "distribute() on a coordinator without workers" "$(errcode lonely 'SELECT metering.distribute()')" 55000
+# the library is updated before ALTER EXTENSION UPDATE: with Citus in the database and the SQL of 0.2.0, it is a single node
+sql postgres "CREATE DATABASE older" && sql older "SET client_min_messages = warning; CREATE EXTENSION citus; CREATE EXTENSION metering VERSION '0.2.0'" &&
+  sql older "INSERT INTO metering.meters (slug, event_type, aggregation) VALUES ('calls', 'api.call', 'COUNT');
+             SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"o1\", \"source\": \"t\", \"type\": \"api.call\", \"subject\": \"s1\"}');
+             SELECT metering.create_feature('api', 'API', 'calls'); SELECT metering.create_entitlement('s1', 'api', usage_period => '1 month')" >/dev/null
+check "with Citus in the database and the SQL of 0.2.0, the new library refreshes as a single node, and entitlement_value asks for the update (55000)" \
+  "$(sql older "SELECT metering.refresh_rollups()") $(errcode older "SELECT metering.entitlement_value('s1', 'api')")" "1 55000"
 sql m "SELECT metering.distribute(8)" >/dev/null && sql m "SELECT metering.distribute(8)" >/dev/null
 check "distribute() twice: the events, rollups, usage periods, AWS usage records and registrations distributed, co-located by subject; subjects, their access, AWS products and customers and the configuration copies replicated" \
   "$(sql m "SELECT string_agg(logicalrelid::text || ':' || partmethod::text, ' ' ORDER BY logicalrelid::text) || ' ' || count(DISTINCT colocationid)

@@ -86,7 +86,7 @@ value() {  # db, instant: balance and usage of acme's entitlement to f
 }
 version() { q $1 "SELECT extversion FROM pg_extension WHERE extname = 'metering'"; }
 
-echo "1..10"
+echo "1..11"
 for db in $old $old2 $mid $new; do dropdb --if-exists $db >/dev/null 2>&1; createdb $db; done
 q $new "CREATE EXTENSION metering"
 
@@ -113,6 +113,16 @@ compare_catalogs "0.1.0 updated to 0.2.0 and a fresh 0.2.0 have the same objects
 # 0.2.0 -> 0.3.0, with entitlements made in 0.2.0
 q $old2 "$events" >/dev/null
 q $old2 "$entitlement" >/dev/null
+# the library is updated first: until the update it ingests and refreshes
+# (writing no snapshot), and its entitlement readers ask for the update
+q $old2 "SET metering.now = '2024-06-01 12:00:00+00'; SELECT metering.refresh_snapshots()" >/dev/null
+q $old2 "SET metering.now = '2024-06-01 12:00:00+00';
+         SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"before\", \"source\": \"s\", \"type\": \"e\", \"subject\": \"acme\", \"time\": \"2024-06-01T09:00:00Z\", \"data\": {\"v\": 7}}')" >/dev/null
+check "before the update, the new library refreshes the 0.2.0 SQL (writing no snapshot) and its entitlement readers ask for the update (55000)" \
+  "$(q $old2 "SET metering.now = '2024-06-01 12:00:00+00'; SELECT metering.refresh_rollups(); SELECT count(*) FROM metering.entitlement_snapshots") $(psql -X -A -t -q -d $old2 -v VERBOSITY=sqlstate -c "SELECT metering.entitlement_value('acme', 'f')" 2>&1 | sed -n 's/^ERROR: *//p')" \
+  "1
+0 55000"
+q $old2 "DELETE FROM metering.events WHERE id = 'before'" >/dev/null
 q $old2 "ALTER EXTENSION metering UPDATE"
 check "the update from 0.2.0 reaches the current version" "$(version $old2)" "$(version $new)"
 compare_catalogs "0.2.0 updated and fresh installs have the same objects, definitions and comments" $old2 $new

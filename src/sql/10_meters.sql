@@ -35,7 +35,8 @@ COMMENT ON COLUMN metering.meters.deleted_at IS 'when the meter was deleted; a d
 -- follows: the later instant, then the larger value, then (5 and 5.00,
 -- equal numbers) the longer spelling, so that no answer depends on the
 -- order the events came in.  The greatest key wins (max() of it, [2] its
--- value).  Immutable (the epoch of the UTC wall time), as Citus wants of
+-- value); a NULL instant or value has no place in the order (a NULL element
+-- sorts above every value): callers leave those out.  Immutable (the epoch of the UTC wall time), as Citus wants of
 -- what an upsert into a distributed table calls.
 CREATE FUNCTION metering._latest_key(at timestamptz, v numeric) RETURNS numeric[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE

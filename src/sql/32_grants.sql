@@ -157,6 +157,7 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION metering._entitlement_subject(text, metering.entitlements, text) IS
   'internal: the subject a row of an entitlement carries: the entitlement''s; 22023 when another is given';
+REVOKE EXECUTE ON FUNCTION metering._entitlement_subject(text, metering.entitlements, text) FROM PUBLIC;
 
 -- Rows that carry their own created_at (a restore, a migration) are checked
 -- for shape only; rows made now are also checked against now.

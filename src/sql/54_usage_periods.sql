@@ -168,9 +168,12 @@ BEGIN
     sum = CASE WHEN p.sum IS NULL THEN excluded.sum WHEN excluded.sum IS NULL THEN p.sum ELSE p.sum + excluded.sum END,
     min = least(p.min, excluded.min),
     max = greatest(p.max, excluded.max),
-    latest_time = CASE WHEN p.latest_time IS NULL OR metering._latest_key(excluded.latest_time, excluded.latest_value) > metering._latest_key(p.latest_time, p.latest_value)
+    -- (new events without a value leave the latest as it is)
+    latest_time = CASE WHEN p.latest_time IS NULL OR (excluded.latest_time IS NOT NULL AND
+                       metering._latest_key(excluded.latest_time, excluded.latest_value) > metering._latest_key(p.latest_time, p.latest_value))
                        THEN excluded.latest_time ELSE p.latest_time END,
-    latest_value = CASE WHEN p.latest_time IS NULL OR metering._latest_key(excluded.latest_time, excluded.latest_value) > metering._latest_key(p.latest_time, p.latest_value)
+    latest_value = CASE WHEN p.latest_time IS NULL OR (excluded.latest_time IS NOT NULL AND
+                        metering._latest_key(excluded.latest_time, excluded.latest_value) > metering._latest_key(p.latest_time, p.latest_value))
                         THEN excluded.latest_value ELSE p.latest_value END;
 END $$;
 COMMENT ON FUNCTION metering._usage_periods_add(text, bigint, bigint) IS
