@@ -402,15 +402,15 @@ check "ingest works again" \
   "$(sql m "SELECT accepted FROM metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object('specversion', '1.0', 'id', 'r' || i,
               'source', 'again', 'type', 'api.call', 'subject', 's' || i)) FROM generate_series(1, 40) i))")" 40
 
-say "isolation: one event from two coordinator sessions at once"
+say "isolation: one event, and one AWS usage record, from two coordinator sessions at once"
 mkdir -p "$dir/iso"
 [ "$(id -u)" = 0 ] && chown postgres "$dir/iso"
 isolation=$("$PG_CONFIG" --pkglibdir)/pgxs/src/test/isolation/pg_isolation_regress
 if [ "$(id -u)" = 0 ]; then run="runuser -u postgres --"; else run=""; fi
 sql m "SELECT citus_internal.replace_isolation_tester_func()" >/dev/null
 $run "$isolation" --use-existing --host="$dir" --port="$port" --user=postgres --dbname=m \
-  --inputdir="$here/test/citus" --outputdir="$dir/iso" citus_ingest_race >"$tmp.iso" 2>&1
-ok "isolation spec citus_ingest_race" $?
+  --inputdir="$here/test/citus" --outputdir="$dir/iso" citus_ingest_race citus_aws_race >"$tmp.iso" 2>&1
+ok "isolation specs citus_ingest_race (one event from two sessions) and citus_aws_race (one AWS usage record from two sessions)" $?
 sql m "SELECT citus_internal.restore_isolation_tester_func()" >/dev/null
 grep -E "ok|FAILED|failed" "$tmp.iso" | sed 's/^/#   /'
 [ -f "$dir/iso/regression.diffs" ] && sed 's/^/#   /' "$dir/iso/regression.diffs"
