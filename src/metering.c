@@ -156,8 +156,7 @@ MeteringRequireSqlCurrent(const char *what)
 static bool
 MayBeDistributed(void)
 {
-	return OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)) &&
-		MeteringInstalledVersion() >= 300;
+	return OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)) && MeteringSqlCurrent();
 }
 
 /*
