@@ -195,7 +195,7 @@ RollupArgs(RollupMeter *m, int64 from, int64 to, Datum *args, char *nulls)
 static bool
 RollupKeyed(void)
 {
-	return MeteringInstalledVersion() >= 300;
+	return MeteringSqlCurrent();
 }
 
 /*

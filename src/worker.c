@@ -509,7 +509,7 @@ LookAround(Oid *owner, int *interval, int *tail, bool *tail_due)
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	/* before 0.3.0 there is no table to record rounds in */
-	present = MeteringInstalledVersion() >= 300;
+	present = MeteringSqlCurrent();
 	*tail_due = false;
 	if (present)
 	{

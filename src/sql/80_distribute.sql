@@ -111,14 +111,44 @@ COMMENT ON FUNCTION metering._distribute_prepare(text, text, text[], text) IS
   'internal (distributed mode): the primary key and row-security rules a group of tables needs before Citus takes them, on every node';
 REVOKE ALL ON FUNCTION metering._distribute_prepare(text, text, text[], text) FROM PUBLIC;
 
+-- Makes tables reference tables: the foreign keys that point at one of them
+-- go on every node first (a reference table that a plain table references
+-- would take that table into Citus's metadata with it, which the workers'
+-- own copy of the table stops, and a table's key to itself would be made
+-- twice on the workers), and come back once all are converted, between the
+-- reference tables, where Citus puts them on every node.
+CREATE FUNCTION metering._distribute_reference(referenced text, tabs text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  fkeys text[];
+  stmt text;
+  tab text;
+BEGIN
+  SELECT array_agg(format('ALTER TABLE %s ADD CONSTRAINT %I %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
+                   ORDER BY conrelid, conname)
+    INTO fkeys FROM pg_constraint
+   WHERE confrelid = ('metering.' || referenced)::regclass AND contype = 'f';
+  FOR stmt IN SELECT format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', conrelid::regclass, conname) FROM pg_constraint
+               WHERE confrelid = ('metering.' || referenced)::regclass AND contype = 'f' LOOP
+    PERFORM metering._distribute_everywhere(stmt);
+  END LOOP;
+  FOREACH tab IN ARRAY tabs LOOP
+    EXECUTE 'SELECT create_reference_table($1)' USING ('metering.' || tab)::regclass;
+  END LOOP;
+  FOREACH stmt IN ARRAY coalesce(fkeys, '{}') LOOP
+    EXECUTE stmt;
+  END LOOP;
+END $$;
+COMMENT ON FUNCTION metering._distribute_reference(text, text[]) IS
+  'internal (distributed mode): makes tables reference tables, with the foreign keys to one of them taken off and put back around it';
+REVOKE ALL ON FUNCTION metering._distribute_reference(text, text[]) FROM PUBLIC;
+
 CREATE FUNCTION metering.distribute(shard_count integer DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   workers bigint;
   tab text;
   done boolean;
-  fkeys text[];
-  fkey record;
 BEGIN
   IF to_regclass('pg_catalog.pg_dist_node') IS NULL THEN
     RAISE EXCEPTION 'distribute: Citus is not installed in this database'
@@ -150,16 +180,8 @@ BEGIN
     PERFORM metering._distribute_everywhere(
       'ALTER POLICY subject_access_own ON metering.subject_access USING ('
       'metering._visible_subjects_once(current_user) IS NULL OR metering._role_is_mine(role_name))');
-    -- row security on the workers reads who may see which subjects; the
-    -- subjects' own foreign key would be made twice on the workers
-    SELECT array_agg(format('ALTER TABLE metering.subjects ADD CONSTRAINT %I %s', conname, pg_get_constraintdef(oid)))
-      INTO fkeys FROM pg_constraint
-     WHERE conrelid = 'metering.subjects'::regclass AND conname = 'subjects_parent_key_fkey';
-    PERFORM metering._distribute_everywhere('ALTER TABLE metering.subjects DROP CONSTRAINT IF EXISTS subjects_parent_key_fkey');
-    EXECUTE 'SELECT create_reference_table(''metering.subject_access'')';
-    EXECUTE 'SELECT create_reference_table(''metering.subjects'')';
-    EXECUTE coalesce(fkeys[1], 'ALTER TABLE metering.subjects ADD CONSTRAINT subjects_parent_key_fkey '
-                               'FOREIGN KEY (parent_key) REFERENCES metering.subjects(key) DEFERRABLE INITIALLY DEFERRED');
+    -- row security on the workers reads who may see which subjects
+    PERFORM metering._distribute_reference('subjects', ARRAY['subject_access', 'subjects']);
     EXECUTE 'SELECT create_distributed_table(''metering.events'', ''subject'', shard_count => $1)' USING shard_count;
     EXECUTE 'SELECT create_distributed_table(''metering.meter_rollups'', ''subject'', colocate_with => ''metering.events'')';
     EXECUTE 'SELECT create_distributed_table(''metering.usage_periods'', ''subject'', colocate_with => ''metering.events'')';
@@ -173,23 +195,7 @@ BEGIN
   IF NOT done THEN
     PERFORM metering._distribute_prepare('usage_records', 'customer_identifier, metering_record_id',
                                          ARRAY['customers', 'usage_records', 'registrations'], 'customer_identifier');
-    -- a reference table that a plain table references would take that
-    -- table into Citus's metadata with it, which the workers' own copy of
-    -- the table stops: the foreign keys go, and come back between the
-    -- reference tables
-    SELECT array_agg(format('ALTER TABLE %s ADD CONSTRAINT %I %s', conrelid::regclass, conname, pg_get_constraintdef(oid)))
-      INTO fkeys FROM pg_constraint
-     WHERE confrelid = 'metering.products'::regclass AND contype = 'f';
-    FOR fkey IN SELECT conrelid::regclass AS rel, conname FROM pg_constraint
-                 WHERE confrelid = 'metering.products'::regclass AND contype = 'f' LOOP
-      PERFORM metering._distribute_everywhere(format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', fkey.rel, fkey.conname));
-    END LOOP;
-    FOREACH tab IN ARRAY ARRAY['products', 'product_dimensions', 'customers'] LOOP
-      EXECUTE 'SELECT create_reference_table($1)' USING ('metering.' || tab)::regclass;
-    END LOOP;
-    FOREACH tab IN ARRAY coalesce(fkeys, '{}') LOOP
-      EXECUTE tab;
-    END LOOP;
+    PERFORM metering._distribute_reference('products', ARRAY['products', 'product_dimensions', 'customers']);
     EXECUTE 'SELECT create_distributed_table(''metering.usage_records'', ''customer_identifier'', colocate_with => ''metering.events'')';
     EXECUTE 'SELECT create_distributed_table(''metering.registrations'', ''customer_identifier'', colocate_with => ''metering.events'')';
   END IF;

@@ -144,15 +144,15 @@ BEGIN
     FOREACH t IN ARRAY metering._config_tables() LOOP
       PERFORM metering._config_write(t, NULL, NULL);
     END LOOP;
-  ELSIF TG_OP <> 'DELETE' AND NEW.tab = '_readers' THEN
-    -- who may read a copied table (_config_grants)
-    -- (Citus hands the warning to the coordinator's client)
-    IF metering._config_readers(NEW.key ->> 'tab', ARRAY(SELECT pg_catalog.jsonb_array_elements_text(NEW."row"))) > 0 THEN
+  ELSIF coalesce(NEW.tab, OLD.tab) = '_readers' THEN
+    -- who may read a copied table (_config_grants; a row is never deleted
+    -- but with all of them, above); Citus hands the warning to the
+    -- coordinator's client
+    IF TG_OP <> 'DELETE'
+       AND metering._config_readers(NEW.key ->> 'tab', ARRAY(SELECT pg_catalog.jsonb_array_elements_text(NEW."row"))) > 0 THEN
       RAISE WARNING 'a role that may read metering.% on the coordinator is not on this worker, so it cannot read it here', NEW.key ->> 'tab'
         USING HINT = 'Make roles through the coordinator with Citus''s propagation of roles on (it makes them on every node), or on each worker, and run SELECT metering.setup_roles() again.';
     END IF;
-  ELSIF TG_OP = 'DELETE' AND OLD.tab = '_readers' THEN
-    NULL;
   ELSIF TG_OP = 'DELETE' THEN
     PERFORM metering._config_write(OLD.tab, OLD.key, NULL);
   ELSE
