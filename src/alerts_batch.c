@@ -8,11 +8,17 @@
  * memory, and one statement that takes the turns of the reached ones.  The
  * lookup and the turns are planned to index lookups, so that a plan made
  * while a table was small stays one once it has grown
- * (MeteringPlanByIndexBegin).
+ * (MeteringPlanByIndexBegin).  On one node the events' trigger
+ * (metering._events_alerts) reads the statement's transition table itself:
+ * no rule live, it reads nothing; else it reads the subjects, then the events
+ * again for those that a covered entitlement's subject stored, so that no
+ * copy of the payloads is made.
  */
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -20,6 +26,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/tuplestore.h"
 #include "utils/timestamp.h"
 
 #include "meter_value.h"
@@ -37,14 +44,22 @@ typedef struct Covered
 	bool		count;
 } Covered;
 
-/* the covered entitlements' query, without its feature condition */
-#define COVERED_SQL \
+/*
+ * The covered entitlements' query, with its feature condition: one lookup
+ * of each subject in the metered entitlements' hash index (OFFSET 0 keeps
+ * the subquery a lookup per subject whatever the statistics said when the
+ * plan was made: a read of every entitlement of a feature grows with the
+ * customers, a batch's subjects do not).
+ */
+#define COVERED_SQL(features) \
 	"SELECT e.id, e.subject, m.event_type, f.meter_group_by_filters, m.group_by, " \
 	"       m.aggregation = 'COUNT', m.value_property " \
-	"FROM metering.entitlements e " \
+	"FROM (SELECT DISTINCT u FROM unnest($1::text[]) u) s " \
+	"CROSS JOIN LATERAL (SELECT e.id, e.subject, e.feature_id FROM metering.entitlements e " \
+	"                     WHERE e.subject = s.u AND e.deleted_at IS NULL AND e.type = 'metered' " features \
+	"                     OFFSET 0) e " \
 	"JOIN metering.features f ON f.id = e.feature_id " \
-	"JOIN metering.meters m ON m.slug = f.meter_slug " \
-	"WHERE e.subject = ANY ($1) AND e.deleted_at IS NULL AND e.type = 'metered'"
+	"JOIN metering.meters m ON m.slug = f.meter_slug"
 
 static SPIPlanPtr rules_plan,
 			covered_all_plan,
@@ -81,17 +96,14 @@ EventAmount(Covered *c, Jsonb *data, Numeric zero, Numeric one)
 }
 
 /*
- * The covered entitlements of the subjects (all metered ones when a live
- * rule covers every feature), sorted by subject; 0 when no rule is live.
+ * Whether a notification rule is live; if so *every tells whether one covers
+ * every feature and *features holds the ids of those the others cover (an
+ * array, in the caller's SPI context).
  */
-static int
-LoadCovered(ArrayType *subjects, Covered **out)
+static bool
+RulesLive(bool *every, Datum *features, bool *features_null)
 {
-	Oid			types[2] = {TEXTARRAYOID, UUIDARRAYOID};
-	Datum		args[2];
-	bool		every,
-				isnull;
-	Covered    *c;
+	bool		isnull;
 	int			ret;
 
 	ret = SPI_execute_plan(MeteringPrepareGeneric(&rules_plan,
@@ -102,22 +114,36 @@ LoadCovered(ArrayType *subjects, Covered **out)
 						   NULL, NULL, true, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not read the notification rules: %s", SPI_result_code_string(ret));
-	every = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	*every = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	if (isnull)
-		return 0;
-	args[0] = PointerGetDatum(subjects);
-	args[1] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+		return false;
+	*features = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, features_null);
+	return true;
+}
+
+/*
+ * The covered entitlements of the subjects (all metered ones when a live
+ * rule covers every feature, else those of `features`), sorted by subject.
+ */
+static int
+LoadCovered(ArrayType *subjects, bool every, Datum features, bool features_null, Covered **out)
+{
+	Oid			types[2] = {TEXTARRAYOID, UUIDARRAYOID};
+	Datum		args[2] = {PointerGetDatum(subjects), features};
+	bool		isnull;
+	Covered    *c;
+	int			ret;
 
 	/*
 	 * By subject and, unless a rule covers every feature, by feature too
 	 * (the live entitlements' index has both): only the covered rows are read.
 	 */
 	if (every)
-		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_all_plan, COVERED_SQL, 1, types), args, NULL, true, 0);
+		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_all_plan, COVERED_SQL(""), 1, types), args, NULL, true, 0);
 	else
-		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_plan, COVERED_SQL " AND e.feature_id = ANY ($2)",
+		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_plan, COVERED_SQL("AND e.feature_id = ANY ($2)"),
 															2, types),
-									 args, NULL, true, 0);
+									 args, features_null ? " n" : "  ", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the covered entitlements: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
@@ -155,141 +181,124 @@ LoadCovered(ArrayType *subjects, Covered **out)
 	return (int) SPI_processed;
 }
 
-/*
- * metering._alerts_for_events(subjects, types, times, datas): the stored
- * events as arrays, one element per event.
- */
-PG_FUNCTION_INFO_V1(metering_alerts_for_events);
-Datum
-metering_alerts_for_events(PG_FUNCTION_ARGS)
+/* The (covered entitlement, event) pairs of a statement, as arrays. */
+typedef struct Pairs
 {
-	ArrayType  *subjects_a = PG_GETARG_ARRAYTYPE_P(0);
-	Datum	   *subjects,
-			   *types,
-			   *times,
-			   *datas;
-	bool	   *n1,
-			   *n2,
-			   *n3,
-			   *n4;
-	int			nevents,
-				k2,
-				k3,
-				k4,
-				ncovered,
-				npairs = 0;
-	Covered    *covered = NULL;
-	Datum	   *pair_ids,
-			   *pair_times,
-			   *pair_amounts,
-			   *pair_subjects;
-	Numeric		zero = int64_to_numeric(0),
-				one = int64_to_numeric(1);
-	MemoryContext outer,
-				scratch;
+	Covered    *covered;
+	int			ncovered;
+	int			n;
+	int			size;
+	Datum	   *ids;
+	Datum	   *times;
+	Datum	   *amounts;
+	Datum	   *subjects;
+	Numeric		zero;
+	Numeric		one;
+	MemoryContext scratch;		/* what one event's amount takes to compute */
+} Pairs;
+
+static void
+PairsInit(Pairs *p, Covered *covered, int ncovered, int size_hint)
+{
+	p->covered = covered;
+	p->ncovered = ncovered;
+	p->n = 0;
+	p->size = Max(size_hint, 16);
+	p->ids = palloc(sizeof(Datum) * p->size);
+	p->times = palloc(sizeof(Datum) * p->size);
+	p->amounts = palloc(sizeof(Datum) * p->size);
+	p->subjects = palloc(sizeof(Datum) * p->size);
+	p->zero = int64_to_numeric(0);
+	p->one = int64_to_numeric(1);
+	p->scratch = AllocSetContextCreate(CurrentMemoryContext, "alerts of an event", ALLOCSET_SMALL_SIZES);
+}
+
+/* the run of covered entitlements of the subject, as [*lo, *hi]; false when none */
+static bool
+FindSubject(Pairs *p, text *subject, int *lo, int *hi)
+{
+	Covered		key;
+	Covered    *hit;
+
+	key.subject = subject;
+	hit = bsearch(&key, p->covered, p->ncovered, sizeof(Covered), CompareCovered);
+	if (hit == NULL)
+		return false;
+	*lo = *hi = hit - p->covered;
+	while (*lo > 0 && CompareCovered(&p->covered[*lo - 1], &key) == 0)
+		(*lo)--;
+	while (*hi + 1 < p->ncovered && CompareCovered(&p->covered[*hi + 1], &key) == 0)
+		(*hi)++;
+	return true;
+}
+
+/*
+ * Adds the pairs of one event of a subject with covered entitlements
+ * [lo, hi]: one for each of its type (the amount is computed in scratch
+ * memory, reset event by event: a statement may store any number of events).
+ */
+static void
+PairsAddEvent(Pairs *p, int lo, int hi, Datum type, Datum time, Datum data)
+{
+	MemoryContext outer = CurrentMemoryContext;
+
+	MemoryContextReset(p->scratch);
+	for (int j = lo; j <= hi; j++)
+	{
+		Covered    *c = &p->covered[j];
+		Numeric		amount;
+
+		MemoryContextSwitchTo(p->scratch);
+		if (TextCmp(c->event_type, DatumGetTextPP(type)) != 0)
+		{
+			MemoryContextSwitchTo(outer);
+			continue;
+		}
+		amount = EventAmount(c, DatumGetJsonbP(data), p->zero, p->one);
+		MemoryContextSwitchTo(outer);
+		if (amount != p->zero && amount != p->one)
+			amount = DatumGetNumeric(datumCopy(NumericGetDatum(amount), false, -1));
+		if (p->n == p->size)
+		{
+			p->size *= 2;
+			p->ids = repalloc(p->ids, sizeof(Datum) * p->size);
+			p->times = repalloc(p->times, sizeof(Datum) * p->size);
+			p->amounts = repalloc(p->amounts, sizeof(Datum) * p->size);
+			p->subjects = repalloc(p->subjects, sizeof(Datum) * p->size);
+		}
+		p->ids[p->n] = c->id;
+		p->times[p->n] = time;
+		p->amounts[p->n] = NumericGetDatum(amount);
+		p->subjects[p->n] = PointerGetDatum(c->subject);
+		p->n++;
+	}
+}
+
+/*
+ * The turns of the reached entitlements, in id order (no deadlock between
+ * two batches), taking the statement's usage from the headroom of those it
+ * fits in (the usage in the window read before the turn, taken only if that
+ * is still the window once the turn is ours); the others get no headroom and
+ * are evaluated in full.
+ */
+static void
+TakeTurns(Pairs *p)
+{
 	Oid			turn_types[5] = {UUIDARRAYOID, TIMESTAMPTZARRAYOID, NUMERICARRAYOID, TIMESTAMPTZOID, TEXTARRAYOID};
 	Datum		turn_args[5];
 	Oid			eval_types[2] = {UUIDOID, TIMESTAMPTZOID};
+	SPITupleTable *turns;
+	uint64		nturns;
 	int			ret;
 
-	deconstruct_array(subjects_a, TEXTOID, -1, false, TYPALIGN_INT, &subjects, &n1, &nevents);
-	deconstruct_array(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT, &types, &n2, &k2);
-	deconstruct_array(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
-					  &times, &n3, &k3);
-	deconstruct_array(PG_GETARG_ARRAYTYPE_P(3), JSONBOID, -1, false, TYPALIGN_INT, &datas, &n4, &k4);
-	if (k2 != nevents || k3 != nevents || k4 != nevents)
-		elog(ERROR, "_alerts_for_events: the arrays differ in length");
-
-	SPI_connect();
-	ncovered = LoadCovered(subjects_a, &covered);
-	if (ncovered == 0)
-	{
-		SPI_finish();
-		PG_RETURN_VOID();
-	}
-
-	/*
-	 * each event's amount for each covered entitlement of its subject and
-	 * type (what an amount takes to compute is freed event by event: a
-	 * statement may store any number of events)
-	 */
-	outer = CurrentMemoryContext;
-	scratch = AllocSetContextCreate(outer, "alerts of an event", ALLOCSET_SMALL_SIZES);
-	pair_ids = palloc(sizeof(Datum) * nevents);
-	pair_times = palloc(sizeof(Datum) * nevents);
-	pair_amounts = palloc(sizeof(Datum) * nevents);
-	pair_subjects = palloc(sizeof(Datum) * nevents);
-	for (int i = 0; i < nevents; i++)
-	{
-		Covered		key;
-		Covered    *hit;
-		int			lo,
-					hi;
-		Jsonb	   *data;
-
-		if (n1[i] || n2[i] || n3[i] || n4[i])
-			continue;
-		MemoryContextReset(scratch);
-		MemoryContextSwitchTo(scratch);
-		key.subject = DatumGetTextPP(subjects[i]);
-		hit = bsearch(&key, covered, ncovered, sizeof(Covered), CompareCovered);
-		MemoryContextSwitchTo(outer);
-		if (hit == NULL)
-			continue;
-		/* the run of the subject's entitlements around the hit */
-		lo = hi = hit - covered;
-		while (lo > 0 && CompareCovered(&covered[lo - 1], &key) == 0)
-			lo--;
-		while (hi + 1 < ncovered && CompareCovered(&covered[hi + 1], &key) == 0)
-			hi++;
-		for (int j = lo; j <= hi; j++)
-		{
-			Numeric		amount;
-
-			MemoryContextSwitchTo(scratch);
-			if (TextCmp(covered[j].event_type, DatumGetTextPP(types[i])) != 0)
-			{
-				MemoryContextSwitchTo(outer);
-				continue;
-			}
-			data = DatumGetJsonbP(datas[i]);
-			amount = EventAmount(&covered[j], data, zero, one);
-			MemoryContextSwitchTo(outer);
-			if (amount != zero && amount != one)
-				amount = DatumGetNumeric(datumCopy(NumericGetDatum(amount), false, -1));
-			if (npairs % nevents == 0 && npairs > 0)
-			{
-				pair_ids = repalloc(pair_ids, sizeof(Datum) * (npairs + nevents));
-				pair_times = repalloc(pair_times, sizeof(Datum) * (npairs + nevents));
-				pair_amounts = repalloc(pair_amounts, sizeof(Datum) * (npairs + nevents));
-				pair_subjects = repalloc(pair_subjects, sizeof(Datum) * (npairs + nevents));
-			}
-			pair_ids[npairs] = covered[j].id;
-			pair_times[npairs] = times[i];
-			pair_amounts[npairs] = NumericGetDatum(amount);
-			pair_subjects[npairs] = PointerGetDatum(covered[j].subject);
-			npairs++;
-		}
-	}
-	if (npairs == 0)
-	{
-		SPI_finish();
-		PG_RETURN_VOID();
-	}
-
-	/*
-	 * The turns of the reached entitlements, in id order (no deadlock between
-	 * two batches), taking the statement's usage from the headroom of those
-	 * it fits in (the usage in the window read before the turn, taken only if
-	 * that is still the window once the turn is ours); the others get no
-	 * headroom and are evaluated in full.
-	 */
-	turn_args[0] = PointerGetDatum(construct_array(pair_ids, npairs, UUIDOID, 16, false, TYPALIGN_CHAR));
-	turn_args[1] = PointerGetDatum(construct_array(pair_times, npairs, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL,
+	if (p->n == 0)
+		return;
+	turn_args[0] = PointerGetDatum(construct_array(p->ids, p->n, UUIDOID, 16, false, TYPALIGN_CHAR));
+	turn_args[1] = PointerGetDatum(construct_array(p->times, p->n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL,
 												   TYPALIGN_DOUBLE));
-	turn_args[2] = PointerGetDatum(construct_array(pair_amounts, npairs, NUMERICOID, -1, false, TYPALIGN_INT));
+	turn_args[2] = PointerGetDatum(construct_array(p->amounts, p->n, NUMERICOID, -1, false, TYPALIGN_INT));
 	turn_args[3] = TimestampTzGetDatum(MeteringNow());
-	turn_args[4] = PointerGetDatum(construct_array(pair_subjects, npairs, TEXTOID, -1, false, TYPALIGN_INT));
+	turn_args[4] = PointerGetDatum(construct_array(p->subjects, p->n, TEXTOID, -1, false, TYPALIGN_INT));
 	ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&turns_plan,
 								 "INSERT INTO metering.entitlement_turns AS t "
 								 "       (entitlement_id, subject, purpose, turns, usage_until, armed_from, armed_until, headroom) "
@@ -313,26 +322,168 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 		elog(ERROR, "could not take the entitlements' turns: %s", SPI_result_code_string(ret));
 
 	/* usage only grows: events cross thresholds, they never take one back */
+	turns = SPI_tuptable;
+	nturns = SPI_processed;
+	for (uint64 i = 0; i < nturns; i++)
 	{
-		SPITupleTable *turns = SPI_tuptable;
-		uint64		nturns = SPI_processed;
+		bool		isnull;
+		Datum		eval_args[2];
 
-		for (uint64 i = 0; i < nturns; i++)
-		{
-			bool		isnull;
-			Datum		eval_args[2];
-
-			if (!DatumGetBool(SPI_getbinval(turns->vals[i], turns->tupdesc, 3, &isnull)))
-				continue;
-			eval_args[0] = SPI_getbinval(turns->vals[i], turns->tupdesc, 1, &isnull);
-			eval_args[1] = SPI_getbinval(turns->vals[i], turns->tupdesc, 2, &isnull);
-			ret = SPI_execute_plan(MeteringPrepareGeneric(&evaluate_plan, "SELECT metering._evaluate_alerts($1, $2, false)",
-										   2, eval_types),
-								   eval_args, isnull ? " n" : "  ", false, 0);
-			if (ret != SPI_OK_SELECT)
-				elog(ERROR, "could not evaluate the alerts: %s", SPI_result_code_string(ret));
-		}
+		if (!DatumGetBool(SPI_getbinval(turns->vals[i], turns->tupdesc, 3, &isnull)))
+			continue;
+		eval_args[0] = SPI_getbinval(turns->vals[i], turns->tupdesc, 1, &isnull);
+		eval_args[1] = SPI_getbinval(turns->vals[i], turns->tupdesc, 2, &isnull);
+		ret = SPI_execute_plan(MeteringPrepareGeneric(&evaluate_plan, "SELECT metering._evaluate_alerts($1, $2, false)",
+													  2, eval_types),
+							   eval_args, isnull ? " n" : "  ", false, 0);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not evaluate the alerts: %s", SPI_result_code_string(ret));
 	}
+}
+
+/*
+ * metering._alerts_for_events(subjects, types, times, datas): the stored
+ * events as arrays, one element per event (a Citus coordinator's writers
+ * pass what they stored: the events' trigger runs on the shards there).
+ */
+PG_FUNCTION_INFO_V1(metering_alerts_for_events);
+Datum
+metering_alerts_for_events(PG_FUNCTION_ARGS)
+{
+	ArrayType  *subjects_a = PG_GETARG_ARRAYTYPE_P(0);
+	Datum	   *subjects,
+			   *types,
+			   *times,
+			   *datas;
+	bool	   *n1,
+			   *n2,
+			   *n3,
+			   *n4;
+	int			nevents,
+				k2,
+				k3,
+				k4,
+				ncovered;
+	Covered    *covered = NULL;
+	Pairs		pairs;
+	bool		every,
+				features_null;
+	Datum		features;
+
+	deconstruct_array(subjects_a, TEXTOID, -1, false, TYPALIGN_INT, &subjects, &n1, &nevents);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT, &types, &n2, &k2);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+					  &times, &n3, &k3);
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(3), JSONBOID, -1, false, TYPALIGN_INT, &datas, &n4, &k4);
+	if (k2 != nevents || k3 != nevents || k4 != nevents)
+		elog(ERROR, "_alerts_for_events: the arrays differ in length");
+
+	SPI_connect();
+	if (!RulesLive(&every, &features, &features_null) ||
+		(ncovered = LoadCovered(subjects_a, every, features, features_null, &covered)) == 0)
+	{
+		SPI_finish();
+		PG_RETURN_VOID();
+	}
+	PairsInit(&pairs, covered, ncovered, nevents);
+	for (int i = 0; i < nevents; i++)
+	{
+		int			lo,
+					hi;
+
+		if (n1[i] || n2[i] || n3[i] || n4[i])
+			continue;
+		if (FindSubject(&pairs, DatumGetTextPP(subjects[i]), &lo, &hi))
+			PairsAddEvent(&pairs, lo, hi, types[i], times[i], datas[i]);
+	}
+	TakeTurns(&pairs);
 	SPI_finish();
 	PG_RETURN_VOID();
+}
+
+/* the column of the events' row type, by name (their order is the table's) */
+static AttrNumber
+EventsColumn(TupleDesc desc, const char *name)
+{
+	for (int i = 0; i < desc->natts; i++)
+		if (!TupleDescAttr(desc, i)->attisdropped && strcmp(NameStr(TupleDescAttr(desc, i)->attname), name) == 0)
+			return i + 1;
+	elog(ERROR, "metering.events has no column \"%s\"", name);
+}
+
+/*
+ * metering._events_alerts(): the events' AFTER INSERT statement trigger,
+ * with the statement's rows as new_events.  A shard of the distributed
+ * events (80_distribute.sql) does nothing: its node's rules and
+ * entitlements are not the coordinator's, whose writers evaluate instead.
+ */
+PG_FUNCTION_INFO_V1(metering_events_alerts);
+Datum
+metering_events_alerts(PG_FUNCTION_ARGS)
+{
+	TriggerData *trig = (TriggerData *) fcinfo->context;
+	Tuplestorestate *rows;
+	TupleDesc	desc;
+	TupleTableSlot *slot;
+	AttrNumber	subject_col,
+				type_col,
+				time_col,
+				data_col;
+	ArrayBuildState *subjects = NULL;
+	Covered    *covered = NULL;
+	Pairs		pairs;
+	bool		every,
+				features_null,
+				isnull;
+	Datum		features;
+	int			ncovered;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BY_INSERT(trig->tg_event) ||
+		!TRIGGER_FIRED_FOR_STATEMENT(trig->tg_event) || trig->tg_newtable == NULL)
+		elog(ERROR, "_events_alerts: not called as the events' statement trigger with a new table");
+	if (strcmp(RelationGetRelationName(trig->tg_relation), "events") != 0)
+		return PointerGetDatum(NULL);
+	rows = trig->tg_newtable;
+	if (tuplestore_tuple_count(rows) == 0)
+		return PointerGetDatum(NULL);
+
+	SPI_connect();
+	if (!RulesLive(&every, &features, &features_null))
+	{
+		SPI_finish();
+		return PointerGetDatum(NULL);
+	}
+	desc = RelationGetDescr(trig->tg_relation);
+	subject_col = EventsColumn(desc, "subject");
+	type_col = EventsColumn(desc, "type");
+	time_col = EventsColumn(desc, "time");
+	data_col = EventsColumn(desc, "data");
+	slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
+
+	/* our own read pointer: other triggers read the same rows */
+	tuplestore_select_read_pointer(rows, tuplestore_alloc_read_pointer(rows, EXEC_FLAG_REWIND));
+	tuplestore_rescan(rows);
+	while (tuplestore_gettupleslot(rows, true, false, slot))
+		subjects = accumArrayResult(subjects, slot_getattr(slot, subject_col, &isnull), false, TEXTOID,
+									CurrentMemoryContext);
+	ncovered = LoadCovered(DatumGetArrayTypeP(makeArrayResult(subjects, CurrentMemoryContext)),
+						   every, features, features_null, &covered);
+	if (ncovered > 0)
+	{
+		PairsInit(&pairs, covered, ncovered, 0);
+		tuplestore_rescan(rows);
+		while (tuplestore_gettupleslot(rows, true, false, slot))
+		{
+			int			lo,
+						hi;
+
+			if (FindSubject(&pairs, DatumGetTextPP(slot_getattr(slot, subject_col, &isnull)), &lo, &hi))
+				PairsAddEvent(&pairs, lo, hi, slot_getattr(slot, type_col, &isnull),
+							  slot_getattr(slot, time_col, &isnull), slot_getattr(slot, data_col, &isnull));
+		}
+		TakeTurns(&pairs);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	SPI_finish();
+	return PointerGetDatum(NULL);
 }

@@ -224,6 +224,7 @@ MeteringRequireConfig(const char *what)
  * execution, so SQL nested in it is planned the same way.)
  */
 static const char *const pinned[][2] = {
+	{"enable_seqscan", "off"}, {"enable_bitmapscan", "off"}, {"jit", "off"},
 	{"plan_cache_mode", "force_generic_plan"},
 	{"enable_indexscan", "on"}, {"enable_indexonlyscan", "on"},
 	{"enable_nestloop", "on"}, {"enable_hashjoin", "on"}, {"enable_mergejoin", "on"},
@@ -237,20 +238,21 @@ MeteringPlanByIndexBegin(void)
 {
 	int			level = NewGUCNestLevel();
 
-	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("enable_bitmapscan", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
 	/*
 	 * The plans are the extension's, kept for every later caller of the
 	 * backend: a caller's own settings must neither plan them again each
-	 * call nor shape them (the planner's defaults).
+	 * call nor shape them (the planner's defaults).  Only what differs is
+	 * set: this window is on the hot paths, and most sessions keep most
+	 * defaults.
 	 */
 	for (size_t i = 0; i < lengthof(pinned); i++)
-		(void) set_config_option(pinned[i][0], pinned[i][1], PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
+	{
+		const char *current = GetConfigOption(pinned[i][0], false, false);
+
+		if (current == NULL || strcmp(current, pinned[i][1]) != 0)
+			(void) set_config_option(pinned[i][0], pinned[i][1], PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+	}
 	return level;
 }
 

@@ -25,6 +25,11 @@ CREATE TABLE metering.entitlements (
 CREATE UNIQUE INDEX entitlements_live ON metering.entitlements (subject, feature_id) WHERE deleted_at IS NULL;
 CREATE INDEX entitlements_subject_key ON metering.entitlements (subject, feature_key);
 CREATE INDEX entitlements_feature ON metering.entitlements (feature_id);
+-- the alerts of every statement that stores events look up each of its
+-- subjects here (alerts_batch.c): a hash probe is about a third cheaper than
+-- a btree descent
+CREATE INDEX entitlements_metered_subject ON metering.entitlements USING hash (subject)
+  WHERE deleted_at IS NULL AND type = 'metered';
 COMMENT ON TABLE metering.entitlements IS
   'a subject''s entitlement to a feature; one that is not deleted per (subject, feature); never updated; DELETE sets deleted_at';
 COMMENT ON COLUMN metering.entitlements.id IS 'the entitlement id (uuid v7)';

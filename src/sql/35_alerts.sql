@@ -282,15 +282,15 @@ CREATE TRIGGER notification_rules_changed AFTER INSERT OR UPDATE OR DELETE ON me
 -- window of the headroom read before the turn, and taken only if that is
 -- still the window once the turn is ours); the others get no headroom and
 -- are evaluated in full.
--- The events come as arrays (one element per event): from the statement's
--- transition table on one node; on a Citus coordinator, where the events'
--- trigger runs on the shards, from the rows that the owner-run writers
--- (ingest, ingest_batch, commit_reservation, consume) stored, as they
--- returned them.  Nobody else may call it: the arrays are trusted.
 -- In C (alerts_batch.c): the live rules and the covered entitlements of the
 -- events' subjects are read with plans made once, by index whatever the
 -- tables' size when the plan was made, and the events are matched to them in
--- memory; the turns are one statement.
+-- memory; the turns are one statement.  On one node the events' trigger
+-- reads the statement's transition table; on a Citus coordinator, where that
+-- trigger runs on the shards, _alerts_for_events gets the rows that the
+-- owner-run writers (ingest, ingest_batch, commit_reservation, consume)
+-- stored, as arrays (one element per event), as they returned them.  Nobody
+-- else may call it: the arrays are trusted.
 CREATE FUNCTION metering._alerts_for_events(subjects text[], types text[], times timestamptz[], datas jsonb[])
   RETURNS void
   AS 'MODULE_PATHNAME', 'metering_alerts_for_events'
@@ -298,19 +298,14 @@ CREATE FUNCTION metering._alerts_for_events(subjects text[], types text[], times
 COMMENT ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) IS
   'internal: evaluates the alerts of each metered entitlement that the given stored events reach, once';
 
+-- In C too (alerts_batch.c): it reads the statement's transition table
+-- itself (no array of the events is made), and nothing when no rule is live;
+-- a shard of the distributed events (80_distribute.sql) does nothing: its
+-- node's rules and entitlements are not the coordinator's, whose writers
+-- evaluate instead.
 CREATE FUNCTION metering._events_alerts() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-  -- a shard of the distributed events (80_distribute.sql): its node's rules
-  -- and entitlements are not the coordinator's; the coordinator's ingest
-  -- functions evaluate instead
-  IF TG_TABLE_NAME <> 'events' OR NOT metering._alerts_live() THEN
-    RETURN NULL;
-  END IF;
-  PERFORM metering._alerts_for_events(array_agg(n.subject), array_agg(n.type), array_agg(n.time), array_agg(n.data))
-     FROM new_events n;
-  RETURN NULL;
-END $$;
+  AS 'MODULE_PATHNAME', 'metering_events_alerts'
+  LANGUAGE C SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION metering._events_alerts() IS
   'internal: after a statement stored events, evaluates the alerts of each metered entitlement they reach once';
 

@@ -37,6 +37,11 @@ DROP FUNCTION metering._usage_periods_deleted();
 DROP VIEW metering.entitlement_status;
 DROP FUNCTION metering.entitlement_value(text, text, timestamptz);
 
+-- the alerts of a statement's events look up each subject's metered
+-- entitlements (alerts_batch.c)
+CREATE INDEX entitlements_metered_subject ON metering.entitlements USING hash (subject)
+  WHERE deleted_at IS NULL AND type = 'metered';
+
 -- the rollups are keyed by a hash of their group values: a value taken from
 -- an event may be longer than a btree entry holds, and stopped the refresh
 ALTER TABLE metering.meter_rollups ADD COLUMN groups_key bytea;
