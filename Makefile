@@ -23,7 +23,7 @@ OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 # set PREVVERSION to the release, empty NEW_SQL, start the next src/upgrade pair.
 PREVVERSION = 0.2.0
 NEW_SQL     = src/sql/34_holds.sql src/sql/35_alerts.sql src/sql/58_refresh_status.sql src/sql/70_prices.sql src/sql/80_distribute.sql src/sql/81_config_copies.sql
-FINAL_SQL   = src/sql/95_object_comments.sql src/sql/96_search_path.sql
+FINAL_SQL   = src/sql/95_object_comments.sql src/sql/96_search_path.sql src/sql/97_trigger_functions.sql
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 UPGRADE     = $(EXTENSION)--$(PREVVERSION)--$(EXTVERSION).sql
 UPGRADE_SRC = src/upgrade/$(PREVVERSION)--$(EXTVERSION)

@@ -447,9 +447,11 @@ EventsColumn(TupleDesc desc, const char *name)
 
 /*
  * metering._events_alerts(): the events' AFTER INSERT statement trigger,
- * with the statement's rows as new_events.  A shard of the distributed
- * events (80_distribute.sql) does nothing: its node's rules and
- * entitlements are not the coordinator's, whose writers evaluate instead.
+ * with the statement's rows as new_events.  Any other table does nothing: a
+ * shard of the distributed events (80_distribute.sql), whose node's rules
+ * and entitlements are not the coordinator's (its writers evaluate
+ * instead), or a table of a role that would hand us rows of its choosing
+ * (no role may attach the extension's trigger functions: 97_trigger_functions.sql).
  */
 PG_FUNCTION_INFO_V1(metering_events_alerts);
 Datum
@@ -475,7 +477,7 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BY_INSERT(trig->tg_event) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(trig->tg_event) || trig->tg_newtable == NULL)
 		elog(ERROR, "_events_alerts: not called as the events' statement trigger with a new table");
-	if (strcmp(RelationGetRelationName(trig->tg_relation), "events") != 0)
+	if (RelationGetRelid(trig->tg_relation) != get_relname_relid("events", get_namespace_oid("metering", false)))
 		return PointerGetDatum(NULL);
 	rows = trig->tg_newtable;
 	if (tuplestore_tuple_count(rows) == 0)

@@ -25,11 +25,13 @@
  */
 #include "postgres.h"
 
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/jsonpath.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 
 #include "metering.h"
@@ -323,8 +325,12 @@ metering_events_deleted(PG_FUNCTION_ARGS)
 		trig->tg_oldtable == NULL)
 		elog(ERROR, "metering._events_deleted must be an AFTER DELETE ... REFERENCING OLD TABLE AS old_events FOR EACH STATEMENT trigger");
 
-	/* a shard of the distributed events: its node's meters are not the coordinator's */
-	if (strcmp(RelationGetRelationName(trig->tg_relation), "events") != 0)
+	/*
+	 * a shard of the distributed events: its node's meters are not the
+	 * coordinator's (and no other table: no role may attach this function,
+	 * 97_trigger_functions.sql)
+	 */
+	if (RelationGetRelid(trig->tg_relation) != get_relname_relid("events", get_namespace_oid("metering", false)))
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 				 errmsg("events cannot be deleted once distributed"),

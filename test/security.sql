@@ -4,7 +4,7 @@
 -- sessions: test/security_session.sh.  Attack 6d is specs/reset_guard_no_grants.spec.
 -- Every role and object made here goes with the ROLLBACK.
 BEGIN;
-SELECT plan(60);
+SELECT plan(63);
 SET LOCAL timezone = 'UTC';
 SET LOCAL metering.now = '2024-06-01 00:00:00+00';
 \o /dev/null
@@ -114,6 +114,36 @@ SELECT is((SELECT string_agg(coalesce(r.rolname, 'PUBLIC'), ', ')
             WHERE n.nspname = 'metering' AND a.grantee <> n.nspowner AND a.privilege_type = 'CREATE'),
           NULL, '1: no role but the owner holds CREATE on schema metering');
 
+
+------------------------------------------------------------------------------
+-- 1b. A role attaches one of the extension's owner-run trigger functions to
+-- a table of its own named events, and fills the statement's new rows with
+-- made-up events of another subject: the function would take that
+-- subject's alert turns and spend its headroom with the owner's rights.
+-- Fixed: no role but the owner may execute a trigger function of the
+-- schema (CREATE TRIGGER fails with 42501), and the alerts' trigger does
+-- nothing on any table but metering.events.
+------------------------------------------------------------------------------
+SELECT is((SELECT string_agg(format('%s %s', r, p.oid::regprocedure), ', ')
+             FROM pg_catalog.pg_proc p, unnest(ARRAY['public', 'metering_admin', 'metering_writer', 'metering_reader']) r
+            WHERE p.pronamespace = 'metering'::regnamespace AND p.prorettype = 'trigger'::regtype
+              AND has_function_privilege(r, p.oid, 'EXECUTE')),
+          NULL, '1b: no role but the owner may execute a trigger function of schema metering');
+CREATE SCHEMA sec_own AUTHORIZATION sec_admin2;
+SET ROLE sec_admin2;
+CREATE TABLE sec_own.events (id text, source text, subject text, type text, time timestamptz, data jsonb);
+SELECT throws_ok($$CREATE TRIGGER zz AFTER INSERT ON sec_own.events REFERENCING NEW TABLE AS new_events
+                   FOR EACH STATEMENT EXECUTE FUNCTION metering._events_alerts()$$,
+                 '42501', NULL, '1b: an admin cannot attach the alerts'' trigger function to a table of its own');
+RESET ROLE;
+-- attached by the owner all the same, it does nothing there
+INSERT INTO metering.notification_rules (name, feature_key, thresholds) VALUES ('sec', 'calls', '[{"type": "USAGE_VALUE", "value": 1}]');
+CREATE TRIGGER zz AFTER INSERT ON sec_own.events REFERENCING NEW TABLE AS new_events
+  FOR EACH STATEMENT EXECUTE FUNCTION metering._events_alerts();
+INSERT INTO sec_own.events VALUES ('x', 'x', 'acme', 'api', '2024-06-10', '{"n": 1000}');
+SELECT is((SELECT count(*) FROM metering.entitlement_turns WHERE subject = 'acme' AND purpose = 'a'), 0::bigint,
+          '1b: the alerts'' trigger on another table named events takes no turn of the subject its rows name');
+DELETE FROM metering.notification_rules WHERE name = 'sec';
 ------------------------------------------------------------------------------
 -- 5. Restored rows: an admin who passes an old created_at skips the rules
 -- for new rows.  Fixed: 22023 unless a superuser or the extension owner.

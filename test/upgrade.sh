@@ -55,6 +55,9 @@ SELECT line FROM (
     FROM pg_extension e, unnest(e.extconfig, e.extcondition) AS u(x, w) WHERE e.extname = 'metering'
   UNION ALL
   SELECT 'acl ' || c.relname || ' ' || coalesce(c.relacl::text, '') FROM pg_class c WHERE c.relnamespace = 'metering'::regnamespace
+  UNION ALL
+  SELECT 'function acl ' || p.oid::regprocedure || ' ' || coalesce(p.proacl::text, '')
+    FROM pg_proc p WHERE p.pronamespace = 'metering'::regnamespace
 ) facts ORDER BY line"
 # compare_catalogs description updated-db fresh-db
 compare_catalogs() {

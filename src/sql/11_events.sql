@@ -119,7 +119,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   -- distributed (80_distribute.sql): the coordinator's table fires this too
   -- and empties the derived tables; a shard's copy has nothing to add
-  IF TG_TABLE_NAME <> 'events' THEN
+  IF TG_RELID <> 'metering.events'::regclass THEN
     RETURN NULL;
   END IF;
   -- DELETE, not TRUNCATE: the same statement may be truncating the rollups too
