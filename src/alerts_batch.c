@@ -18,6 +18,7 @@
 
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
@@ -58,7 +59,7 @@ typedef struct Covered
 #define COVERED_SQL(condition) \
 	"SELECT e.id, e.subject, m.event_type, f.meter_group_by_filters, m.group_by, " \
 	"       m.aggregation = 'COUNT', m.value_property " \
-	"FROM (SELECT DISTINCT u FROM unnest($1::text[]) u) s " \
+	"FROM (SELECT DISTINCT u COLLATE \"C\" AS u FROM unnest($1::text[]) u) s " \
 	"CROSS JOIN LATERAL (SELECT e.id, e.subject, e.feature_id FROM metering.entitlements e " \
 	"                     WHERE e.subject = s.u AND e.deleted_at IS NULL AND e.type = 'metered' " condition \
 	"                     OFFSET 0) e " \
@@ -301,7 +302,8 @@ PairsAddEvent(Pairs *p, int lo, int hi, Datum type, Datum time, Datum data)
 			p->subjects = repalloc(p->subjects, sizeof(Datum) * p->size);
 		}
 		p->ids[p->n] = c->id;
-		p->times[p->n] = time;
+		/* (by reference where float8 is: the row's memory goes with the next one) */
+		p->times[p->n] = datumCopy(time, FLOAT8PASSBYVAL, sizeof(TimestampTz));
 		p->amounts[p->n] = NumericGetDatum(amount);
 		p->subjects[p->n] = PointerGetDatum(c->subject);
 		p->n++;
@@ -372,6 +374,8 @@ TakeTurns(Pairs *p)
 							   eval_args, isnull ? " n" : "  ", false, 0);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not evaluate the alerts: %s", SPI_result_code_string(ret));
+		/* (a statement may evaluate any number of entitlements) */
+		SPI_freetuptable(SPI_tuptable);
 	}
 }
 
@@ -483,9 +487,17 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 	if (tuplestore_tuple_count(rows) == 0)
 		return PointerGetDatum(NULL);
 
+	/*
+	 * The rules and the covered entitlements as they are now, as a statement
+	 * run from here sees them (at READ COMMITTED, what was committed since
+	 * the triggering statement began, and what that statement wrote)
+	 */
 	SPI_connect();
+	CommandCounterIncrement();
+	PushActiveSnapshot(GetTransactionSnapshot());
 	if (!RulesLive(&every, &keys, &keys_null))
 	{
+		PopActiveSnapshot();
 		SPI_finish();
 		return PointerGetDatum(NULL);
 	}
@@ -504,6 +516,7 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 									CurrentMemoryContext);
 	ncovered = LoadCovered(DatumGetArrayTypeP(makeArrayResult(subjects, CurrentMemoryContext)),
 						   every, keys, keys_null, &covered);
+	PopActiveSnapshot();
 	if (ncovered > 0)
 	{
 		PairsInit(&pairs, covered, ncovered, 0);
@@ -520,6 +533,7 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 		TakeTurns(&pairs);
 	}
 	ExecDropSingleTupleTableSlot(slot);
+	tuplestore_select_read_pointer(rows, 0);
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }

@@ -13,7 +13,7 @@
 -- deleted entitlements, rules switched off and on) moves on.  And one batch
 -- of thousands of events whose rows the trigger reads back from disk.
 BEGIN;
-SELECT plan(6);
+SELECT plan(7);
 SELECT setseed(0.17);
 SET LOCAL timezone = 'UTC';
 SET LOCAL metering.now = '2024-03-15 12:00:00+00';
@@ -231,8 +231,29 @@ SELECT array_agg(s) AS subjects, array_agg(CASE WHEN n % 3 = 0 THEN 'api.call' E
        array_agg(timestamptz '2024-03-10' + n * interval '1 second') AS times,
        array_agg(jsonb_build_object('tokens', n % 7, 'model', 'gpt-4', 'pad', repeat('x', 300))) AS datas
   FROM generate_series(1, 3000) n, LATERAL (SELECT 's' || (1 + n % 12) AS s) x;
+-- with two other triggers reading the same rows, one firing before the alerts' and one after
+CREATE TEMP TABLE seen (who text, n bigint);
+CREATE FUNCTION pg_temp.count_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO seen SELECT TG_NAME, count(*) FROM new_events;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER aa_count AFTER INSERT ON metering.events REFERENCING NEW TABLE AS new_events
+  FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.count_rows();
+CREATE TRIGGER zz_count AFTER INSERT ON metering.events REFERENCING NEW TABLE AS new_events
+  FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.count_rows();
 SELECT is((SELECT pg_temp.run(2, b, 9999, true) FROM big b), (SELECT pg_temp.run(0, b, 9999, true) FROM big b),
           'a statement of 3,000 events read back from disk: the trigger leaves what the oracle leaves');
+TRUNCATE seen;
+ALTER TABLE metering.events ENABLE TRIGGER events_alerts;
+INSERT INTO metering.events (id, source, subject, type, time, data)
+SELECT 'seen' || i, 'oracle', b.subjects[i], b.types[i], b.times[i], b.datas[i]
+  FROM big b, generate_subscripts(b.subjects, 1) i;
+ALTER TABLE metering.events DISABLE TRIGGER events_alerts;
+SELECT is((SELECT string_agg(who || ' ' || n, ', ' ORDER BY who) FROM seen), 'aa_count 3000, zz_count 3000',
+          'the triggers before and after the alerts'' read every row of the statement');
+DROP TRIGGER aa_count ON metering.events;
+DROP TRIGGER zz_count ON metering.events;
 RESET work_mem;
 -- and the batches reached what they should have: not a comparison of two no-ops
 SELECT cmp_ok((SELECT count(*) FROM trials WHERE notified > 0), '>=', 20::bigint, 'batches that sent notifications');

@@ -4,7 +4,7 @@
 -- sessions: test/security_session.sh.  Attack 6d is specs/reset_guard_no_grants.spec.
 -- Every role and object made here goes with the ROLLBACK.
 BEGIN;
-SELECT plan(63);
+SELECT plan(64);
 SET LOCAL timezone = 'UTC';
 SET LOCAL metering.now = '2024-06-01 00:00:00+00';
 \o /dev/null
@@ -144,6 +144,13 @@ INSERT INTO sec_own.events VALUES ('x', 'x', 'acme', 'api', '2024-06-10', '{"n":
 SELECT is((SELECT count(*) FROM metering.entitlement_turns WHERE subject = 'acme' AND purpose = 'a'), 0::bigint,
           '1b: the alerts'' trigger on another table named events takes no turn of the subject its rows name');
 DELETE FROM metering.notification_rules WHERE name = 'sec';
+-- a trigger a role attached before 0.3.0 revoked the functions: the
+-- owner-run ones refuse a table outside the schema
+CREATE TABLE sec_own.meters (slug text, deleted_at timestamptz);
+CREATE TRIGGER zz AFTER UPDATE ON sec_own.meters FOR EACH ROW EXECUTE FUNCTION metering._meters_after_delete_mark();
+INSERT INTO sec_own.meters VALUES ('calls', NULL);
+SELECT throws_ok($$UPDATE sec_own.meters SET deleted_at = now()$$, '42501', NULL,
+                 '1b: an owner-run trigger function attached to a table outside schema metering refuses to run');
 ------------------------------------------------------------------------------
 -- 5. Restored rows: an admin who passes an old created_at skips the rules
 -- for new rows.  Fixed: 22023 unless a superuser or the extension owner.

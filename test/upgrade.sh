@@ -10,6 +10,7 @@ set -e
 old=metering_upgrade_old      # 0.1.0, updated
 old2=metering_upgrade_old2    # 0.2.0, updated
 mid=metering_upgrade_mid      # 0.1.0, updated to 0.2.0 only
+roles=metering_upgrade_roles  # 0.2.0 with its setup_roles(), updated
 new=metering_upgrade_new      # fresh install of the current version
 q() { psql -X -A -t -q -v ON_ERROR_STOP=1 -d "$1" -c "$2"; }
 n=1
@@ -89,8 +90,8 @@ value() {  # db, instant: balance and usage of acme's entitlement to f
 }
 version() { q $1 "SELECT extversion FROM pg_extension WHERE extname = 'metering'"; }
 
-echo "1..11"
-for db in $old $old2 $mid $new; do dropdb --if-exists $db >/dev/null 2>&1; createdb $db; done
+echo "1..12"
+for db in $old $old2 $mid $new $roles; do dropdb --if-exists $db >/dev/null 2>&1; createdb $db; done
 q $new "CREATE EXTENSION metering"
 
 # 0.1.0 -> 0.2.0 -> 0.3.0
@@ -136,4 +137,13 @@ check "usage and entitlements work after the update from 0.2.0" \
   "$(q $old2 "SET metering.now = '2024-06-01 12:00:00+00'; SELECT metering.refresh_rollups(); SELECT value FROM metering.query_meter('t')") $(value $old2 '2024-06-01 11:30+00')" \
   "1
 5100 4900 5100"
-for db in $old $old2 $mid $new; do dropdb $db; done
+# 0.2.0's setup_roles() granted metering_admin every function: the update
+# takes the trigger functions back from every role (97_trigger_functions.sql)
+q $roles "CREATE EXTENSION metering VERSION '0.2.0'; SELECT metering.setup_roles()" >/dev/null
+q $roles "ALTER EXTENSION metering UPDATE"
+check "after the update from 0.2.0 and its setup_roles(), no role but the owner may execute a trigger function (the admin keeps the others)" \
+  "$(q $roles "SELECT count(*) || ' ' || has_function_privilege('metering_admin', 'metering.ingest(jsonb)', 'EXECUTE')
+                 FROM pg_proc p, pg_roles r
+                WHERE p.pronamespace = 'metering'::regnamespace AND p.prorettype = 'trigger'::regtype
+                  AND r.oid <> p.proowner AND NOT r.rolsuper AND has_function_privilege(r.oid, p.oid, 'EXECUTE')")" "0 true"
+for db in $old $old2 $mid $new $roles; do dropdb $db; done

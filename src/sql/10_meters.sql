@@ -103,6 +103,7 @@ COMMENT ON FUNCTION metering._meters_before_insert() IS
 CREATE FUNCTION metering._meters_after_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
   IF NEW.deleted_at IS NULL THEN
     INSERT INTO metering.meter_rollup_state (meter) VALUES (NEW.slug);
   END IF;
@@ -142,6 +143,7 @@ COMMENT ON FUNCTION metering._meters_before_update() IS
 CREATE FUNCTION metering._meters_after_delete_mark() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
   DELETE FROM metering.meter_rollup_state WHERE meter = NEW.slug;
   DELETE FROM metering.meter_rollups WHERE meter = NEW.slug;
   DELETE FROM metering.usage_periods WHERE meter = NEW.slug;

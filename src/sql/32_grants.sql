@@ -560,6 +560,7 @@ CREATE TRIGGER resets_truncated AFTER TRUNCATE ON metering.resets
 CREATE FUNCTION metering._meter_deleted() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
   DELETE FROM metering.entitlement_snapshots s
    USING metering.entitlements e, metering.features f
    WHERE s.entitlement_id = e.id AND e.feature_id = f.id AND f.meter_slug = NEW.slug;

@@ -267,6 +267,7 @@ COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) IS
 CREATE FUNCTION metering._notification_rules_changed() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
   UPDATE metering.entitlement_turns SET headroom = NULL WHERE purpose = 'a' AND headroom IS NOT NULL;
   RETURN NULL;
 END $$;
@@ -317,6 +318,7 @@ CREATE TRIGGER events_alerts AFTER INSERT ON metering.events
 CREATE FUNCTION metering._entitlement_changed_alerts() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
   IF metering._alerts_live() THEN
     PERFORM metering._evaluate_alerts(NEW.entitlement_id, NULL, true);
   END IF;

@@ -137,6 +137,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t text;
 BEGIN
+  PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
   IF NOT metering._on_worker() THEN
     RETURN NULL;
   END IF;
