@@ -58,7 +58,7 @@ $(UPGRADE): $(UPGRADE_SRC).sql $(NEW_SQL) $(UPGRADE_SRC).objects $(UPGRADE_POST)
 	  cat $(UPGRADE_POST) $(FINAL_SQL); } > $@.tmp || { rm -f $@.tmp; exit 1; }
 	mv $@.tmp $@
 	@./tools/sql-extract --unlisted upgrade/$(EXTENSION)--$(PREVVERSION).sql $(UPGRADE_SRC).objects \
-	  $(filter-out $(NEW_SQL),$(SQL_SOURCES))
+	  $(filter-out $(NEW_SQL) $(FINAL_SQL),$(SQL_SOURCES))
 
 .PHONY: deps demo test test-citus bench
 # Installs the Debian packages the build and the suites need (as root only).

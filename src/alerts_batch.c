@@ -19,7 +19,6 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
@@ -103,12 +102,11 @@ EventAmount(Covered *c, Jsonb *data, Numeric zero, Numeric one)
 static AttrNumber
 ColumnOf(Relation rel, const char *name)
 {
-	TupleDesc	desc = RelationGetDescr(rel);
+	int			col = SPI_fnumber(RelationGetDescr(rel), name);
 
-	for (int i = 0; i < desc->natts; i++)
-		if (!TupleDescAttr(desc, i)->attisdropped && strcmp(NameStr(TupleDescAttr(desc, i)->attname), name) == 0)
-			return i + 1;
-	elog(ERROR, "metering.%s has no column \"%s\"", RelationGetRelationName(rel), name);
+	if (col <= 0)
+		elog(ERROR, "metering.%s has no column \"%s\"", RelationGetRelationName(rel), name);
+	return col;
 }
 
 /*
@@ -121,8 +119,7 @@ ColumnOf(Relation rel, const char *name)
 static bool
 RulesLive(bool *every, Datum *keys, bool *keys_null)
 {
-	Relation	rel = table_open(get_relname_relid("notification_rules", get_namespace_oid("metering", false)),
-								 AccessShareLock);
+	Relation	rel = table_open(MeteringRelid("notification_rules"), AccessShareLock);
 	AttrNumber	key_col = ColumnOf(rel, "feature_key"),
 				disabled_col = ColumnOf(rel, "disabled_at"),
 				deleted_col = ColumnOf(rel, "deleted_at");
@@ -439,16 +436,6 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* the column of the events' row type, by name (their order is the table's) */
-static AttrNumber
-EventsColumn(TupleDesc desc, const char *name)
-{
-	for (int i = 0; i < desc->natts; i++)
-		if (!TupleDescAttr(desc, i)->attisdropped && strcmp(NameStr(TupleDescAttr(desc, i)->attname), name) == 0)
-			return i + 1;
-	elog(ERROR, "metering.events has no column \"%s\"", name);
-}
-
 /*
  * metering._events_alerts(): the events' AFTER INSERT statement trigger,
  * with the statement's rows as new_events.  Any other table does nothing: a
@@ -481,7 +468,7 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BY_INSERT(trig->tg_event) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(trig->tg_event) || trig->tg_newtable == NULL)
 		elog(ERROR, "_events_alerts: not called as the events' statement trigger with a new table");
-	if (RelationGetRelid(trig->tg_relation) != get_relname_relid("events", get_namespace_oid("metering", false)))
+	if (RelationGetRelid(trig->tg_relation) != MeteringRelid("events"))
 		return PointerGetDatum(NULL);
 	rows = trig->tg_newtable;
 	if (tuplestore_tuple_count(rows) == 0)
@@ -502,10 +489,10 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 		return PointerGetDatum(NULL);
 	}
 	desc = RelationGetDescr(trig->tg_relation);
-	subject_col = EventsColumn(desc, "subject");
-	type_col = EventsColumn(desc, "type");
-	time_col = EventsColumn(desc, "time");
-	data_col = EventsColumn(desc, "data");
+	subject_col = ColumnOf(trig->tg_relation, "subject");
+	type_col = ColumnOf(trig->tg_relation, "type");
+	time_col = ColumnOf(trig->tg_relation, "time");
+	data_col = ColumnOf(trig->tg_relation, "data");
 	slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
 
 	/* our own read pointer: other triggers read the same rows */

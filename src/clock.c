@@ -145,7 +145,7 @@ MeteringTransactionClock(void)
 	 * would read: it starts one at once, as a writing one does).
 	 */
 	if (id->number == 0 && !IsInParallelMode() && (!XactReadOnly || IsTransactionBlock()) &&
-		citus_table(get_relname_relid("events", get_namespace_oid("metering", true))))
+		citus_table(MeteringRelid("events")))
 	{
 		citus_ensure_id();
 		id = citus_current_id();

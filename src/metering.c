@@ -132,9 +132,16 @@ ParseClockValue(const char *str, TimestampTz *result)
 bool
 MeteringSqlCurrent(void)
 {
+	return OidIsValid(MeteringRelid("reservations"));
+}
+
+/* The oid of a relation of schema metering (cached lookups); InvalidOid when there is none. */
+Oid
+MeteringRelid(const char *relname)
+{
 	Oid			nsp = get_namespace_oid("metering", true);
 
-	return OidIsValid(nsp) && OidIsValid(get_relname_relid("reservations", nsp));
+	return OidIsValid(nsp) ? get_relname_relid(relname, nsp) : InvalidOid;
 }
 
 /* What reads entitlements as 0.3.0 keeps them: 55000 before the update. */

@@ -38,6 +38,7 @@ extern Oid	MeteringExtensionOwner(void);
 extern void MeteringRequireCoordinator(const char *what);
 extern bool MeteringOnWorker(void);
 extern bool MeteringSqlCurrent(void);
+extern Oid	MeteringRelid(const char *relname);
 extern void MeteringRequireSqlCurrent(const char *what);
 extern void MeteringRequireConfig(const char *what);
 

@@ -101,7 +101,7 @@ MeteringRefreshBegin(void)
 	 * takes its lock before it draws numbers), and new writers draw larger
 	 * ones.  Our own transaction's locks do not count.
 	 */
-	events_oid = get_relname_relid("events", get_namespace_oid("metering", false));
+	events_oid = MeteringRelid("events");
 	SET_LOCKTAG_RELATION(tag, MyDatabaseId, events_oid);
 	WaitForLockers(tag, ShareLock, false);
 
@@ -263,9 +263,8 @@ MeteringRefreshAnalyze(int64 written)
 void
 MeteringRefreshSummarize(int64 events)
 {
-	Oid			nsp = get_namespace_oid("metering", true);
-	Oid			heap = OidIsValid(nsp) ? get_relname_relid("events", nsp) : InvalidOid;
-	Oid			index = OidIsValid(nsp) ? get_relname_relid("events_seq_time_brin", nsp) : InvalidOid;
+	Oid			heap = MeteringRelid("events");
+	Oid			index = MeteringRelid("events_seq_time_brin");
 
 	HeapTuple	tup;
 	bool		brin;

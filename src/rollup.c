@@ -330,13 +330,13 @@ metering_events_deleted(PG_FUNCTION_ARGS)
 	 * coordinator's (and no other table: no role may attach this function,
 	 * 97_trigger_functions.sql)
 	 */
-	if (RelationGetRelid(trig->tg_relation) != get_relname_relid("events", get_namespace_oid("metering", false)) &&
+	if (RelationGetRelid(trig->tg_relation) != MeteringRelid("events") &&
 		RelationGetNamespace(trig->tg_relation) != get_namespace_oid("metering", false))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("trigger \"%s\" runs an internal function of metering on a table outside schema metering",
 						trig->tg_trigger->tgname)));
-	if (RelationGetRelid(trig->tg_relation) != get_relname_relid("events", get_namespace_oid("metering", false)))
+	if (RelationGetRelid(trig->tg_relation) != MeteringRelid("events"))
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 				 errmsg("events cannot be deleted once distributed"),

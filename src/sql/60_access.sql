@@ -217,13 +217,10 @@ BEGIN
   -- events: stored or deleted, never given their number (seq) by hand
   GRANT INSERT (id, source, subject, type, time, data, ingested_at), DELETE ON metering.events TO metering_admin;
   GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA metering TO metering_admin;
-  REVOKE EXECUTE ON FUNCTION metering._current_signing_key() FROM metering_admin;
+  REVOKE EXECUTE ON FUNCTION metering._current_signing_key(), metering._revoke_trigger_functions() FROM metering_admin;
   -- (nor the trigger functions: attached to a table of its own, one would
   -- run as the owner over rows the admin chose; 97_trigger_functions.sql)
-  FOR t IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
-            WHERE p.pronamespace = 'metering'::regnamespace AND p.prorettype = 'pg_catalog.trigger'::pg_catalog.regtype LOOP
-    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM metering_admin', t.fn);
-  END LOOP;
+  PERFORM metering._revoke_trigger_functions();
   -- (the alert evaluators trust what they are handed, and the turns are the
   -- enforcing functions' own)
   REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]),

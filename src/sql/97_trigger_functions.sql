@@ -8,20 +8,24 @@
 -- table outside schema metering, where no role but the owner may create one
 -- (metering._require_own_table; the events' by oid): a trigger a role
 -- attached before this release does nothing.  Runs last, and again by each
--- update, so that it reaches every trigger function; setup_roles() keeps
--- them from metering_admin.
-DO $$
+-- update, so that it reaches every trigger function; setup_roles() calls it
+-- again after granting metering_admin the schema's functions.
+CREATE OR REPLACE FUNCTION metering._revoke_trigger_functions() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   f record;
 BEGIN
   -- (from every grantee: PUBLIC, and the roles 0.2.0's setup_roles() or a
   -- default privilege granted every function of the schema)
-  FOR f IN SELECT p.oid::pg_catalog.regprocedure AS fn, a.grantee
-             FROM pg_catalog.pg_proc p,
-                  LATERAL pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
-            WHERE p.pronamespace = 'metering'::regnamespace AND p.prorettype = 'pg_catalog.trigger'::pg_catalog.regtype
+  FOR f IN SELECT p.oid::regprocedure AS fn, a.grantee
+             FROM pg_proc p, LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+            WHERE p.pronamespace = 'metering'::regnamespace AND p.prorettype = 'trigger'::regtype
               AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner LOOP
-    EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f.fn,
-      CASE WHEN f.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(f.grantee)) END);
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f.fn,
+                   CASE WHEN f.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(f.grantee)) END);
   END LOOP;
 END $$;
+COMMENT ON FUNCTION metering._revoke_trigger_functions() IS
+  'internal: takes EXECUTE on the trigger functions of schema metering from every role but their owner';
+REVOKE EXECUTE ON FUNCTION metering._revoke_trigger_functions() FROM PUBLIC;
+SELECT metering._revoke_trigger_functions();
