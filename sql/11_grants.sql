@@ -10,7 +10,7 @@ SELECT metering.create_feature('b', 'B') IS NOT NULL AS feature;
 SELECT metering.create_entitlement('acme', 'f', usage_period => '1 month', usage_period_anchor => '2024-01-01',
                                    measure_usage_from => '2024-01-01') AS e \gset
 SELECT metering.create_entitlement('acme', 'b', 'boolean') AS e_bool \gset
-SELECT metering._period_start(:'e', metering.now()) AS current_period_start;
+SELECT metering._period_start(:'e', 'acme', metering.now()) AS current_period_start;
 
 -- a grant: times truncated to the minute, expires_at from the expiration, UTC month arithmetic
 SELECT metering.create_grant(:'e', 100, '2024-03-31 10:15:42+00', priority => 2, expiration => '1 month',
@@ -91,7 +91,7 @@ SELECT regress.err(format('SELECT metering.reset_entitlement(%L, %L)', :'e', '20
 SELECT regress.err(format('SELECT metering.reset_entitlement(%L, %L)', :'e', '2024-03-05 00:00:00+00'));
 SELECT metering.reset_entitlement(:'e');
 SELECT effective_at, retain_anchor, preserve_overage FROM metering.resets WHERE entitlement_id = :'e' ORDER BY 1;
-SELECT metering._period_start(:'e', metering.now()) AS period_now_starts;
+SELECT metering._period_start(:'e', 'acme', metering.now()) AS period_now_starts;
 SELECT regress.err(format('SELECT metering.reset_entitlement(%L)', :'e_bool'));
 SELECT regress.err(format('SELECT metering.reset_entitlement(%L)', :'e_gone'));
 SELECT regress.err($$SELECT metering.reset_entitlement('01a2138f-fb08-7164-94b7-f9375b039482')$$);

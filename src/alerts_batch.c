@@ -65,6 +65,20 @@ typedef struct Covered
 	"JOIN metering.features f ON f.id = e.feature_id " \
 	"JOIN metering.meters m ON m.slug = f.meter_slug"
 
+/*
+ * The same on a Citus coordinator whose entitlements are distributed: the
+ * subjects' entitlements are read from their shards first (Citus joins no
+ * shard with the coordinator's plain tables, nor plans a lateral lookup of
+ * each), the rest is the coordinator's configuration.
+ */
+#define COVERED_DISTRIBUTED_SQL(condition) \
+	"WITH e AS MATERIALIZED (SELECT e.id, e.subject, e.feature_id FROM metering.entitlements e " \
+	"                         WHERE e.subject = ANY ($1) AND e.deleted_at IS NULL AND e.type = 'metered' " condition ") " \
+	"SELECT e.id, e.subject, m.event_type, f.meter_group_by_filters, m.group_by, " \
+	"       m.aggregation = 'COUNT', m.value_property " \
+	"FROM e JOIN metering.features f ON f.id = e.feature_id " \
+	"JOIN metering.meters m ON m.slug = f.meter_slug"
+
 static SPIPlanPtr covered_all_plan,
 			covered_plan,
 			turns_plan,
@@ -162,7 +176,7 @@ RulesLive(bool *every, Datum *keys, bool *keys_null)
  * by subject.
  */
 static int
-LoadCovered(ArrayType *subjects, bool every, Datum keys, bool keys_null, Covered **out)
+LoadCovered(ArrayType *subjects, bool every, Datum keys, bool keys_null, bool distributed, Covered **out)
 {
 	Oid			types[2] = {TEXTARRAYOID, TEXTARRAYOID};
 	Datum		args[2] = {PointerGetDatum(subjects), keys};
@@ -170,7 +184,12 @@ LoadCovered(ArrayType *subjects, bool every, Datum keys, bool keys_null, Covered
 	Covered    *c;
 	int			ret;
 
-	if (every)
+	/* (planned for each call: Citus plans its parameters' values) */
+	if (distributed)
+		ret = SPI_execute_with_args(every ? COVERED_DISTRIBUTED_SQL("")
+									: COVERED_DISTRIBUTED_SQL("AND e.feature_key = ANY ($2)"),
+									every ? 1 : 2, types, args, keys_null ? " n" : "  ", true, 0);
+	else if (every)
 		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_all_plan, COVERED_SQL(""), 1, types), args, NULL, true, 0);
 	else
 		ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&covered_plan, COVERED_SQL("AND e.feature_key = ANY ($2)"),
@@ -315,11 +334,11 @@ PairsAddEvent(Pairs *p, int lo, int hi, Datum type, Datum time, Datum data)
  * are evaluated in full.
  */
 static void
-TakeTurns(Pairs *p)
+TakeTurns(Pairs *p, bool distributed)
 {
 	Oid			turn_types[5] = {UUIDARRAYOID, TIMESTAMPTZARRAYOID, NUMERICARRAYOID, TIMESTAMPTZOID, TEXTARRAYOID};
 	Datum		turn_args[5];
-	Oid			eval_types[2] = {UUIDOID, TIMESTAMPTZOID};
+	Oid			eval_types[3] = {UUIDOID, TIMESTAMPTZOID, TEXTOID};
 	SPITupleTable *turns;
 	uint64		nturns;
 	int			ret;
@@ -332,6 +351,22 @@ TakeTurns(Pairs *p)
 	turn_args[2] = PointerGetDatum(construct_array(p->amounts, p->n, NUMERICOID, -1, false, TYPALIGN_INT));
 	turn_args[3] = TimestampTzGetDatum(MeteringNow());
 	turn_args[4] = PointerGetDatum(construct_array(p->subjects, p->n, TEXTOID, -1, false, TYPALIGN_INT));
+	if (distributed)
+	{
+		/*
+		 * Distributed entitlements: each reached one is evaluated in full,
+		 * in id order, by the evaluation that takes its turn (Citus sends no
+		 * statement of many subjects' turns with their headroom to their
+		 * shards).
+		 */
+		ret = SPI_execute_with_args("SELECT metering._evaluate_alerts(u.id, u.subject, max(u.time), false) "
+									"FROM unnest($1, $2, $5) AS u(id, time, subject) "
+									"GROUP BY u.id, u.subject ORDER BY u.id",
+									5, turn_types, turn_args, NULL, false, 0);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not evaluate the alerts: %s", SPI_result_code_string(ret));
+		return;
+	}
 	ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&turns_plan,
 								 "INSERT INTO metering.entitlement_turns AS t "
 								 "       (entitlement_id, subject, purpose, turns, usage_until, armed_from, armed_until, headroom) "
@@ -339,7 +374,8 @@ TakeTurns(Pairs *p)
 								 "       CASE WHEN w.armed_from IS NOT NULL THEN coalesce(sum(u.amount) "
 								 "            FILTER (WHERE u.time >= w.armed_from AND u.time < w.armed_until), 0) END "
 								 "  FROM unnest($1, $2, $3, $5) AS u(id, time, amount, subject) "
-								 "  LEFT JOIN metering.entitlement_turns w ON w.entitlement_id = u.id AND w.purpose = 'a' "
+								 "  LEFT JOIN metering.entitlement_turns w "
+								 "         ON w.entitlement_id = u.id AND w.subject = u.subject AND w.purpose = 'a' "
 								 " GROUP BY u.id, u.subject, w.armed_from, w.armed_until ORDER BY u.id "
 								 "ON CONFLICT ON CONSTRAINT entitlement_turns_pkey "
 								 "DO UPDATE SET turns = t.turns + 1, usage_until = greatest(t.usage_until, excluded.usage_until), "
@@ -348,7 +384,7 @@ TakeTurns(Pairs *p)
 								 "                      AND t.armed_from <= $4 AND $4 < t.armed_until "
 								 "                      AND greatest(t.usage_until, excluded.usage_until) < t.armed_until "
 								 "                 THEN t.headroom - excluded.headroom END "
-								 "RETURNING t.entitlement_id, t.usage_until, t.headroom IS NULL",
+								 "RETURNING t.entitlement_id, t.usage_until, t.headroom IS NULL, t.subject",
 								 5, turn_types),
 						 turn_args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING)
@@ -359,16 +395,18 @@ TakeTurns(Pairs *p)
 	nturns = SPI_processed;
 	for (uint64 i = 0; i < nturns; i++)
 	{
-		bool		isnull;
-		Datum		eval_args[2];
+		bool		isnull,
+					no_until;
+		Datum		eval_args[3];
 
 		if (!DatumGetBool(SPI_getbinval(turns->vals[i], turns->tupdesc, 3, &isnull)))
 			continue;
 		eval_args[0] = SPI_getbinval(turns->vals[i], turns->tupdesc, 1, &isnull);
-		eval_args[1] = SPI_getbinval(turns->vals[i], turns->tupdesc, 2, &isnull);
-		ret = SPI_execute_plan(MeteringPrepareGeneric(&evaluate_plan, "SELECT metering._evaluate_alerts($1, $2, false)",
-													  2, eval_types),
-							   eval_args, isnull ? " n" : "  ", false, 0);
+		eval_args[1] = SPI_getbinval(turns->vals[i], turns->tupdesc, 2, &no_until);
+		eval_args[2] = SPI_getbinval(turns->vals[i], turns->tupdesc, 4, &isnull);
+		ret = SPI_execute_plan(MeteringPrepareGeneric(&evaluate_plan, "SELECT metering._evaluate_alerts($1, $3, $2, false)",
+													  3, eval_types),
+							   eval_args, no_until ? " n " : "   ", false, 0);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not evaluate the alerts: %s", SPI_result_code_string(ret));
 		/* (a statement may evaluate any number of entitlements) */
@@ -402,7 +440,8 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 	Covered    *covered = NULL;
 	Pairs		pairs;
 	bool		every,
-				keys_null;
+				keys_null,
+				distributed;
 	Datum		keys;
 
 	deconstruct_array(subjects_a, TEXTOID, -1, false, TYPALIGN_INT, &subjects, &n1, &nevents);
@@ -414,8 +453,9 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 		elog(ERROR, "_alerts_for_events: the arrays differ in length");
 
 	SPI_connect();
+	distributed = MeteringDistributedTable("entitlements");
 	if (!RulesLive(&every, &keys, &keys_null) ||
-		(ncovered = LoadCovered(subjects_a, every, keys, keys_null, &covered)) == 0)
+		(ncovered = LoadCovered(subjects_a, every, keys, keys_null, distributed, &covered)) == 0)
 	{
 		SPI_finish();
 		PG_RETURN_VOID();
@@ -431,7 +471,7 @@ metering_alerts_for_events(PG_FUNCTION_ARGS)
 		if (FindSubject(&pairs, DatumGetTextPP(subjects[i]), &lo, &hi))
 			PairsAddEvent(&pairs, lo, hi, types[i], times[i], datas[i]);
 	}
-	TakeTurns(&pairs);
+	TakeTurns(&pairs, distributed);
 	SPI_finish();
 	PG_RETURN_VOID();
 }
@@ -502,7 +542,7 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 		subjects = accumArrayResult(subjects, slot_getattr(slot, subject_col, &isnull), false, TEXTOID,
 									CurrentMemoryContext);
 	ncovered = LoadCovered(DatumGetArrayTypeP(makeArrayResult(subjects, CurrentMemoryContext)),
-						   every, keys, keys_null, &covered);
+						   every, keys, keys_null, false, &covered);
 	PopActiveSnapshot();
 	if (ncovered > 0)
 	{
@@ -517,7 +557,7 @@ metering_events_alerts(PG_FUNCTION_ARGS)
 				PairsAddEvent(&pairs, lo, hi, slot_getattr(slot, type_col, &isnull),
 							  slot_getattr(slot, time_col, &isnull), slot_getattr(slot, data_col, &isnull));
 		}
-		TakeTurns(&pairs);
+		TakeTurns(&pairs, false);
 	}
 	ExecDropSingleTupleTableSlot(slot);
 	tuplestore_select_read_pointer(rows, 0);

@@ -98,6 +98,7 @@ metering_consume(PG_FUNCTION_ARGS)
 	Jsonb	   *event;
 	pg_uuid_t	id;
 	Entitlement ent;
+	Datum		feature;
 	EntValue	v = {0};
 	Numeric		usage;
 	bool		usage_null,
@@ -118,11 +119,11 @@ metering_consume(PG_FUNCTION_ARGS)
 	values[0] = values[1] = BoolGetDatum(false);
 
 	SPI_connect();
-	if (!EntFind(DatumGetTextPP(ev[2]), PG_GETARG_TEXT_PP(1), now, &id))
+	if (!EntFind(DatumGetTextPP(ev[2]), PG_GETARG_TEXT_PP(1), now, &id, &feature))
 		goto done;
-	usage = GateEventUsage(UUIDPGetDatum(&id), DatumGetTextPP(ev[2]), DatumGetTextPP(ev[3]),
+	usage = GateEventUsage(feature, DatumGetTextPP(ev[2]), DatumGetTextPP(ev[2]), DatumGetTextPP(ev[3]),
 						   DatumGetJsonbP(ev[5]), "entitlement", &usage_null);
-	if (!GateLock(UUIDPGetDatum(&id), NULL))
+	if (!GateLock(UUIDPGetDatum(&id), ev[2], NULL))
 		elog(ERROR, "entitlement vanished");	/* (they are never deleted) */
 	until = GateTakeTurn(UUIDPGetDatum(&id), ev[2], 'u', Max(DatumGetTimestampTz(ev[4]), now));
 
@@ -133,7 +134,7 @@ metering_consume(PG_FUNCTION_ARGS)
 	 */
 	CommandCounterIncrement();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	if (!EntLoadEntitlement(&ent, &id, CurrentMemoryContext, true))
+	if (!EntLoadEntitlement(&ent, &id, DatumGetTextPP(ev[2]), CurrentMemoryContext, true))
 		elog(ERROR, "entitlement vanished");	/* (they are never deleted) */
 	at = GateCheckInstant(&ent, now, until, false);
 	active = EntActive(&ent, at);

@@ -44,10 +44,11 @@ NowOr(FunctionCallInfo fcinfo, int arg, const char *name)
 
 /*
  * The entitlement of (subject, feature) active at `at`; feature is a key or
- * an entitlement id.
+ * an entitlement id.  feature_id, when given, receives its feature's id (in
+ * the SPI upper context).
  */
 bool
-EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
+EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out, Datum *feature_id)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[4] = {TEXTOID, TEXTOID, UUIDOID, TIMESTAMPTZOID};
@@ -58,7 +59,7 @@ EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 	char		nulls[4] = {' ', ' ', is_id ? ' ' : 'n', ' '};
 	bool		isnull;
 	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
-											   "SELECT id FROM metering.entitlements "
+											   "SELECT id, feature_id FROM metering.entitlements "
 											   "WHERE subject = $1 AND (feature_key = $2 OR id = $3) "
 											   "  AND CASE WHEN type = 'metered' THEN measure_usage_from ELSE created_at END <= $4 "
 											   "  AND (deleted_at IS NULL OR $4 < deleted_at) "
@@ -74,6 +75,8 @@ EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
 		return false;
 	}
 	*out = *DatumGetUUIDP(EntGetCol(0, 1, &isnull));
+	if (feature_id)
+		*feature_id = SPI_datumTransfer(EntGetCol(0, 2, &isnull), false, 16);
 	return true;
 }
 
@@ -84,20 +87,20 @@ EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out)
  * counts as leaky: the condition stays the index's for every role.
  */
 static Numeric
-Reserved(pg_uuid_t *id, TimestampTz at, TimestampTz since)
+Reserved(Entitlement *ent, TimestampTz at, TimestampTz since)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[3] = {UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Datum		args[3] = {UUIDPGetDatum(id), TimestampTzGetDatum(at), TimestampTzGetDatum(since)};
+	Oid			types[4] = {UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID};
+	Datum		args[4] = {UUIDPGetDatum(&ent->id), TimestampTzGetDatum(at), TimestampTzGetDatum(since), ent->subject};
 	bool		isnull;
 	/* (planned once: planned for each instant, it cost more than it reads) */
 	int			ret = MeteringExecuteByIndex(MeteringPrepareGeneric(&plan,
 																	"SELECT coalesce(sum(r.amount), 0) FROM metering.reservations r "
-																	"WHERE r.entitlement_id = $1 AND r.created_at <= $2 "
+																	"WHERE r.entitlement_id = $1 AND r.subject = $4 AND r.created_at <= $2 "
 																	"  AND least(r.expires_at, CASE WHEN r.committed_at IS NOT NULL THEN r.committed_at "
 																	"                              WHEN r.released_at IS NOT NULL THEN r.released_at "
 																	"                              ELSE 'infinity' END) > $3",
-																	3, types),
+																	4, types),
 											 args, NULL, true, 1);
 
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
@@ -122,7 +125,7 @@ EntValueAt(Entitlement *ent, TimestampTz at, TimestampTz since, EntValue *v)
 	v->overage = e.state.overage;
 	v->total = NumAdd(e.state.grant_usage, v->balance);
 	v->period_start = e.state.period_start;
-	v->reserved = Reserved(&ent->id, at, since);
+	v->reserved = Reserved(ent, at, since);
 	v->available = NumSub(v->balance, v->reserved);
 }
 
@@ -132,7 +135,7 @@ EntValueAt(Entitlement *ent, TimestampTz at, TimestampTz since, EntValue *v)
  * connection, which it ends.
  */
 static Datum
-ValueRow(FunctionCallInfo fcinfo, MemoryContext caller, bool found, pg_uuid_t *id, TimestampTz at,
+ValueRow(FunctionCallInfo fcinfo, MemoryContext caller, bool found, pg_uuid_t *id, text *subject, TimestampTz at,
 		 TimestampTz since)
 {
 	TupleDesc	desc;
@@ -147,7 +150,7 @@ ValueRow(FunctionCallInfo fcinfo, MemoryContext caller, bool found, pg_uuid_t *i
 	memset(nulls, true, sizeof(nulls));
 	values[0] = BoolGetDatum(false);
 	nulls[0] = false;
-	if (found && EntLoadEntitlement(&ent, id, CurrentMemoryContext, true) && EntActive(&ent, at))
+	if (found && EntLoadEntitlement(&ent, id, subject, CurrentMemoryContext, true) && EntActive(&ent, at))
 	{
 		values[0] = BoolGetDatum(true);
 		if (ent.type == 's')
@@ -195,12 +198,12 @@ metering_entitlement_value(PG_FUNCTION_ARGS)
 	bool		found;
 
 	SPI_connect();
-	found = !PG_ARGISNULL(0) && !PG_ARGISNULL(1) && EntFind(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), at, &id);
-	PG_RETURN_DATUM(ValueRow(fcinfo, caller, found, &id, at, at));
+	found = !PG_ARGISNULL(0) && !PG_ARGISNULL(1) && EntFind(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), at, &id, NULL);
+	PG_RETURN_DATUM(ValueRow(fcinfo, caller, found, &id, found ? PG_GETARG_TEXT_PP(0) : NULL, at, at));
 }
 
 /*
- * metering._gate_value(entitlement, at, since): entitlement_value's row for
+ * metering._gate_value(entitlement, subject, at, since): entitlement_value's row for
  * the usage gate (src/sql/34_holds.sql), which reads at its check instant
  * and counts every hold still open after its now: a hold made now counts
  * even when the check reads ahead of its expiry (usage dated ahead).
@@ -210,15 +213,15 @@ Datum
 metering_gate_value(PG_FUNCTION_ARGS)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	TimestampTz at = NowOr(fcinfo, 1, "at");
-	TimestampTz since = NowOr(fcinfo, 2, "since");
+	TimestampTz at = NowOr(fcinfo, 2, "at");
+	TimestampTz since = NowOr(fcinfo, 3, "since");
 
-	if (PG_ARGISNULL(0))
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("_gate_value: entitlement must not be NULL")));
+				 errmsg("_gate_value: entitlement and subject must not be NULL")));
 	SPI_connect();
-	PG_RETURN_DATUM(ValueRow(fcinfo, caller, true, PG_GETARG_UUID_P(0), at, Min(at, since)));
+	PG_RETURN_DATUM(ValueRow(fcinfo, caller, true, PG_GETARG_UUID_P(0), PG_GETARG_TEXT_PP(1), at, Min(at, since)));
 }
 
 void
@@ -233,7 +236,7 @@ static void
 LoadMetered(Entitlement *ent, pg_uuid_t *id)
 {
 	MeteringRequireSqlCurrent("an entitlement's balances and histories");
-	if (!EntLoadEntitlement(ent, id, CurrentMemoryContext, true))
+	if (!EntLoadEntitlement(ent, id, NULL, CurrentMemoryContext, true))
 	{
 		MeteringRequireCoordinator("an entitlement's balances and histories");
 		EntErrorNoSuch(UUIDPGetDatum(id));
@@ -701,7 +704,7 @@ metering_balance_history(PG_FUNCTION_ARGS)
 }
 
 /*
- * metering._period_start(entitlement, at): the start of the usage period
+ * metering._period_bound(entitlement, subject, at, upper): the start (or end) of the usage period
  * containing `at` (resets included), for the triggers' rules.
  */
 /* The start (or with upper, the exclusive end) of the metered entitlement's period containing `at`. */
@@ -720,19 +723,22 @@ PG_FUNCTION_INFO_V1(metering_period_start);
 Datum
 metering_period_start(PG_FUNCTION_ARGS)
 {
+	/* (the SQL of 0.2.0, which the library serves until the update, gives no subject) */
+	int			old = PG_NARGS() == 3 ? 1 : 0;
 	pg_uuid_t  *id = PG_GETARG_UUID_P(0);
-	TimestampTz at = PG_GETARG_TIMESTAMPTZ(1);
+	TimestampTz at = PG_GETARG_TIMESTAMPTZ(2 - old);
+	bool		upper = PG_GETARG_BOOL(3 - old);
 	Entitlement ent;
 	TimestampTz result;
 
 	SPI_connect();
 	/* the periods depend on the resets only */
-	if (!EntLoadEntitlement(&ent, id, CurrentMemoryContext, false) || ent.type != 'm')
+	if (!EntLoadEntitlement(&ent, id, old ? NULL : PG_GETARG_TEXT_PP(1), CurrentMemoryContext, false) || ent.type != 'm')
 	{
 		SPI_finish();
 		PG_RETURN_NULL();
 	}
-	result = EntPeriodBound(&ent, at, PG_GETARG_BOOL(2));
+	result = EntPeriodBound(&ent, at, upper);
 	SPI_finish();
 	PG_RETURN_TIMESTAMPTZ(result);
 }
@@ -748,24 +754,45 @@ metering_period_start(PG_FUNCTION_ARGS)
  * and fail the way PostgreSQL fails a concurrent update (40001).
  */
 void
-EntCheckUnchanged(Datum id)
+EntCheckUnchanged(Datum id, Datum subject)
 {
-	static const char *sql =
-	"SELECT coalesce((SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' "
-	"                                   || coalesce(g.deleted_at::text, ''), ',' ORDER BY g.id) "
-	"                   FROM metering.grants g WHERE g.entitlement_id = $1), '') || '|' || "
-	"       (SELECT coalesce(string_agg(r.effective_at::text, ',' ORDER BY r.effective_at), '') "
-	"          FROM metering.resets r WHERE r.entitlement_id = $1)";
-	Oid			types[1] = {UUIDOID};
-	Datum		args[1] = {id};
+	/* (the tables of 0.2.0, which the library serves until the update, have no subject column) */
+	bool		by_subject = MeteringSqlCurrent();
+	const char *sql =
+	psprintf("SELECT coalesce((SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' "
+			 "                                   || coalesce(g.deleted_at::text, ''), ',' ORDER BY g.id) "
+			 "                   FROM metering.grants g WHERE g.entitlement_id = $1 %s), '') || '|' || "
+			 "       (SELECT coalesce(string_agg(r.effective_at::text, ',' ORDER BY r.effective_at), '') "
+			 "          FROM metering.resets r WHERE r.entitlement_id = $1 %s)",
+			 by_subject ? "AND g.subject = $2" : "", by_subject ? "AND r.subject = $2" : "");
+	Oid			types[2] = {UUIDOID, TEXTOID};
+	Datum		args[2] = {id, subject};
 
-	MeteringErrorIfChangedSinceSnapshot(sql, 1, types, args, "the entitlement's grants or resets");
+	MeteringErrorIfChangedSinceSnapshot(sql, by_subject ? 2 : 1, types, args, "the entitlement's grants or resets");
 }
 
 PG_FUNCTION_INFO_V1(metering_unchanged_since_snapshot);
 Datum
 metering_unchanged_since_snapshot(PG_FUNCTION_ARGS)
 {
-	EntCheckUnchanged(PG_GETARG_DATUM(0));
+	Datum		subject;
+
+	/* (the SQL of 0.2.0, which the library serves until the update, gives no subject) */
+	if (PG_NARGS() == 2)
+		subject = PG_GETARG_DATUM(1);
+	else
+	{
+		bool		isnull;
+
+		SPI_connect();
+		if (!EntReadRow(PG_GETARG_DATUM(0), (Datum) 0, false))
+		{
+			SPI_finish();
+			PG_RETURN_BOOL(true);
+		}
+		subject = SPI_datumTransfer(EntGetCol(0, 2, &isnull), false, -1);
+		SPI_finish();
+	}
+	EntCheckUnchanged(PG_GETARG_DATUM(0), subject);
 	PG_RETURN_BOOL(true);
 }

@@ -82,7 +82,9 @@ typedef struct EntSnapshot
 /* entitlement_load.c: SPI helpers (columns from 1; plans are kept with MeteringPrepare) */
 extern Datum EntGetCol(int row, int col, bool *isnull);
 extern Datum EntCopyCol(int row, int col, bool *isnull);
-extern bool EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with_grants);
+extern bool EntReadRow(Datum id, Datum subject, bool lock);
+#define ENT_ROW_COL 12			/* EntReadRow's column of the whole row */
+extern bool EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, text *subject, MemoryContext cxt, bool with_grants);
 
 /* entitlement_usage.c: which is 0 (events above the watermark), 1 (rollups), 2 (split buckets) */
 extern Portal EntOpenUsage(Entitlement *ent, int which, TimestampTz from, TimestampTz to, ArrayType *buckets);
@@ -108,11 +110,11 @@ typedef struct EntValue
 	TimestampTz period_start;
 } EntValue;
 
-extern bool EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out);
+extern bool EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out, Datum *feature_id);
 extern bool EntActive(Entitlement *ent, TimestampTz at);
 extern void EntValueAt(Entitlement *ent, TimestampTz at, TimestampTz since, EntValue *v);
 extern TimestampTz EntPeriodBound(Entitlement *ent, TimestampTz at, bool upper);
-extern void EntCheckUnchanged(Datum id);
+extern void EntCheckUnchanged(Datum id, Datum subject);
 /* 02000-class P0002: the entitlement `id` (uuid) does not exist */
 extern void EntErrorNoSuch(Datum id) pg_attribute_noreturn();
 

@@ -29,36 +29,57 @@ EntCopyCol(int row, int col, bool *isnull)
 }
 
 /*
- * Loads an entitlement, its feature's meter, its resets and (with_grants)
- * its grants into the current memory context.  False when it does not
- * exist.  Must be called inside an SPI connection.
+ * The row of entitlement `id` in SPI_tuptable (false when none): by its id
+ * and subject when the subject is known (NULL: not), which a distributed
+ * install routes to the subject's shard; by the id alone a Citus
+ * coordinator asks every shard.  lock: FOR NO KEY UPDATE.  Columns: the
+ * entitlements' first columns, then e.* as a row (column ENT_ROW_COL).
  */
 bool
-EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with_grants)
+EntReadRow(Datum id, Datum subject, bool lock)
 {
-	static SPIPlanPtr ent_plan = NULL;
-	static SPIPlanPtr reset_plan = NULL;
-	static SPIPlanPtr grant_plan = NULL;
-	Oid			types[1] = {UUIDOID};
-	Datum		args[1] = {UUIDPGetDatum(id)};
+	static SPIPlanPtr plans[2][2];
+	Oid			types[2] = {UUIDOID, TEXTOID};
+	Datum		args[2] = {id, subject};
+	bool		by_subject = subject != (Datum) 0;
+	int			ret;
+
+	ret = SPI_execute_plan(MeteringPrepare(&plans[by_subject][lock],
+										   psprintf("SELECT e.type::text, e.subject, e.config, e.is_soft_limit, e.created_at, "
+													"       e.deleted_at, e.usage_period, e.usage_period_anchor, e.measure_usage_from, "
+													"       e.preserve_overage_at_reset, e.feature_id, e "
+													"FROM metering.entitlements e WHERE e.id = $1 %s %s",
+													by_subject ? "AND e.subject = $2" : "",
+													lock ? "FOR NO KEY UPDATE" : ""),
+										   by_subject ? 2 : 1, types),
+						   args, NULL, !lock, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read the entitlement: %s", SPI_result_code_string(ret));
+	return SPI_processed > 0;
+}
+
+/*
+ * Loads an entitlement (of `subject`, or NULL when not known: see
+ * EntReadRow), its feature's meter, its resets and (with_grants) its grants
+ * into the current memory context.  False when it does not exist.  Must be
+ * called inside an SPI connection.
+ */
+bool
+EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, text *subject, MemoryContext cxt, bool with_grants)
+{
+	static SPIPlanPtr meter_plan = NULL;
+	static SPIPlanPtr reset_plans[2];
+	static SPIPlanPtr grant_plans[2];
+	Oid			types[2] = {UUIDOID, TEXTOID};
+	/* (the tables of 0.2.0, which the library serves until the update, have no subject column) */
+	int			by_subject = MeteringSqlCurrent() ? 1 : 0;
+	Datum		args[2];
+	Datum		feature;
 	MemoryContext old;
 	bool		isnull;
 	int			ret;
 
-	ret = SPI_execute_plan(MeteringPrepare(&ent_plan,
-								   "SELECT e.type::text, e.subject, e.config, e.is_soft_limit, e.created_at, e.deleted_at, "
-								   "       e.usage_period, e.usage_period_anchor, e.measure_usage_from, e.preserve_overage_at_reset, "
-								   "       m.aggregation::text, m.event_type, m.value_property, m.group_by, "
-								   "       f.meter_group_by_filters, m.slug, coalesce(s.rolled_up_to, 0) "
-								   "FROM metering.entitlements e "
-								   "JOIN metering.features f ON f.id = e.feature_id "
-								   "LEFT JOIN metering.meters m ON m.slug = f.meter_slug "
-								   "LEFT JOIN metering.meter_rollup_state s ON s.meter = m.slug "
-								   "WHERE e.id = $1", 1, types),
-						   args, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not read the entitlement: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
+	if (!EntReadRow(UUIDPGetDatum(id), PointerGetDatum(subject), false))
 		return false;
 
 	old = MemoryContextSwitchTo(cxt);
@@ -79,21 +100,43 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with
 		ent->plan.anchor = DatumGetTimestampTz(EntGetCol(0, 8, &isnull));
 		ent->plan.measure_from = DatumGetTimestampTz(EntGetCol(0, 9, &isnull));
 		ent->plan.preserve_overage = DatumGetBool(EntGetCol(0, 10, &isnull));
-		ent->count = strcmp(TextDatumGetCString(EntGetCol(0, 11, &isnull)), "COUNT") == 0;
-		ent->event_type = EntCopyCol(0, 12, &isnull);
-		ent->value_path = EntCopyCol(0, 13, &isnull);
-		ent->group_by = EntCopyCol(0, 14, &isnull);
-		ent->filters = EntCopyCol(0, 15, &isnull);
-		ent->meter = EntCopyCol(0, 16, &isnull);
-		ent->watermark = DatumGetInt64(EntGetCol(0, 17, &isnull));
 	}
+	feature = EntCopyCol(0, 11, &isnull);
 	MemoryContextSwitchTo(old);
 	if (ent->type != 'm')
 		return true;
 
-	ret = SPI_execute_plan(MeteringPrepare(&reset_plan,
-								   "SELECT effective_at, retain_anchor, preserve_overage FROM metering.resets "
-								   "WHERE entitlement_id = $1 ORDER BY effective_at", 1, types),
+	/* the feature's meter: the configuration, which every node holds */
+	args[0] = feature;
+	ret = SPI_execute_plan(MeteringPrepare(&meter_plan,
+								   "SELECT m.aggregation::text, m.event_type, m.value_property, m.group_by, "
+								   "       f.meter_group_by_filters, m.slug, coalesce(s.rolled_up_to, 0) "
+								   "FROM metering.features f "
+								   "LEFT JOIN metering.meters m ON m.slug = f.meter_slug "
+								   "LEFT JOIN metering.meter_rollup_state s ON s.meter = m.slug "
+								   "WHERE f.id = $1", 1, types),
+						   args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read the entitlement's meter: %s", SPI_result_code_string(ret));
+	old = MemoryContextSwitchTo(cxt);
+	ent->count = strcmp(TextDatumGetCString(EntGetCol(0, 1, &isnull)), "COUNT") == 0;
+	ent->event_type = EntCopyCol(0, 2, &isnull);
+	ent->value_path = EntCopyCol(0, 3, &isnull);
+	ent->group_by = EntCopyCol(0, 4, &isnull);
+	ent->filters = EntCopyCol(0, 5, &isnull);
+	ent->meter = EntCopyCol(0, 6, &isnull);
+	ent->watermark = DatumGetInt64(EntGetCol(0, 7, &isnull));
+	MemoryContextSwitchTo(old);
+
+	/* the entitlement's own rows, by its subject (the shard they are on) */
+	args[0] = UUIDPGetDatum(id);
+	args[1] = ent->subject;
+
+	ret = SPI_execute_plan(MeteringPrepare(&reset_plans[by_subject],
+										   psprintf("SELECT effective_at, retain_anchor, preserve_overage FROM metering.resets "
+													"WHERE entitlement_id = $1 %s ORDER BY effective_at",
+													by_subject ? "AND subject = $2" : ""),
+										   1 + by_subject, types),
 						   args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the resets: %s", SPI_result_code_string(ret));
@@ -110,13 +153,15 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, MemoryContext cxt, bool with
 	if (!with_grants)
 		return true;
 
-	ret = SPI_execute_plan(MeteringPrepare(&grant_plan,
-								   "SELECT id, amount, priority, effective_at, coalesce(expires_at, 'infinity'), "
-								   "       least(coalesce(expires_at, 'infinity'), coalesce(voided_at, 'infinity'), "
-								   "             coalesce(deleted_at, 'infinity')), "
-								   "       recurrence, coalesce(recurrence_anchor, effective_at), "
-								   "       min_rollover_amount, max_rollover_amount, created_at "
-								   "FROM metering.grants WHERE entitlement_id = $1", 1, types),
+	ret = SPI_execute_plan(MeteringPrepare(&grant_plans[by_subject],
+										   psprintf("SELECT id, amount, priority, effective_at, coalesce(expires_at, 'infinity'), "
+													"       least(coalesce(expires_at, 'infinity'), coalesce(voided_at, 'infinity'), "
+													"             coalesce(deleted_at, 'infinity')), "
+													"       recurrence, coalesce(recurrence_anchor, effective_at), "
+													"       min_rollover_amount, max_rollover_amount, created_at "
+													"FROM metering.grants WHERE entitlement_id = $1 %s",
+													by_subject ? "AND subject = $2" : ""),
+										   1 + by_subject, types),
 						   args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the grants: %s", SPI_result_code_string(ret));

@@ -29,8 +29,8 @@ bool
 EntLoadEntitlementSnapshot(Entitlement *ent, TimestampTz limit, EntSnapshot *snap)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[2] = {UUIDOID, TIMESTAMPTZOID};
-	Datum		args[2] = {UUIDPGetDatum(&ent->id), TimestampTzGetDatum(limit)};
+	Oid			types[3] = {UUIDOID, TIMESTAMPTZOID, TEXTOID};
+	Datum		args[3] = {UUIDPGetDatum(&ent->id), TimestampTzGetDatum(limit), ent->subject};
 	bool		isnull;
 	Datum	   *ids,
 			   *bals;
@@ -39,8 +39,8 @@ EntLoadEntitlementSnapshot(Entitlement *ent, TimestampTz limit, EntSnapshot *sna
 	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "SELECT at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before "
 											   "FROM metering.entitlement_snapshots "
-											   "WHERE entitlement_id = $1 AND at <= $2 ORDER BY at DESC LIMIT 1",
-											   2, types),
+											   "WHERE entitlement_id = $1 AND subject = $3 AND at <= $2 ORDER BY at DESC LIMIT 1",
+											   3, types),
 									   args, NULL, true, 1);
 
 	if (ret != SPI_OK_SELECT)
@@ -209,15 +209,16 @@ EntStartFromSnapshot(BdEngine *e, Entitlement *ent, EntSnapshot *snap)
 /* how long before now the hourly snapshot is taken */
 #define SNAPSHOT_LAG (10 * USECS_PER_MINUTE)
 
-static bool SnapshotOneLocked(pg_uuid_t *id, TimestampTz now);
+static bool SnapshotOneLocked(pg_uuid_t *id, text *subject, TimestampTz now);
+static void QueueSnapshot(pg_uuid_t *id, text *subject);
 
 /* Writes the snapshot of one entitlement at its last cut; true when it did. */
 static bool
-SnapshotOne(pg_uuid_t *id)
+SnapshotOne(pg_uuid_t *id, text *subject)
 {
 	static SPIPlanPtr lock_plan = NULL;
-	Oid			types[1] = {UUIDOID};
-	Datum		args[1] = {UUIDPGetDatum(id)};
+	Oid			types[2] = {UUIDOID, TEXTOID};
+	Datum		args[2] = {UUIDPGetDatum(id), PointerGetDatum(subject)};
 	TimestampTz now = MeteringNow();
 	bool		written;
 	int			ret;
@@ -228,20 +229,13 @@ SnapshotOne(pg_uuid_t *id)
 	 * reaches and queues the entitlement for the next refresh anyway).
 	 */
 	ret = SPI_execute_plan(MeteringPrepare(&lock_plan,
-								   "SELECT 1 FROM metering.entitlements WHERE id = $1 FOR SHARE SKIP LOCKED",
-								   1, types), args, NULL, false, 1);
+								   "SELECT 1 FROM metering.entitlements WHERE id = $1 AND subject = $2 FOR SHARE SKIP LOCKED",
+								   2, types), args, NULL, false, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not lock the entitlement: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
 	{
-		static SPIPlanPtr queue_plan = NULL;
-
-		ret = SPI_execute_plan(MeteringPrepare(&queue_plan,
-									   "INSERT INTO metering.entitlement_snapshot_queue "
-									   "SELECT id, subject FROM metering.entitlements WHERE id = $1 "
-									   "ON CONFLICT DO NOTHING", 1, types), args, NULL, false, 0);
-		if (ret != SPI_OK_INSERT)
-			elog(ERROR, "could not queue the entitlement: %s", SPI_result_code_string(ret));
+		QueueSnapshot(id, subject);
 		return false;
 	}
 
@@ -253,13 +247,13 @@ SnapshotOne(pg_uuid_t *id)
 	 */
 	CommandCounterIncrement();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	written = SnapshotOneLocked(id, now);
+	written = SnapshotOneLocked(id, subject, now);
 	PopActiveSnapshot();
 	return written;
 }
 
 static bool
-SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
+SnapshotOneLocked(pg_uuid_t *id, text *subject, TimestampTz now)
 {
 	static SPIPlanPtr insert_plan = NULL;
 	Entitlement ent;
@@ -275,7 +269,7 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	bool		written;
 	int			ret;
 
-	if (!EntLoadEntitlement(&ent, id, CurrentMemoryContext, true) || ent.type != 'm' ||
+	if (!EntLoadEntitlement(&ent, id, subject, CurrentMemoryContext, true) || ent.type != 'm' ||
 		now < ent.plan.measure_from || now >= ent.deleted_at)
 		return false;
 
@@ -363,7 +357,7 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 									   "INSERT INTO metering.entitlement_snapshots AS s "
 									   "(entitlement_id, at, usage, grant_usage, overage, grant_ids, balances, inputs, hour_usage_before, subject) "
 									   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-									   "ON CONFLICT (entitlement_id, at) DO UPDATE SET usage = EXCLUDED.usage, "
+									   "ON CONFLICT ON CONSTRAINT entitlement_snapshots_pkey DO UPDATE SET usage = EXCLUDED.usage, "
 									   "grant_usage = EXCLUDED.grant_usage, overage = EXCLUDED.overage, "
 									   "grant_ids = EXCLUDED.grant_ids, balances = EXCLUDED.balances, "
 									   "inputs = EXCLUDED.inputs, created_at = EXCLUDED.created_at, "
@@ -385,45 +379,45 @@ SnapshotOneLocked(pg_uuid_t *id, TimestampTz now)
 	if (cut != DT_NOEND)
 	{
 		static SPIPlanPtr prune_plan = NULL;
-		Oid			ptypes[3] = {UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+		Oid			ptypes[4] = {UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID};
 		bool		started_hourly = from_snapshot && cut == snap.at &&
 			!BdIsCut(&ent.plan, ent.grants, ent.ngrants, cut);
-		Datum		pargs[3] = {UUIDPGetDatum(id), TimestampTzGetDatum(started_hourly ? cut - 1 : cut),
-		TimestampTzGetDatum(x)};
+		Datum		pargs[4] = {UUIDPGetDatum(id), TimestampTzGetDatum(started_hourly ? cut - 1 : cut),
+		TimestampTzGetDatum(x), ent.subject};
 
 		ret = SPI_execute_plan(MeteringPrepare(&prune_plan,
 										  "DELETE FROM metering.entitlement_snapshots "
-										  "WHERE entitlement_id = $1 AND at > $2 AND at < $3",
-										  3, ptypes), pargs, NULL, false, 0);
+										  "WHERE entitlement_id = $1 AND subject = $4 AND at > $2 AND at < $3",
+										  4, ptypes), pargs, NULL, false, 0);
 		if (ret != SPI_OK_DELETE)
 			elog(ERROR, "could not prune the snapshots: %s", SPI_result_code_string(ret));
 	}
 	return written;
 }
 
-/* Writes the snapshots of the entitlements in SPI_tuptable (ids in column 1). */
 /* Puts an entitlement in the snapshot queue (inside the caller's SPI connection). */
 static void
-QueueSnapshot(pg_uuid_t *id)
+QueueSnapshot(pg_uuid_t *id, text *subject)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[1] = {UUIDOID};
-	Datum		args[1] = {UUIDPGetDatum(id)};
+	Oid			types[2] = {UUIDOID, TEXTOID};
+	Datum		args[2] = {UUIDPGetDatum(id), PointerGetDatum(subject)};
 	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
-												  "INSERT INTO metering.entitlement_snapshot_queue "
-												  "SELECT id, subject FROM metering.entitlements WHERE id = $1 "
-												  "ON CONFLICT DO NOTHING", 1, types),
+												  "INSERT INTO metering.entitlement_snapshot_queue (entitlement_id, subject) "
+												  "VALUES ($1, $2) ON CONFLICT DO NOTHING", 2, types),
 									   args, NULL, false, 0);
 
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not queue the entitlement: %s", SPI_result_code_string(ret));
 }
 
+/* Writes the snapshots of the entitlements in SPI_tuptable (ids in column 1, subjects in 2). */
 static int64
 SnapshotFound(void)
 {
 	int			n = (int) SPI_processed;
 	pg_uuid_t  *ids = palloc(sizeof(pg_uuid_t) * Max(n, 1));
+	text	  **subjects = palloc(sizeof(text *) * Max(n, 1));
 	MemoryContext per_entitlement;
 	MemoryContext old;
 	volatile int64 written = 0;
@@ -433,6 +427,7 @@ SnapshotFound(void)
 		bool		isnull;
 
 		ids[i] = *DatumGetUUIDP(EntGetCol(i, 1, &isnull));
+		subjects[i] = DatumGetTextPCopy(EntGetCol(i, 2, &isnull));
 	}
 	SPI_freetuptable(SPI_tuptable);
 
@@ -454,7 +449,7 @@ SnapshotFound(void)
 		PG_TRY();
 		{
 			SPI_connect();
-			if (SnapshotOne(&ids[i]))
+			if (SnapshotOne(&ids[i], subjects[i]))
 				written++;
 			SPI_finish();
 			ReleaseCurrentSubTransaction();
@@ -475,7 +470,7 @@ SnapshotFound(void)
 							edata->message),
 					 errdetail("The next refresh tries again; answers do not depend on snapshots.")));
 			FreeErrorData(edata);
-			QueueSnapshot(&ids[i]);
+			QueueSnapshot(&ids[i], subjects[i]);
 		}
 		PG_END_TRY();
 		MemoryContextSwitchTo(caller);
@@ -595,7 +590,7 @@ metering_snapshot_queue(PG_FUNCTION_ARGS)
 	SPI_connect();
 	/* (the background refresh saves them in a transaction of their own) */
 	LockFeatureMeters();
-	ret = SPI_execute("DELETE FROM metering.entitlement_snapshot_queue RETURNING entitlement_id", false, 0);
+	ret = SPI_execute("DELETE FROM metering.entitlement_snapshot_queue RETURNING entitlement_id, subject", false, 0);
 	if (ret != SPI_OK_DELETE_RETURNING)
 		elog(ERROR, "could not read the snapshot queue: %s", SPI_result_code_string(ret));
 	written = SnapshotFound();
@@ -629,7 +624,7 @@ metering_refresh_snapshots(PG_FUNCTION_ARGS)
 				 errhint("Call it in its own READ COMMITTED transaction.")));
 	SPI_connect();
 	LockFeatureMeters();
-	ret = SPI_execute_with_args("SELECT n.id FROM metering.entitlements n "
+	ret = SPI_execute_with_args("SELECT n.id, n.subject FROM metering.entitlements n "
 								"WHERE n.type = 'metered' AND n.deleted_at IS NULL "
 								"  AND ($1 IS NULL OR n.id = $1) ORDER BY n.id",
 								1, types, args, nulls, false, 0);

@@ -34,28 +34,21 @@ TextSame(text *a, text *b)
  * Locks the entitlement against the grant, void, reset and snapshot writers
  * (FOR NO KEY UPDATE), then checks at REPEATABLE READ that none of them
  * committed after the snapshot (40001).  False when it does not exist.
- * `row`, when given, receives the row (in the caller's SPI upper context).
+ * subject: the entitlement's, or 0 when not known (EntReadRow).  `row`,
+ * when given, receives the row (in the caller's SPI upper context).
  */
 bool
-GateLock(Datum id, Datum *row)
+GateLock(Datum id, Datum subject, Datum *row)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid			types[1] = {UUIDOID};
-	Datum		args[1] = {id};
 	bool		isnull;
-	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
-											   "SELECT e FROM metering.entitlements e WHERE e.id = $1 FOR NO KEY UPDATE",
-											   1, types),
-									   args, NULL, false, 1);
 
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not lock the entitlement: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
+	if (!EntReadRow(id, subject, true))
 		return false;
+	subject = EntGetCol(0, 2, &isnull);
 	if (row)
-		*row = SPI_datumTransfer(EntGetCol(0, 1, &isnull), false, -1);
+		*row = SPI_datumTransfer(EntGetCol(0, ENT_ROW_COL, &isnull), false, -1);
 	/* once the lock is ours: whoever held it before us has committed */
-	EntCheckUnchanged(id);
+	EntCheckUnchanged(id, SPI_datumTransfer(subject, false, -1));
 	return true;
 }
 
@@ -134,21 +127,15 @@ GateCheckInstant(Entitlement *ent, TimestampTz now, TimestampTz until, bool unti
  * a feature without a meter.
  */
 Numeric
-GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *what, bool *isnull)
+GateEventUsage(Datum feature, text *ent_subject, text *subject, text *type, Jsonb *data, const char *what,
+			   bool *isnull)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[1] = {UUIDOID};
-	Datum		args[1] = {id};
+	Datum		args[1] = {feature};
 	bool		n;
-	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
-											   "SELECT e.subject, f.key, m.slug, m.event_type, m.aggregation = 'COUNT', "
-											   "       m.value_property, m.group_by, f.meter_group_by_filters "
-											   "FROM metering.entitlements e JOIN metering.features f ON f.id = e.feature_id "
-											   "LEFT JOIN metering.meters m ON m.slug = f.meter_slug WHERE e.id = $1",
-											   1, types),
-									   args, NULL, true, 1);
-	text	   *ent_subject,
-			   *meter,
+	int			ret;
+	text	   *meter,
 			   *event_type;
 	char	   *feature_key;
 	Datum		slug,
@@ -156,32 +143,37 @@ GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *wha
 				filters;
 	bool		no_filters;
 
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not read the entitlement's meter: %s", SPI_result_code_string(ret));
-	if (SPI_processed != 1)
-		EntErrorNoSuch(id);
-	ent_subject = DatumGetTextPP(EntCopyCol(0, 1, &n));
 	if (!TextSame(subject, ent_subject))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("event subject \"%s\" is not the subject of the %s: \"%s\"",
 						text_to_cstring(subject), what, text_to_cstring(ent_subject))));
-	feature_key = TextDatumGetCString(EntGetCol(0, 2, &n));
-	slug = EntCopyCol(0, 3, &n);
+	/* the feature and its meter: the configuration, which every node holds */
+	ret = SPI_execute_plan(MeteringPrepare(&plan,
+										   "SELECT f.key, m.slug, m.event_type, m.aggregation = 'COUNT', "
+										   "       m.value_property, m.group_by, f.meter_group_by_filters "
+										   "FROM metering.features f "
+										   "LEFT JOIN metering.meters m ON m.slug = f.meter_slug WHERE f.id = $1",
+										   1, types),
+						   args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read the entitlement's meter: %s", SPI_result_code_string(ret));
+	feature_key = TextDatumGetCString(EntGetCol(0, 1, &n));
+	slug = EntCopyCol(0, 2, &n);
 	*isnull = n;
 	if (n)
 		return NULL;
 	meter = DatumGetTextPP(slug);
-	event_type = DatumGetTextPP(EntCopyCol(0, 4, &n));
+	event_type = DatumGetTextPP(EntCopyCol(0, 3, &n));
 	if (!TextSame(type, event_type))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("event type \"%s\" is not the type of the events of meter \"%s\" of feature \"%s\": \"%s\"",
 						text_to_cstring(type), text_to_cstring(meter), feature_key, text_to_cstring(event_type))));
-	filters = EntCopyCol(0, 8, &no_filters);
+	filters = EntCopyCol(0, 7, &no_filters);
 	if (!no_filters)
 	{
-		MeterGroups *groups = MeterGroupsCompile(DatumGetJsonbP(EntGetCol(0, 7, &n)), CurrentMemoryContext);
+		MeterGroups *groups = MeterGroupsCompile(DatumGetJsonbP(EntGetCol(0, 6, &n)), CurrentMemoryContext);
 
 		if (!MeterGroupsPass(groups, DatumGetJsonbP(filters), data))
 			ereport(ERROR,
@@ -189,9 +181,9 @@ GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *wha
 					 errmsg("event data does not pass the group filters of feature \"%s\": %s", feature_key,
 							JsonbToCString(NULL, &DatumGetJsonbP(filters)->root, VARSIZE(DatumGetJsonbP(filters))))));
 	}
-	if (DatumGetBool(EntGetCol(0, 5, &n)))
+	if (DatumGetBool(EntGetCol(0, 4, &n)))
 		return MeterUsage(data, NULL);
-	path = EntCopyCol(0, 6, &n);
+	path = EntCopyCol(0, 5, &n);
 	return n ? int64_to_numeric(0) : MeterUsage(data, DatumGetJsonPathP(path));
 }
 
@@ -206,21 +198,24 @@ RequireArgs(FunctionCallInfo fcinfo, int n, const char *name)
 					 errmsg("%s: argument %d must not be NULL", name, i + 1)));
 }
 
-/* the id of an entitlements row passed to a SQL wrapper */
+/* a column (id, subject, feature_id) of an entitlements row passed to a SQL wrapper */
 static Datum
-RowId(HeapTupleHeader row)
+RowColumn(HeapTupleHeader row, const char *name)
 {
 	bool		isnull;
-	Datum		id = GetAttributeByName(row, "id", &isnull);
+	Datum		d = GetAttributeByName(row, name, &isnull);
 
 	if (isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("the entitlement must not be NULL")));
-	return id;
+	return d;
 }
 
-/* metering._lock_entitlement(entitlement uuid): GateLock; the row, or NULL when none */
+/*
+ * metering._lock_entitlement(entitlement uuid, subject text): GateLock (a
+ * NULL subject: not known); the row, or NULL when none
+ */
 PG_FUNCTION_INFO_V1(metering_lock_entitlement);
 Datum
 metering_lock_entitlement(PG_FUNCTION_ARGS)
@@ -228,8 +223,11 @@ metering_lock_entitlement(PG_FUNCTION_ARGS)
 	Datum		row;
 	bool		found;
 
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
 	SPI_connect();
-	found = GateLock(PG_GETARG_DATUM(0), &row);
+	/* (the SQL of 0.2.0, which the library serves until the update, gives no subject) */
+	found = GateLock(PG_GETARG_DATUM(0), PG_NARGS() < 2 || PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1), &row);
 	SPI_finish();
 	if (!found)
 		PG_RETURN_NULL();
@@ -260,9 +258,10 @@ metering_check_instant(PG_FUNCTION_ARGS)
 	TimestampTz at;
 
 	RequireArgs(fcinfo, 2, "_check_instant");
-	id = RowId(PG_GETARG_HEAPTUPLEHEADER(0));
+	id = RowColumn(PG_GETARG_HEAPTUPLEHEADER(0), "id");
 	SPI_connect();
-	if (!EntLoadEntitlement(&ent, DatumGetUUIDP(id), CurrentMemoryContext, false))
+	if (!EntLoadEntitlement(&ent, DatumGetUUIDP(id), DatumGetTextPP(RowColumn(PG_GETARG_HEAPTUPLEHEADER(0), "subject")),
+							CurrentMemoryContext, false))
 		EntErrorNoSuch(id);
 	at = GateCheckInstant(&ent, PG_GETARG_TIMESTAMPTZ(1), PG_ARGISNULL(2) ? 0 : PG_GETARG_TIMESTAMPTZ(2),
 						  PG_ARGISNULL(2));
@@ -278,12 +277,12 @@ metering_event_usage(PG_FUNCTION_ARGS)
 	MemoryContext caller = CurrentMemoryContext;
 	Numeric		usage;
 	bool		isnull;
-	Datum		id;
+	HeapTupleHeader e;
 
 	RequireArgs(fcinfo, 5, "_event_usage");
-	id = RowId(PG_GETARG_HEAPTUPLEHEADER(0));
+	e = PG_GETARG_HEAPTUPLEHEADER(0);
 	SPI_connect();
-	usage = GateEventUsage(id, PG_GETARG_TEXT_PP(1), PG_GETARG_TEXT_PP(2), PG_GETARG_JSONB_P(3),
+	usage = GateEventUsage(RowColumn(e, "feature_id"), DatumGetTextPP(RowColumn(e, "subject")), PG_GETARG_TEXT_PP(1), PG_GETARG_TEXT_PP(2), PG_GETARG_JSONB_P(3),
 						   text_to_cstring(PG_GETARG_TEXT_PP(4)), &isnull);
 	if (!isnull)
 	{
@@ -307,7 +306,7 @@ metering_find_entitlement(PG_FUNCTION_ARGS)
 	bool		found;
 
 	SPI_connect();
-	found = EntFind(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), PG_GETARG_TIMESTAMPTZ(2), id);
+	found = EntFind(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1), PG_GETARG_TIMESTAMPTZ(2), id, NULL);
 	SPI_finish();
 	if (!found)
 		PG_RETURN_NULL();

@@ -9,9 +9,10 @@
 
 #include "entitlement.h"
 
-extern bool GateLock(Datum id, Datum *row);
+extern bool GateLock(Datum id, Datum subject, Datum *row);
 extern TimestampTz GateTakeTurn(Datum id, Datum subject, char purpose, TimestampTz usage_time);
 extern TimestampTz GateCheckInstant(Entitlement *ent, TimestampTz now, TimestampTz until, bool until_null);
-extern Numeric GateEventUsage(Datum id, text *subject, text *type, Jsonb *data, const char *what, bool *isnull);
+extern Numeric GateEventUsage(Datum feature, text *ent_subject, text *subject, text *type, Jsonb *data,
+							  const char *what, bool *isnull);
 
 #endif

@@ -26,6 +26,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "pgtime.h"
@@ -36,6 +37,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/timestamp.h"
+#include "utils/uuid.h"
 
 #include "calendar.h"
 #include "metering.h"
@@ -208,6 +210,28 @@ MeteringOnWorker(void)
 	ret = SPI_execute("SELECT metering._on_worker()", true, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not check the node: %s", SPI_result_code_string(ret));
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Whether the table of schema metering is a distributed table of Citus
+ * (metering.distribute()); false on a single node, unasked.
+ */
+bool
+MeteringDistributedTable(const char *relname)
+{
+	Oid			types[1] = {OIDOID};
+	Datum		args[1];
+	bool		isnull;
+	int			ret;
+
+	if (!MayBeDistributed())
+		return false;
+	args[0] = ObjectIdGetDatum(MeteringRelid(relname));
+	ret = SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)",
+								1, types, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not check the table: %s", SPI_result_code_string(ret));
 	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
@@ -512,16 +536,60 @@ metering_max_age(PG_FUNCTION_ARGS)
 }
 
 /*
- * metering._made_by_us(xmin): whether a row with this xmin was written by
- * the current transaction, subtransactions included (pg_current_xact_id()
- * names only the top level, and PL/pgSQL exception blocks are
- * subtransactions).
+ * metering._made_by_us(xmin) of the SQL of 0.2.0 (the library is updated
+ * before ALTER EXTENSION UPDATE): whether a row with this xmin was written
+ * by the current transaction, subtransactions included.
  */
 PG_FUNCTION_INFO_V1(metering_made_by_us);
 Datum
 metering_made_by_us(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_BOOL(TransactionIdIsCurrentTransactionId(DatumGetTransactionId(PG_GETARG_DATUM(0))));
+}
+
+/*
+ * The entitlements this transaction created, noted by their insert trigger
+ * (metering._note_created) for the grants' rule that only an entitlement
+ * made in the same transaction takes grants before its current period.  A
+ * row's xmin would say so on one node, but Citus reads no system column of
+ * a distributed table; the shard's backend that inserts an entitlement is
+ * the one its later rows in the transaction go through (Citus keeps a
+ * modified placement's connection), so a note in backend memory reaches
+ * them.  Kept in the transaction's memory, and forgotten with it.
+ */
+static HTAB *created = NULL;
+static LocalTransactionId created_lxid = InvalidLocalTransactionId;
+
+PG_FUNCTION_INFO_V1(metering_note_created);
+Datum
+metering_note_created(PG_FUNCTION_ARGS)
+{
+	bool		found;
+
+	if (created == NULL || created_lxid != MyProc->lxid)
+	{
+		HASHCTL		ctl = {0};
+
+		ctl.keysize = sizeof(pg_uuid_t);
+		ctl.entrysize = sizeof(pg_uuid_t);
+		ctl.hcxt = TopTransactionContext;
+		created = hash_create("metering created entitlements", 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		created_lxid = MyProc->lxid;
+	}
+	hash_search(created, PG_GETARG_UUID_P(0), HASH_ENTER, &found);
+	PG_RETURN_VOID();
+}
+
+/* metering._created_here(entitlement): whether this transaction created it */
+PG_FUNCTION_INFO_V1(metering_created_here);
+Datum
+metering_created_here(PG_FUNCTION_ARGS)
+{
+	bool		found = false;
+
+	if (created != NULL && created_lxid == MyProc->lxid)
+		hash_search(created, PG_GETARG_UUID_P(0), HASH_FIND, &found);
+	PG_RETURN_BOOL(found);
 }
 
 /*

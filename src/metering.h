@@ -37,6 +37,7 @@ extern Oid	MeteringExtensionOwner(void);
 /* 0A000 on a Citus worker of a distributed install (inside SPI; see 80_distribute.sql) */
 extern void MeteringRequireCoordinator(const char *what);
 extern bool MeteringOnWorker(void);
+extern bool MeteringDistributedTable(const char *relname);
 extern bool MeteringSqlCurrent(void);
 extern Oid	MeteringRelid(const char *relname);
 extern void MeteringRequireSqlCurrent(const char *what);

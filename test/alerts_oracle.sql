@@ -128,11 +128,11 @@ BEGIN
                                        AND t.armed_from <= now AND now < t.armed_until
                                        AND greatest(t.usage_until, excluded.usage_until) < t.armed_until
                                   THEN t.headroom - excluded.headroom END
-    RETURNING t.entitlement_id, t.usage_until, t.headroom
+    RETURNING t.entitlement_id, t.subject, t.usage_until, t.headroom
   LOOP
     IF x.headroom IS NULL THEN
       -- usage only grows: events cross thresholds, they never take one back
-      PERFORM metering._evaluate_alerts(x.entitlement_id, x.usage_until, false);
+      PERFORM metering._evaluate_alerts(x.entitlement_id, x.subject, x.usage_until, false);
     END IF;
   END LOOP;
 END $$;

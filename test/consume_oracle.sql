@@ -51,7 +51,7 @@ BEGIN
   SELECT * INTO e FROM metering.entitlements WHERE id = entitlement FOR NO KEY UPDATE;
   -- once the lock is ours: whoever held it before us has committed
   IF FOUND THEN
-    PERFORM metering._unchanged_since_snapshot(entitlement);
+    PERFORM metering._unchanged_since_snapshot(entitlement, e.subject);
   END IF;
   RETURN e;
 END $$;
@@ -96,7 +96,7 @@ BEGIN
                    AND date_trunc('minute', usage_until + interval '1 microsecond', 'UTC') = date_trunc('minute', now, 'UTC')
                 THEN usage_until + interval '1 microsecond'
               ELSE least(usage_until + interval '1 microsecond',
-                         metering._period_bound(e.id, now, true) - interval '1 microsecond') END;
+                         metering._period_bound(e.id, e.subject, now, true) - interval '1 microsecond') END;
 END $$;
 
 CREATE FUNCTION oracle._event_usage(e metering.entitlements, subject text, type text, data jsonb, what text)

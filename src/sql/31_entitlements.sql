@@ -133,11 +133,13 @@ COMMENT ON FUNCTION metering._entitlements_before_insert() IS 'internal: validat
 CREATE FUNCTION metering._entitlements_after_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  -- (the grants made with it may start before its current period)
+  PERFORM metering._note_created(NEW.id);
   -- only for a new entitlement: a restored one comes with its grant
   IF NEW.issue_after_reset IS NOT NULL AND NEW.deleted_at IS NULL AND NEW.created_at = metering.now() THEN
-    INSERT INTO metering.grants (entitlement_id, amount, priority, effective_at,
+    INSERT INTO metering.grants (entitlement_id, subject, amount, priority, effective_at,
                                  min_rollover_amount, max_rollover_amount, metadata, created_at)
-    VALUES (NEW.id, NEW.issue_after_reset, NEW.issue_after_reset_priority, NEW.measure_usage_from,
+    VALUES (NEW.id, NEW.subject, NEW.issue_after_reset, NEW.issue_after_reset_priority, NEW.measure_usage_from,
             NEW.issue_after_reset, NEW.issue_after_reset, '{"issue_after_reset": true}', NEW.created_at);
   END IF;
   RETURN NULL;
@@ -164,7 +166,7 @@ BEGIN
   END IF;
   IF OLD.deleted_at IS NULL AND NEW.deleted_at IS NOT NULL THEN
     NEW.deleted_at := metering.now();
-    PERFORM metering._forget_snapshots(NEW.id, NEW.deleted_at);
+    PERFORM metering._forget_snapshots(NEW.id, NEW.subject, NEW.deleted_at);
   END IF;
   RETURN NEW;
 END $$;
@@ -174,7 +176,8 @@ COMMENT ON FUNCTION metering._entitlements_before_update() IS
 CREATE FUNCTION metering._soft_delete_entitlement() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-  UPDATE metering.entitlements SET deleted_at = metering.now() WHERE id = OLD.id AND deleted_at IS NULL;
+  UPDATE metering.entitlements SET deleted_at = metering.now()
+   WHERE id = OLD.id AND subject = OLD.subject AND deleted_at IS NULL;
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._soft_delete_entitlement() IS 'internal: DELETE on metering.entitlements marks deleted_at';
@@ -236,7 +239,7 @@ BEGIN
     RAISE EXCEPTION 'the entitlement is already deleted' USING ERRCODE = 'object_not_in_prerequisite_state',
       DETAIL = format('Entitlement %s was deleted at %s.', e.id, e.deleted_at);
   END IF;
-  UPDATE metering.entitlements SET deleted_at = metering.now() WHERE id = entitlement;
+  UPDATE metering.entitlements SET deleted_at = metering.now() WHERE id = entitlement AND subject = e.subject;
 END $$;
 COMMENT ON FUNCTION metering.delete_entitlement(uuid) IS
   'deletes an entitlement: from metering.now() on it gives no access; earlier instants still see it';

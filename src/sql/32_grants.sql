@@ -1,10 +1,20 @@
 -- Grants (OpenMeter): amounts of usage a metered entitlement may burn.
 
-CREATE FUNCTION metering._made_by_us(row_xmin xid) RETURNS boolean
-  AS 'MODULE_PATHNAME', 'metering_made_by_us'
-  LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
-COMMENT ON FUNCTION metering._made_by_us(xid) IS
-  'internal: whether a row with this xmin was written by the current transaction (subtransactions included)';
+-- the entitlements this transaction created (src/metering.c): their insert
+-- trigger notes them, the grants' rules ask
+CREATE FUNCTION metering._note_created(entitlement uuid) RETURNS void
+  AS 'MODULE_PATHNAME', 'metering_note_created'
+  LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
+COMMENT ON FUNCTION metering._note_created(uuid) IS
+  'internal: notes that the current transaction created the entitlement';
+-- (whoever inserts an entitlement runs its trigger; a note lets the noting
+-- transaction's own grants of it start in the past, which whoever may write
+-- grants may do by creating the entitlement anew)
+CREATE FUNCTION metering._created_here(entitlement uuid) RETURNS boolean
+  AS 'MODULE_PATHNAME', 'metering_created_here'
+  LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
+COMMENT ON FUNCTION metering._created_here(uuid) IS
+  'internal: whether the current transaction created the entitlement (metering._note_created)';
 
 CREATE TABLE metering.grants (
   id                  uuid PRIMARY KEY DEFAULT metering.uuid_v7(),
@@ -102,46 +112,50 @@ COMMENT ON TABLE metering.entitlement_snapshot_queue IS
 COMMENT ON COLUMN metering.entitlement_snapshot_queue.entitlement_id IS 'the entitlement';
 COMMENT ON COLUMN metering.entitlement_snapshot_queue.subject IS 'the entitlement''s subject';
 
-CREATE FUNCTION metering._forget_snapshots(entitlement uuid, since timestamptz) RETURNS void
-LANGUAGE sql
-BEGIN ATOMIC
-  WITH gone AS (
-    DELETE FROM metering.entitlement_snapshots WHERE entitlement_id = entitlement AND at >= since RETURNING 1)
-  INSERT INTO metering.entitlement_snapshot_queue (entitlement_id, subject)
-  SELECT e.id, e.subject FROM metering.entitlements e WHERE e.id = entitlement AND EXISTS (SELECT 1 FROM gone)
-  ON CONFLICT DO NOTHING;
-END;
-COMMENT ON FUNCTION metering._forget_snapshots(uuid, timestamptz) IS
+CREATE FUNCTION metering._forget_snapshots(entitlement uuid, subject text, since timestamptz) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  -- (two statements: Citus sends neither a modifying CTE nor an INSERT ... SELECT to one shard)
+  DELETE FROM metering.entitlement_snapshots s
+   WHERE s.entitlement_id = entitlement AND s.subject = _forget_snapshots.subject AND s.at >= since;
+  IF FOUND THEN
+    INSERT INTO metering.entitlement_snapshot_queue (entitlement_id, subject)
+    VALUES (entitlement, _forget_snapshots.subject) ON CONFLICT DO NOTHING;
+  END IF;
+END $$;
+COMMENT ON FUNCTION metering._forget_snapshots(uuid, text, timestamptz) IS
   'internal: drops the snapshots a change at `since` reaches, and queues the entitlement for new ones';
 
-CREATE FUNCTION metering._period_bound(entitlement uuid, at timestamptz, upper boolean) RETURNS timestamptz
+CREATE FUNCTION metering._period_bound(entitlement uuid, subject text, at timestamptz, upper boolean) RETURNS timestamptz
   AS 'MODULE_PATHNAME', 'metering_period_start'
   LANGUAGE C STABLE STRICT;
-COMMENT ON FUNCTION metering._period_bound(uuid, timestamptz, boolean) IS
+COMMENT ON FUNCTION metering._period_bound(uuid, text, timestamptz, boolean) IS
   'internal: the start (or with upper, the exclusive end) of the usage period containing `at` (resets included)';
-CREATE FUNCTION metering._period_start(entitlement uuid, at timestamptz) RETURNS timestamptz
+CREATE FUNCTION metering._period_start(entitlement uuid, subject text, at timestamptz) RETURNS timestamptz
 LANGUAGE sql STABLE STRICT
 BEGIN ATOMIC
- SELECT metering._period_bound(entitlement, at, false);
+ SELECT metering._period_bound(entitlement, subject, at, false);
 END;
-COMMENT ON FUNCTION metering._period_start(uuid, timestamptz) IS
+COMMENT ON FUNCTION metering._period_start(uuid, text, timestamptz) IS
   'internal: the start of the usage period containing `at` (resets included)';
 
 -- A change to an entitlement's grants or resets waits for the snapshot
 -- writers of that entitlement (which hold FOR SHARE) and is then seen by
 -- them; the snapshots it reaches are dropped in the same transaction.
-CREATE FUNCTION metering._unchanged_since_snapshot(entitlement uuid) RETURNS boolean
+CREATE FUNCTION metering._unchanged_since_snapshot(entitlement uuid, subject text) RETURNS boolean
   AS 'MODULE_PATHNAME', 'metering_unchanged_since_snapshot'
   LANGUAGE C VOLATILE STRICT;
-COMMENT ON FUNCTION metering._unchanged_since_snapshot(uuid) IS
+COMMENT ON FUNCTION metering._unchanged_since_snapshot(uuid, text) IS
   'internal: at REPEATABLE READ or SERIALIZABLE, raises 40001 when another transaction changed the entitlement''s grants or resets after this one''s snapshot';
 
--- (src/gate.c: FOR NO KEY UPDATE, then _unchanged_since_snapshot once the lock is ours)
-CREATE FUNCTION metering._lock_entitlement(entitlement uuid) RETURNS metering.entitlements
+-- (src/gate.c: FOR NO KEY UPDATE, then _unchanged_since_snapshot once the
+-- lock is ours; by the subject too when it is given, which a distributed
+-- install needs to find the row's shard)
+CREATE FUNCTION metering._lock_entitlement(entitlement uuid, subject text) RETURNS metering.entitlements
   AS 'MODULE_PATHNAME', 'metering_lock_entitlement'
-  LANGUAGE C STRICT;
-COMMENT ON FUNCTION metering._lock_entitlement(uuid) IS
-  'internal: locks an entitlement against concurrent grant, void, reset and snapshot writers';
+  LANGUAGE C;
+COMMENT ON FUNCTION metering._lock_entitlement(uuid, text) IS
+  'internal: locks an entitlement (of the subject, unless NULL) against concurrent grant, void, reset and snapshot writers';
 
 -- A row of an entitlement names the entitlement's subject, so that it can
 -- live beside the subject's events (a distributed install keys them by it):
@@ -159,12 +173,28 @@ COMMENT ON FUNCTION metering._entitlement_subject(text, metering.entitlements, t
   'internal: the subject a row of an entitlement carries: the entitlement''s; 22023 when another is given';
 REVOKE EXECUTE ON FUNCTION metering._entitlement_subject(text, metering.entitlements, text) FROM PUBLIC;
 
+-- The entitlement a new row of it names, locked (_lock_entitlement): by the
+-- row's subject, as a distributed install's shard must find it; on one node
+-- also when that subject is another's, which _entitlement_subject refuses.
+CREATE FUNCTION metering._entitlement_of(entitlement uuid, subject text) RETURNS metering.entitlements
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  e metering.entitlements := metering._lock_entitlement(entitlement, subject);
+BEGIN
+  IF e.id IS NULL AND subject IS NOT NULL AND NOT metering._distributed() THEN
+    e := metering._lock_entitlement(entitlement, NULL);
+  END IF;
+  RETURN e;
+END $$;
+COMMENT ON FUNCTION metering._entitlement_of(uuid, text) IS
+  'internal: the entitlement a new grant or reset names, locked, found by its subject (on one node by its id alone when the subject is another)';
+
 -- Rows that carry their own created_at (a restore, a migration) are checked
 -- for shape only; rows made now are also checked against now.
 CREATE FUNCTION metering._grants_before_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  e metering.entitlements := metering._lock_entitlement(NEW.entitlement_id);
+  e metering.entitlements := metering._entitlement_of(NEW.entitlement_id, NEW.subject);
   fresh boolean := NOT metering._restored('grant', NEW.created_at);
   period_start timestamptz;
 BEGIN
@@ -236,16 +266,15 @@ BEGIN
     END IF;
     -- no retroactive grants, but for the first grants of an entitlement made
     -- in the same transaction (issue_after_reset, a migration)
-    period_start := metering._period_start(e.id, metering.now());
+    period_start := metering._period_start(e.id, e.subject, metering.now());
     IF NEW.effective_at < period_start
-       AND NOT (e.created_at = metering.now()
-                AND metering._made_by_us((SELECT x.xmin FROM metering.entitlements x WHERE x.id = e.id))) THEN
+       AND NOT (e.created_at = metering.now() AND metering._created_here(e.id)) THEN
       RAISE EXCEPTION 'grant effective_at % is before the start of the current usage period (%)',
         NEW.effective_at, period_start
         USING ERRCODE = 'invalid_parameter_value', HINT = 'Grants are not retroactive.';
     END IF;
   END IF;
-  PERFORM metering._forget_snapshots(e.id, NEW.effective_at);
+  PERFORM metering._forget_snapshots(e.id, e.subject, NEW.effective_at);
   RETURN NEW;
 END $$;
 COMMENT ON FUNCTION metering._grants_before_insert() IS 'internal: validates a grant and fills expires_at';
@@ -280,8 +309,8 @@ BEGIN
     NEW.deleted_at := now;
   END IF;
   IF (NEW.voided_at, NEW.deleted_at) IS DISTINCT FROM (OLD.voided_at, OLD.deleted_at) THEN
-    PERFORM metering._lock_entitlement(OLD.entitlement_id);
-    PERFORM metering._forget_snapshots(OLD.entitlement_id, now);
+    PERFORM metering._lock_entitlement(OLD.entitlement_id, OLD.subject);
+    PERFORM metering._forget_snapshots(OLD.entitlement_id, OLD.subject, now);
   END IF;
   RETURN NEW;
 END $$;
@@ -291,7 +320,8 @@ COMMENT ON FUNCTION metering._grants_before_update() IS
 CREATE FUNCTION metering._soft_delete_grant() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-  UPDATE metering.grants SET deleted_at = metering.now() WHERE id = OLD.id AND deleted_at IS NULL;
+  UPDATE metering.grants SET deleted_at = metering.now()
+   WHERE id = OLD.id AND subject = OLD.subject AND deleted_at IS NULL;
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._soft_delete_grant() IS 'internal: DELETE on metering.grants marks deleted_at';
@@ -306,7 +336,7 @@ CREATE TRIGGER grants_soft_delete BEFORE DELETE ON metering.grants
 CREATE FUNCTION metering._resets_before_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  e metering.entitlements := metering._lock_entitlement(NEW.entitlement_id);
+  e metering.entitlements := metering._entitlement_of(NEW.entitlement_id, NEW.subject);
   fresh boolean := NOT metering._restored('reset', NEW.created_at);
   period_start timestamptz;
   last_reset timestamptz;
@@ -334,18 +364,18 @@ BEGIN
       RAISE EXCEPTION 'a reset cannot be before measure_usage_from (%)', e.measure_usage_from
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    period_start := metering._period_start(e.id, metering.now());
+    period_start := metering._period_start(e.id, e.subject, metering.now());
     IF NEW.effective_at < period_start THEN
       RAISE EXCEPTION 'a reset cannot be before the start of the current usage period (%)', period_start
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT max(r.effective_at) INTO last_reset FROM metering.resets r WHERE r.entitlement_id = e.id;
+    SELECT max(r.effective_at) INTO last_reset FROM metering.resets r WHERE r.entitlement_id = e.id AND r.subject = e.subject;
     IF NEW.effective_at <= last_reset THEN
       RAISE EXCEPTION 'a reset must come after the last one (%)', last_reset
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
   END IF;
-  PERFORM metering._forget_snapshots(e.id, NEW.effective_at);
+  PERFORM metering._forget_snapshots(e.id, e.subject, NEW.effective_at);
   RETURN NEW;
 END $$;
 COMMENT ON FUNCTION metering._resets_before_insert() IS 'internal: validates a manual reset';
@@ -369,13 +399,16 @@ CREATE FUNCTION metering.create_grant(entitlement uuid, amount numeric, effectiv
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   id uuid;
+  subject text;
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM metering.entitlements e WHERE e.id = entitlement) THEN
+  -- (the subject routes the row to its shard in a distributed install)
+  SELECT e.subject INTO subject FROM metering.entitlements e WHERE e.id = entitlement;
+  IF NOT FOUND THEN
     RAISE EXCEPTION 'entitlement % does not exist', entitlement USING ERRCODE = 'no_data_found';
   END IF;
-  INSERT INTO metering.grants AS g (entitlement_id, amount, priority, effective_at, expiration, recurrence,
+  INSERT INTO metering.grants AS g (entitlement_id, subject, amount, priority, effective_at, expiration, recurrence,
     recurrence_anchor, min_rollover_amount, max_rollover_amount, metadata)
-  VALUES (create_grant.entitlement, create_grant.amount, coalesce(create_grant.priority, 0),
+  VALUES (create_grant.entitlement, subject, create_grant.amount, coalesce(create_grant.priority, 0),
     create_grant.effective_at, create_grant.expiration, create_grant.recurrence,
     create_grant.recurrence_anchor, coalesce(create_grant.min_rollover_amount, 0),
     coalesce(create_grant.max_rollover_amount, 0), create_grant.metadata)
@@ -389,9 +422,12 @@ CREATE FUNCTION metering.void_grant(grant_id uuid) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   g metering.grants;
+  who text;
 BEGIN
-  -- locked, so that of two concurrent voids the second sees the first
-  SELECT * INTO g FROM metering.grants WHERE id = grant_id FOR UPDATE;
+  -- locked, so that of two concurrent voids the second sees the first (by
+  -- its subject too: Citus locks the rows of one shard only)
+  SELECT x.subject INTO who FROM metering.grants x WHERE x.id = grant_id;
+  SELECT * INTO g FROM metering.grants WHERE id = grant_id AND subject = who FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'grant % does not exist', grant_id USING ERRCODE = 'no_data_found';
   END IF;
@@ -399,7 +435,7 @@ BEGIN
     RAISE EXCEPTION 'the grant is already voided' USING ERRCODE = 'object_not_in_prerequisite_state',
       DETAIL = format('Grant %s was voided at %s.', g.id, g.voided_at);
   END IF;
-  UPDATE metering.grants SET voided_at = metering.now() WHERE id = grant_id;
+  UPDATE metering.grants SET voided_at = metering.now() WHERE id = grant_id AND subject = g.subject;
 END $$;
 COMMENT ON FUNCTION metering.void_grant(uuid) IS
   'voids a grant from metering.now() (to the minute) on; usage it already paid stays paid';
@@ -407,12 +443,15 @@ COMMENT ON FUNCTION metering.void_grant(uuid) IS
 CREATE FUNCTION metering.reset_entitlement(entitlement uuid, effective_at timestamptz DEFAULT NULL,
   retain_anchor boolean DEFAULT false, preserve_overage boolean DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  subject text;
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM metering.entitlements e WHERE e.id = entitlement) THEN
+  SELECT e.subject INTO subject FROM metering.entitlements e WHERE e.id = entitlement;
+  IF NOT FOUND THEN
     RAISE EXCEPTION 'entitlement % does not exist', entitlement USING ERRCODE = 'no_data_found';
   END IF;
-  INSERT INTO metering.resets (entitlement_id, effective_at, retain_anchor, preserve_overage)
-  VALUES (reset_entitlement.entitlement, reset_entitlement.effective_at,
+  INSERT INTO metering.resets (entitlement_id, subject, effective_at, retain_anchor, preserve_overage)
+  VALUES (reset_entitlement.entitlement, subject, reset_entitlement.effective_at,
           coalesce(reset_entitlement.retain_anchor, false), reset_entitlement.preserve_overage);
 END $$;
 COMMENT ON FUNCTION metering.reset_entitlement(uuid, timestamptz, boolean, boolean) IS
@@ -483,15 +522,22 @@ COMMENT ON FUNCTION metering.balance_history(uuid, timestamptz, timestamptz, tex
 -- Hooks of the rollups: events that arrive late, or are deleted, reach the
 -- snapshots after them; a refresh also writes new snapshots.
 CREATE FUNCTION metering._events_changed(meter text, subjects text[], since timestamptz[]) RETURNS void
-LANGUAGE sql
-BEGIN ATOMIC
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  -- (the features first: a distributed install's shards hold no join with the coordinator's tables)
+  features uuid[] := ARRAY(SELECT f.id FROM metering.features f WHERE f.meter_slug = meter);
+  who text[];
+  earliest timestamptz[];
+BEGIN
+  SELECT array_agg(k.subject), array_agg(k.since) INTO who, earliest
+    FROM (SELECT k.subject, min(k.since) AS since FROM unnest(subjects, since) AS k(subject, since)
+           GROUP BY k.subject) k;
   DELETE FROM metering.entitlement_snapshots s
-   USING metering.entitlements e, metering.features f,
-         (SELECT k.subject, min(k.since) AS since FROM unnest(subjects, since) AS k(subject, since)
-           GROUP BY k.subject) k
-   WHERE f.meter_slug = meter AND e.feature_id = f.id AND e.subject = k.subject
-     AND s.entitlement_id = e.id AND s.at > k.since;
-END;
+   WHERE s.subject = ANY (who)
+     AND s.at > (SELECT k.since FROM unnest(who, earliest) AS k(subject, since) WHERE k.subject = s.subject)
+     AND EXISTS (SELECT 1 FROM metering.entitlements e
+                  WHERE e.id = s.entitlement_id AND e.subject = s.subject AND e.feature_id = ANY (features));
+END $$;
 COMMENT ON FUNCTION metering._events_changed(text, text[], timestamptz[]) IS
   'internal: drops the snapshots that events of these subjects, at these times, reach';
 
@@ -559,11 +605,14 @@ CREATE TRIGGER resets_truncated AFTER TRUNCATE ON metering.resets
 -- snapshots go (their answers come from the events from then on)
 CREATE FUNCTION metering._meter_deleted() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  -- (the features first: a distributed install's shards hold no join with the coordinator's tables)
+  features uuid[] := ARRAY(SELECT f.id FROM metering.features f WHERE f.meter_slug = NEW.slug);
 BEGIN
   PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
   DELETE FROM metering.entitlement_snapshots s
-   USING metering.entitlements e, metering.features f
-   WHERE s.entitlement_id = e.id AND e.feature_id = f.id AND f.meter_slug = NEW.slug;
+   WHERE EXISTS (SELECT 1 FROM metering.entitlements e
+                  WHERE e.id = s.entitlement_id AND e.subject = s.subject AND e.feature_id = ANY (features));
   RETURN NULL;
 END $$;
 COMMENT ON FUNCTION metering._meter_deleted() IS

@@ -78,11 +78,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e metering.entitlements;
 BEGIN
-  SELECT * INTO e FROM metering.entitlements WHERE id = NEW.entitlement_id;
+  -- (by the subject too: the shard of a distributed install holds that one only)
+  SELECT * INTO e FROM metering.entitlements WHERE id = NEW.entitlement_id AND subject = NEW.subject;
   IF NOT FOUND THEN
-    RAISE EXCEPTION 'entitlement % does not exist', NEW.entitlement_id USING ERRCODE = 'foreign_key_violation';
+    RAISE EXCEPTION 'entitlement % of subject "%" does not exist', NEW.entitlement_id, NEW.subject
+      USING ERRCODE = 'foreign_key_violation';
   END IF;
-  IF NEW.subject IS DISTINCT FROM e.subject OR NEW.feature_key IS DISTINCT FROM e.feature_key THEN
+  IF NEW.feature_key IS DISTINCT FROM e.feature_key THEN
     RAISE EXCEPTION 'reservation: subject and feature_key must be those of entitlement % ("%", "%")',
       e.id, e.subject, e.feature_key USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -142,11 +144,15 @@ COMMENT ON FUNCTION metering._find_entitlement(text, text, timestamptz) IS
   'internal: the id of the entitlement of a subject to a feature (key or entitlement id) active at an instant, as entitlement_value finds it';
 CREATE FUNCTION metering._active_entitlement(subject text, feature text, at timestamptz)
   RETURNS metering.entitlements
-LANGUAGE sql STABLE
-BEGIN ATOMIC
-  SELECT e.* FROM metering.entitlements e
-   WHERE e.id = metering._find_entitlement(_active_entitlement.subject, _active_entitlement.feature, _active_entitlement.at);
-END;
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  -- (found first: a distributed install sends the read of the row to the subject's shard alone)
+  found_id uuid := metering._find_entitlement(subject, feature, at);
+  e metering.entitlements;
+BEGIN
+  SELECT * INTO e FROM metering.entitlements x WHERE x.id = found_id AND x.subject = _active_entitlement.subject;
+  RETURN e;
+END $$;
 COMMENT ON FUNCTION metering._active_entitlement(text, text, timestamptz) IS
   'internal: the entitlement of a subject to a feature (key or entitlement id) active at an instant';
 
@@ -177,13 +183,13 @@ COMMENT ON FUNCTION metering._check_instant(metering.entitlements, timestamptz, 
 -- with every hold made by then that is still open after `since` (its now):
 -- a hold made now counts even when the check reads past its expiry, as it
 -- does when the usage it stores is dated ahead of now.
-CREATE FUNCTION metering._gate_value(entitlement uuid, at timestamptz, since timestamptz,
+CREATE FUNCTION metering._gate_value(entitlement uuid, subject text, at timestamptz, since timestamptz,
   OUT has_access boolean, OUT balance numeric, OUT usage numeric, OUT overage numeric,
   OUT total_available_grant_amount numeric, OUT start_of_period timestamptz, OUT config jsonb,
   OUT reserved numeric, OUT available numeric)
   AS 'MODULE_PATHNAME', 'metering_gate_value'
   LANGUAGE C STABLE;
-COMMENT ON FUNCTION metering._gate_value(uuid, timestamptz, timestamptz) IS
+COMMENT ON FUNCTION metering._gate_value(uuid, text, timestamptz, timestamptz) IS
   'internal: entitlement_value''s row for the entitlement at `at`, reserved counting the holds made by `at` and still open after `since`';
 
 -- The usage an event records for an entitlement: checks that the event is
@@ -225,13 +231,13 @@ BEGIN
     RETURN QUERY SELECT false, NULL::uuid, NULL::numeric, NULL::timestamptz;
     RETURN;
   END IF;
-  e := metering._lock_entitlement(e.id);
+  e := metering._lock_entitlement(e.id, e.subject);
   -- (the instant of the hold it may write: a session whose transaction began
   -- earlier must count it, as it counts the usage of a later one)
   at := metering._check_instant(e, now, metering._take_turn(e.id, e.subject, 'u', now));
   IF idempotency_key IS NOT NULL THEN
     SELECT * INTO r FROM metering.reservations x
-     WHERE x.entitlement_id = e.id AND x.idempotency_key = reserve.idempotency_key;
+     WHERE x.entitlement_id = e.id AND x.subject = e.subject AND x.idempotency_key = reserve.idempotency_key;
     IF FOUND THEN
       IF r.amount <> amount THEN
         RAISE EXCEPTION 'reserve: idempotency_key "%" was used for a reservation of %, not %',
@@ -244,7 +250,7 @@ BEGIN
     END IF;
   END IF;
   -- a statement that starts after the turn is ours: it sees the previous holder's commit
-  SELECT * INTO v FROM metering._gate_value(e.id, at, now);
+  SELECT * INTO v FROM metering._gate_value(e.id, e.subject, at, now);
   IF e.deleted_at IS NOT NULL AND e.deleted_at <= now THEN
     ok := false;
   ELSIF e.type = 'metered' THEN
@@ -285,23 +291,23 @@ BEGIN
   IF NOT FOUND THEN
     RAISE EXCEPTION 'reservation % does not exist', coalesce(reservation_id::text, 'NULL') USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT * INTO e FROM metering.entitlements x WHERE x.id = r.entitlement_id;
+  SELECT * INTO e FROM metering.entitlements x WHERE x.id = r.entitlement_id AND x.subject = r.subject;
   SELECT * INTO p FROM metering._parse_events(event, false);
   usage := metering._event_usage(e, p.subject, p.type, p.data, 'reservation');
-  e := metering._lock_entitlement(e.id);
+  e := metering._lock_entitlement(e.id, e.subject);
   at := metering._check_instant(e, now, metering._take_turn(e.id, e.subject, 'u', greatest(p.time, now)));
   -- a concurrent commit or release of the hold ends first, or waits for us
   UPDATE metering.reservations x SET committed_at = now, committed_amount = usage
-   WHERE x.id = r.id AND x.committed_at IS NULL AND x.released_at IS NULL
+   WHERE x.id = r.id AND x.subject = r.subject AND x.committed_at IS NULL AND x.released_at IS NULL
   RETURNING * INTO r;
   IF NOT FOUND THEN
-    SELECT * INTO r FROM metering.reservations x WHERE x.id = reservation_id;
+    SELECT * INTO r FROM metering.reservations x WHERE x.id = reservation_id AND x.subject = e.subject;
     RAISE EXCEPTION 'reservation % is already %', r.id,
       CASE WHEN r.committed_at IS NOT NULL THEN 'committed' ELSE 'released' END
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
   n := metering._store_events(event, false);
-  SELECT * INTO v FROM metering._gate_value(e.id, at, now);
+  SELECT * INTO v FROM metering._gate_value(e.id, e.subject, at, now);
   RETURN QUERY SELECT n = 1, usage, v.balance, v.available;
 END $$;
 COMMENT ON FUNCTION metering.commit_reservation(uuid, jsonb) IS
@@ -312,14 +318,17 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   now timestamptz := metering.now();
   r metering.reservations;
+  who text;
 BEGIN
+  -- (by its subject too: the shard of a distributed install)
+  SELECT x.subject INTO who FROM metering.reservations x WHERE x.id = reservation_id;
   UPDATE metering.reservations x SET released_at = now
-   WHERE x.id = reservation_id AND x.committed_at IS NULL AND x.released_at IS NULL
+   WHERE x.id = reservation_id AND x.subject = who AND x.committed_at IS NULL AND x.released_at IS NULL
   RETURNING * INTO r;
   IF FOUND THEN
     RETURN r.expires_at > now AND r.created_at <= now;
   END IF;
-  SELECT * INTO r FROM metering.reservations x WHERE x.id = reservation_id;
+  SELECT * INTO r FROM metering.reservations x WHERE x.id = reservation_id AND x.subject = who;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'reservation % does not exist', coalesce(reservation_id::text, 'NULL') USING ERRCODE = 'no_data_found';
   END IF;

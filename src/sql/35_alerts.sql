@@ -168,7 +168,7 @@ COMMENT ON FUNCTION metering._alerts_live() IS 'internal: whether any notificati
 -- how much usage may still come in the period before a threshold that is
 -- not crossed can be, valid until the period ends or a grant activates or
 -- expires (the trigger of events uses it).
-CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, usage_until timestamptz, may_resolve boolean)
+CREATE FUNCTION metering._evaluate_alerts(entitlement uuid, subject text, usage_until timestamptz, may_resolve boolean)
   RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -185,7 +185,7 @@ DECLARE
   room numeric := 'Infinity';
   written integer := 0;
 BEGIN
-  SELECT * INTO e FROM metering.entitlements x WHERE x.id = entitlement;
+  SELECT * INTO e FROM metering.entitlements x WHERE x.id = entitlement AND x.subject = _evaluate_alerts.subject;
   IF NOT FOUND OR e.type <> 'metered' THEN
     RETURN 0;
   END IF;
@@ -224,7 +224,7 @@ BEGIN
         END);
       END IF;
       SELECT * INTO last FROM metering.notification_events x
-       WHERE x.entitlement_id = e.id AND x.rule_id = rule.id AND x.threshold = th
+       WHERE x.entitlement_id = e.id AND x.subject = e.subject AND x.rule_id = rule.id AND x.threshold = th
        ORDER BY x.seq DESC LIMIT 1;
       IF crossed AND (last.id IS NULL OR last.kind = 'resolved' OR last.period_start <> v.start_of_period) THEN
         INSERT INTO metering.notification_events AS x (rule_id, entitlement_id, subject, feature_key, kind, threshold,
@@ -235,7 +235,7 @@ BEGIN
       ELSIF may_resolve AND NOT crossed AND last.kind = 'crossed'
             AND (last.period_start = v.start_of_period
                  OR EXISTS (SELECT 1 FROM metering.resets s
-                             WHERE s.entitlement_id = e.id AND s.effective_at = v.start_of_period
+                             WHERE s.entitlement_id = e.id AND s.subject = e.subject AND s.effective_at = v.start_of_period
                                AND s.effective_at > last.period_start)) THEN
         INSERT INTO metering.notification_events AS x (rule_id, entitlement_id, subject, feature_key, kind, threshold,
           period_start, usage, balance, total_available_grant_amount, created_at)
@@ -252,15 +252,15 @@ BEGIN
   -- the headroom holds while the period and the grants stay as they are
   UPDATE metering.entitlement_turns x
      SET armed_from = v.start_of_period,
-         armed_until = least(metering._period_bound(e.id, at, true),
+         armed_until = least(metering._period_bound(e.id, e.subject, at, true),
                              (SELECT min(b.t) FROM metering.grants g,
                                      LATERAL (VALUES (g.effective_at), (g.expires_at)) b(t)
-                               WHERE g.entitlement_id = e.id AND b.t > at)),
+                               WHERE g.entitlement_id = e.id AND g.subject = e.subject AND b.t > at)),
          headroom = room
-   WHERE x.entitlement_id = e.id AND x.purpose = 'a';
+   WHERE x.entitlement_id = e.id AND x.subject = e.subject AND x.purpose = 'a';
   RETURN written;
 END $$;
-COMMENT ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) IS
+COMMENT ON FUNCTION metering._evaluate_alerts(uuid, text, timestamptz, boolean) IS
   'internal: writes (and notifies at commit) the crossings of the live rules'' thresholds by a metered entitlement, counting usage up to now and to usage_until (with may_resolve also the thresholds taken back across), and keeps its headroom; returns how many';
 
 -- a change of the rules re-arms every entitlement's headroom
@@ -319,8 +319,14 @@ CREATE FUNCTION metering._entitlement_changed_alerts() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   PERFORM metering._require_own_table(TG_TABLE_SCHEMA, TG_NAME);
+  -- a shard of a distributed install: its node does not send the
+  -- coordinator's notifications, whose writers evaluate instead
+  -- (metering._writer_alerts)
+  IF TG_RELID NOT IN ('metering.grants'::regclass, 'metering.resets'::regclass) THEN
+    RETURN NULL;
+  END IF;
   IF metering._alerts_live() THEN
-    PERFORM metering._evaluate_alerts(NEW.entitlement_id, NULL, true);
+    PERFORM metering._evaluate_alerts(NEW.entitlement_id, NEW.subject, NULL, true);
   END IF;
   RETURN NULL;
 END $$;
@@ -333,13 +339,13 @@ CREATE TRIGGER resets_alerts AFTER INSERT ON metering.resets
 
 -- the evaluation reads every entitlement and writes notifications, whoever
 -- stored the events
-ALTER FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) SECURITY DEFINER;
+ALTER FUNCTION metering._evaluate_alerts(uuid, text, timestamptz, boolean) SECURITY DEFINER;
 ALTER FUNCTION metering._notification_rules_changed() SECURITY DEFINER;
 ALTER FUNCTION metering._events_alerts() SECURITY DEFINER;
 ALTER FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) SECURITY DEFINER;
 REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]) FROM PUBLIC;
 ALTER FUNCTION metering._entitlement_changed_alerts() SECURITY DEFINER;
-REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, timestamptz, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION metering._evaluate_alerts(uuid, text, timestamptz, boolean) FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('metering.notification_events', '');

@@ -10,7 +10,7 @@ COMMENT ON FUNCTION metering._calendar_index(timestamptz, interval, timestamptz)
 CREATE VIEW metering.entitlement_status WITH (security_invoker = true) AS
 SELECT e.subject, e.feature_key AS feature, e.type, v.has_access AS access, v.balance, v.usage, v.overage,
        v.start_of_period AS period_start,
-       CASE WHEN e.type = 'metered' THEN metering._period_bound(e.id, metering.now(), true) END AS period_end,
+       CASE WHEN e.type = 'metered' THEN metering._period_bound(e.id, e.subject, metering.now(), true) END AS period_end,
        v.config, e.id AS entitlement_id, v.reserved, v.available
   FROM metering.entitlements e
  CROSS JOIN LATERAL metering.entitlement_value(e.subject, e.id::text, metering.now()) v
@@ -94,11 +94,11 @@ BEGIN
      AND n.measure_usage_from <= t AND (n.deleted_at IS NULL OR n.deleted_at > t)
    ORDER BY n.created_at DESC, n.id DESC LIMIT 1;
   IF FOUND THEN
-    period_start := metering._period_bound(ent, t, false);
-    period_end := metering._period_bound(ent, t, true);
+    period_start := metering._period_bound(ent, usage_overview.subject, t, false);
+    period_end := metering._period_bound(ent, usage_overview.subject, t, true);
     -- what the grants active in the cycle put in it: a recurring grant once per refill
     included := 0;
-    FOR g IN SELECT * FROM metering.grants x WHERE x.entitlement_id = ent LOOP
+    FOR g IN SELECT * FROM metering.grants x WHERE x.entitlement_id = ent AND x.subject = usage_overview.subject LOOP
       lower := greatest(period_start, g.effective_at);
       upper := least(period_end, g.expires_at, g.voided_at, g.deleted_at);
       CONTINUE WHEN upper IS NOT NULL AND upper <= lower;

@@ -135,7 +135,7 @@ ALTER FUNCTION metering._meters_after_insert() SECURITY DEFINER;
 ALTER FUNCTION metering._meters_after_delete_mark() SECURITY DEFINER;
 ALTER FUNCTION metering._meter_deleted() SECURITY DEFINER;
 ALTER FUNCTION metering._events_deleted() SECURITY DEFINER;
-ALTER FUNCTION metering._forget_snapshots(uuid, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION metering._forget_snapshots(uuid, text, timestamptz) SECURITY DEFINER;
 ALTER FUNCTION metering._events_changed(text, text[], timestamptz[]) SECURITY DEFINER;
 -- and the signing secret is read and written only by owner-run code
 ALTER FUNCTION metering.rotate_signing_key() SECURITY DEFINER;
@@ -147,7 +147,7 @@ REVOKE EXECUTE ON FUNCTION
   metering.register_usage(text, text, integer, text), metering.resolve_customer(text), metering.rotate_signing_key(),
   metering._current_signing_key(), metering.refresh_rollups(text), metering.refresh_snapshots(uuid),
   metering._snapshot_meter(text, bigint, bigint), metering._snapshot_queue(),
-  metering._events_changed(text, text[], timestamptz[]), metering._forget_snapshots(uuid, timestamptz),
+  metering._events_changed(text, text[], timestamptz[]), metering._forget_snapshots(uuid, text, timestamptz),
   metering._usage_periods_rebuild(text, text[], timestamptz[]), metering._usage_periods_add(text, bigint, bigint),
   metering.create_feature(text, text, text, jsonb, jsonb), metering.archive_feature(text),
   metering.create_entitlement(text, text, metering.entitlement_type, interval, timestamptz, timestamptz, boolean, numeric, integer, boolean, jsonb, jsonb),
@@ -224,7 +224,7 @@ BEGIN
   -- (the alert evaluators trust what they are handed, and the turns are the
   -- enforcing functions' own)
   REVOKE EXECUTE ON FUNCTION metering._alerts_for_events(text[], text[], timestamptz[], jsonb[]),
-    metering._evaluate_alerts(uuid, timestamptz, boolean), metering._take_turn(uuid, text, "char", timestamptz)
+    metering._evaluate_alerts(uuid, text, timestamptz, boolean), metering._take_turn(uuid, text, "char", timestamptz)
     FROM metering_admin;
   -- (the copies of the configuration are the coordinator's triggers' alone)
   REVOKE EXECUTE ON FUNCTION metering._config_copy(), metering._config_apply(), metering._config_write(text, jsonb, jsonb),

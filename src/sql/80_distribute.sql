@@ -143,6 +143,69 @@ COMMENT ON FUNCTION metering._distribute_reference(text, text[]) IS
   'internal (distributed mode): makes tables reference tables, with the foreign keys to one of them taken off and put back around it';
 REVOKE ALL ON FUNCTION metering._distribute_reference(text, text[]) FROM PUBLIC;
 
+-- The entitlements and what is theirs (grants, resets, snapshots, holds,
+-- turns, notifications), distributed by subject beside the subject's events.
+-- Their keys get the subject (Citus wants it in every unique key: an
+-- entitlement's rows all name its subject, so the keys stay as unique as
+-- they were), and their foreign keys become keys of (entitlement, subject),
+-- which Citus checks on each shard; those to the configuration (features,
+-- alert rules) go, since a distributed table can reference none of the
+-- coordinator's plain tables: the functions that write them check both.
+CREATE FUNCTION metering._distribute_entitlements() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  tabs text[] := ARRAY['entitlements', 'grants', 'resets', 'entitlement_snapshots', 'entitlement_snapshot_queue',
+                       'reservations', 'entitlement_turns', 'notification_events'];
+  stmt text;
+  k record;
+BEGIN
+  FOR stmt IN SELECT format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', conrelid::regclass, conname)
+                FROM pg_constraint
+               WHERE contype = 'f' AND conrelid = ANY (SELECT ('metering.' || t)::regclass FROM unnest(tabs) t)
+               ORDER BY conrelid, conname LOOP
+    PERFORM metering._distribute_everywhere(stmt);
+  END LOOP;
+  FOR k IN SELECT * FROM (VALUES ('entitlements', 'id, subject'), ('grants', 'id, subject'), ('resets', 'id, subject'),
+                                 ('entitlement_snapshots', 'entitlement_id, at, subject'),
+                                 ('entitlement_snapshot_queue', 'entitlement_id, subject'),
+                                 ('reservations', 'id, subject'), ('entitlement_turns', 'entitlement_id, purpose, subject'),
+                                 ('notification_events', 'id, subject')) v(tab, cols) LOOP
+    PERFORM metering._distribute_prepare(k.tab, k.cols, '{}', 'subject');
+  END LOOP;
+  PERFORM metering._distribute_everywhere(
+    'ALTER TABLE metering.resets DROP CONSTRAINT IF EXISTS resets_entitlement_id_effective_at_key, '
+    'ADD CONSTRAINT resets_entitlement_id_effective_at_key UNIQUE (entitlement_id, effective_at, subject)');
+  PERFORM metering._distribute_everywhere('DROP INDEX IF EXISTS metering.reservations_idempotency');
+  PERFORM metering._distribute_everywhere(
+    'CREATE UNIQUE INDEX reservations_idempotency ON metering.reservations (entitlement_id, idempotency_key, subject) '
+    'WHERE idempotency_key IS NOT NULL');
+  PERFORM metering._distribute_prepare(NULL, NULL, tabs, 'subject');
+  FOREACH stmt IN ARRAY tabs LOOP
+    EXECUTE 'SELECT create_distributed_table($1, ''subject'', colocate_with => ''metering.events'')'
+      USING ('metering.' || stmt)::regclass;
+  END LOOP;
+  FOREACH stmt IN ARRAY tabs[2:] LOOP
+    IF stmt <> 'entitlement_turns' THEN
+      EXECUTE format('ALTER TABLE metering.%I ADD CONSTRAINT %I FOREIGN KEY (entitlement_id, subject) '
+                     'REFERENCES metering.entitlements (id, subject)', stmt, stmt || '_entitlement_fkey');
+    END IF;
+  END LOOP;
+  -- the view of every entitlement's value reads the entitlements first:
+  -- Citus would send its per-row calls to the shards, where no query of
+  -- other shards may run (51_reports.sql has the one-node definition, which
+  -- a filter by subject reaches through the index)
+  CREATE OR REPLACE VIEW metering.entitlement_status WITH (security_invoker = true) AS
+  WITH e AS MATERIALIZED (SELECT e.id, e.subject, e.feature_key, e.type FROM metering.entitlements e WHERE e.deleted_at IS NULL)
+  SELECT e.subject, e.feature_key AS feature, e.type, v.has_access AS access, v.balance, v.usage, v.overage,
+         v.start_of_period AS period_start,
+         CASE WHEN e.type = 'metered' THEN metering._period_bound(e.id, e.subject, metering.now(), true) END AS period_end,
+         v.config, e.id AS entitlement_id, v.reserved, v.available
+    FROM e CROSS JOIN LATERAL metering.entitlement_value(e.subject, e.id::text, metering.now()) v;
+END $$;
+COMMENT ON FUNCTION metering._distribute_entitlements() IS
+  'internal (distributed mode): distributes the entitlements, grants, resets, snapshots, holds, turns and notifications by subject, co-located with the events';
+REVOKE ALL ON FUNCTION metering._distribute_entitlements() FROM PUBLIC;
+
 CREATE FUNCTION metering.distribute(shard_count integer DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -200,6 +263,12 @@ BEGIN
     EXECUTE 'SELECT create_distributed_table(''metering.registrations'', ''customer_identifier'', colocate_with => ''metering.events'')';
   END IF;
 
+  EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = ''metering.entitlements''::regclass)'
+    INTO done;
+  IF NOT done THEN
+    PERFORM metering._distribute_entitlements();
+  END IF;
+
   -- again on every call: the configuration onto every node, a worker added since too
   PERFORM metering._config_distribute();
   -- Citus copied the rows of a database that had some into the shards and
@@ -207,7 +276,9 @@ BEGIN
   -- more: they go, without the events' TRUNCATE trigger, which would empty
   -- what is derived from them (now on the workers)
   FOREACH tab IN ARRAY ARRAY['events', 'meter_rollups', 'usage_periods', 'subjects', 'subject_access',
-                             'products', 'product_dimensions', 'customers', 'usage_records', 'registrations'] LOOP
+                             'products', 'product_dimensions', 'customers', 'usage_records', 'registrations',
+                             'entitlements', 'grants', 'resets', 'entitlement_snapshots', 'entitlement_snapshot_queue',
+                             'reservations', 'entitlement_turns', 'notification_events'] LOOP
     IF pg_relation_size(('metering.' || tab)::regclass) > 0 THEN
       PERFORM set_config('session_replication_role', 'replica', true);
       EXECUTE 'SELECT truncate_local_data_after_distributing_table($1)' USING ('metering.' || tab)::regclass;

@@ -22,7 +22,7 @@ DECLARE
   runs_no_sql constant text[] := ARRAY[
     'now', 'uuid_v7', 'uuid_v7_time', '_valid_time_zone', '_meter_number', '_meter_text',
     '_meter_groups', '_meter_path_problem', '_parse_events', '_hmac_sha256', '_base64url',
-    '_jwt_hs256', '_random_bytes', '_rfc3339', '_usage_max_age', '_made_by_us', '_outer_role',
+    '_jwt_hs256', '_random_bytes', '_rfc3339', '_usage_max_age', '_note_created', '_created_here', '_outer_role',
     'calendar_step', '_calendar_index', '_minute', '_time_in_range', '_interval_at_least', 'rollover',
     '_burndown_trans', '_burndown_final', 'rate', 'rate_explain', '_rated_total_trans',
     '_hashmap_invalidate', '_price_fee'];

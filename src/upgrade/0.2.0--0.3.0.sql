@@ -37,6 +37,17 @@ DROP FUNCTION metering._usage_periods_deleted();
 DROP VIEW metering.entitlement_status;
 DROP FUNCTION metering.entitlement_value(text, text, timestamptz);
 
+-- the functions that read an entitlement's rows are given its subject, by
+-- which a distributed install finds their shard (80_distribute.sql)
+DROP FUNCTION metering._period_start(uuid, timestamptz);
+DROP FUNCTION metering._period_bound(uuid, timestamptz, boolean);
+DROP FUNCTION metering._forget_snapshots(uuid, timestamptz);
+DROP FUNCTION metering._lock_entitlement(uuid);
+DROP FUNCTION metering._unchanged_since_snapshot(uuid);
+-- which entitlements this transaction made is noted as they are made (a
+-- distributed table's xmin cannot be read)
+DROP FUNCTION metering._made_by_us(xid);
+
 -- the alerts of a statement's events look up each subject's metered
 -- entitlements (alerts_batch.c)
 CREATE INDEX entitlements_metered_subject ON metering.entitlements USING hash (subject)

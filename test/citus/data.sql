@@ -5,7 +5,16 @@
 -- watermark.
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
+SET citus.max_cached_conns_per_worker = 0;
 SELECT set_config('metering.now', '2026-03-01 00:00:00+00', false) IS NOT NULL AS clock;
+-- the clock of every node: a Citus cluster's workers run the triggers of the
+-- rows on their shards, and a moved clock is set on each node (Citus carries
+-- ALTER DATABASE to the workers; new sessions read it, and the coordinator
+-- caches no connection to them here)
+DO $$
+BEGIN
+  EXECUTE format('ALTER DATABASE %I SET metering.now = %L', current_database(), current_setting('metering.now'));
+END $$;
 INSERT INTO metering.meters (slug, event_type, aggregation, value_property, group_by) VALUES
   ('tokens', 'llm.tokens', 'SUM', '$.tokens', '{"model": "$.model"}'),
   ('calls', 'api.call', 'COUNT', NULL, '{"route": "$.route"}'),
@@ -25,15 +34,23 @@ SELECT count(metering.create_entitlement('s' || n, 'api', usage_period => '1 mon
   FROM generate_series(1, 40, 3) n;
 SELECT count(metering.create_grant(e.id, 5000 + 100 * right(e.subject, -1)::int, '2026-03-01', priority => 1,
                                    recurrence => '1 day', expiration => '7 days'))
-  FROM metering.entitlements e WHERE e.feature_key = 'gpt';
+  FROM (SELECT id, subject FROM metering.entitlements WHERE feature_key = 'gpt' OFFSET 0) e;
 SELECT count(metering.create_grant(e.id, 900, '2026-03-02', priority => 5, expiration => '30 days'))
-  FROM metering.entitlements e WHERE e.feature_key = 'gpt' AND right(e.subject, -1)::int % 5 = 0;
+  FROM (SELECT id, subject FROM metering.entitlements WHERE feature_key = 'gpt' OFFSET 0) e WHERE right(e.subject, -1)::int % 5 = 0;
 SELECT count(metering.create_grant(e.id, 400, '2026-03-01', priority => 1))
-  FROM metering.entitlements e WHERE e.feature_key = 'api';
+  FROM (SELECT id, subject FROM metering.entitlements WHERE feature_key = 'api' OFFSET 0) e;
 -- alerts of the token entitlements (what stores events evaluates them)
 INSERT INTO metering.notification_rules (name, feature_key, thresholds)
 VALUES ('gpt', 'gpt', '[{"type": "USAGE_PERCENT", "value": 50}, {"type": "USAGE_PERCENT", "value": 90}, {"type": "BALANCE_VALUE", "value": 0}]');
 SELECT set_config('metering.now', '2026-03-04 12:00:00+00', false) IS NOT NULL AS clock;
+-- the clock of every node: a Citus cluster's workers run the triggers of the
+-- rows on their shards, and a moved clock is set on each node (Citus carries
+-- ALTER DATABASE to the workers; new sessions read it, and the coordinator
+-- caches no connection to them here)
+DO $$
+BEGIN
+  EXECUTE format('ALTER DATABASE %I SET metering.now = %L', current_database(), current_setting('metering.now'));
+END $$;
 -- 5,000 events in 50 batches
 SELECT sum(b.accepted) AS accepted, sum(b.duplicates) AS duplicates FROM generate_series(0, 49) k,
   LATERAL metering.ingest_batch((SELECT jsonb_agg(jsonb_build_object(
@@ -91,7 +108,7 @@ SELECT metering.batch_meter_usage('{"ProductCode": "prod-1", "UsageRecords": [
 -- holds and consumption
 SELECT granted, available FROM metering.reserve('s3', 'gpt', 2000, idempotency_key => 'k1');
 SELECT r.stored, r.amount, r.balance, r.available
-  FROM metering.reservations x, metering.commit_reservation(x.id, '{"specversion": "1.0", "id": "c1", "source": "app",
+  FROM (SELECT id, idempotency_key FROM metering.reservations OFFSET 0) x, metering.commit_reservation(x.id, '{"specversion": "1.0", "id": "c1", "source": "app",
     "type": "llm.tokens", "subject": "s3", "data": {"tokens": 1234, "model": "big"}}') r
  WHERE x.idempotency_key = 'k1';
 SELECT granted, stored, amount, available FROM metering.consume('{"specversion": "1.0", "id": "c2", "source": "app",
@@ -103,10 +120,14 @@ SELECT granted, stored, amount, available FROM metering.consume('{"specversion":
 -- the other writers: a released hold, a voided grant, a reset, a deleted
 -- entitlement, a subject tree, snapshots
 SELECT metering.release_reservation(h.reservation_id) AS released FROM metering.reserve('s5', 'gpt', 100) h;
-SELECT metering.void_grant(g.id) IS NULL AS voided FROM metering.grants g JOIN metering.entitlements e ON e.id = g.entitlement_id
- WHERE e.subject = 's10' AND e.feature_key = 'gpt' AND g.priority = 5;
-SELECT metering.reset_entitlement(e.id, '2026-03-04 06:00:00+00') IS NULL AS reset FROM metering.entitlements e
- WHERE e.subject = 's7' AND e.feature_key = 'api';
-SELECT metering.delete_entitlement(e.id) IS NULL AS deleted FROM metering.entitlements e WHERE e.subject = 's13' AND e.feature_key = 'api';
+-- (distributed, a function that reads other rows is called with values read
+-- first: called in a query of the table, Citus sends it to the shard)
+SELECT g.id AS void_me FROM metering.grants g JOIN metering.entitlements e ON e.id = g.entitlement_id AND e.subject = g.subject
+ WHERE e.subject = 's10' AND e.feature_key = 'gpt' AND g.priority = 5 \gset
+SELECT metering.void_grant(:'void_me') IS NULL AS voided;
+SELECT id AS reset_me FROM metering.entitlements WHERE subject = 's7' AND feature_key = 'api' \gset
+SELECT metering.reset_entitlement(:'reset_me', '2026-03-04 06:00:00+00') IS NULL AS reset;
+SELECT id AS delete_me FROM metering.entitlements WHERE subject = 's13' AND feature_key = 'api' \gset
+SELECT metering.delete_entitlement(:'delete_me') IS NULL AS deleted;
 INSERT INTO metering.subjects (key, name, parent_key) VALUES ('s1-team', 'Team of s1', 's1'), ('s1-team-a', 'A', 's1-team');
 SELECT metering.refresh_snapshots() >= 0 AS snapshots;

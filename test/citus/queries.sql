@@ -16,22 +16,27 @@ SELECT * FROM metering.query_meter('peak', '2026-03-01', '2026-03-05', 'DAY', 'E
 -- q: query_meter with a group filter and minute windows
 SELECT * FROM metering.query_meter('tokens', '2026-03-04', '2026-03-04 02:00', 'MINUTE', 'UTC', '{s12}', NULL, '{"model": "big"}') ORDER BY 1, 2, 3, 4;
 -- q: entitlement_value of every entitlement
-SELECT e.subject, e.feature_key, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
+WITH e AS MATERIALIZED (SELECT subject, feature_key FROM metering.entitlements)
+SELECT e.subject, e.feature_key, v.* FROM e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
 -- q: entitlement_value in the past
-SELECT e.subject, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, 'gpt', '2026-03-02 13:00') v WHERE e.feature_key = 'gpt' ORDER BY 1;
+WITH e AS MATERIALIZED (SELECT subject FROM metering.entitlements WHERE feature_key = 'gpt')
+SELECT e.subject, v.* FROM e, metering.entitlement_value(e.subject, 'gpt', '2026-03-02 13:00') v ORDER BY 1;
 -- q: entitlement_status
 SELECT subject, feature, type, access, balance, usage, overage, period_start, period_end, reserved, available FROM metering.entitlement_status ORDER BY 1, 2;
 -- q: grant_balances
-SELECT e.subject, g.amount, g.priority, b.balance FROM metering.entitlements e, metering.grant_balances(e.id) b
-  JOIN metering.grants g ON g.id = b.grant_id WHERE e.feature_key = 'gpt' ORDER BY 1, 2, 3;
+WITH e AS MATERIALIZED (SELECT id, subject FROM metering.entitlements WHERE feature_key = 'gpt'),
+     b AS MATERIALIZED (SELECT e.subject, b.* FROM e, metering.grant_balances(e.id) b)
+SELECT b.subject, g.amount, g.priority, b.balance FROM b
+  JOIN metering.grants g ON g.id = b.grant_id AND g.subject = b.subject ORDER BY 1, 2, 3;
 -- q: balance_history
-SELECT e.subject, b.* FROM metering.entitlements e, metering.balance_history(e.id, '2026-03-01', '2026-03-04 12:00', 'DAY') b
- WHERE e.subject IN ('s5', 's8', 's20') AND e.feature_key = 'gpt' ORDER BY 1, 2;
+WITH e AS MATERIALIZED (SELECT id, subject FROM metering.entitlements WHERE subject IN ('s5', 's8', 's20') AND feature_key = 'gpt')
+SELECT e.subject, b.* FROM e, metering.balance_history(e.id, '2026-03-01', '2026-03-04 12:00', 'DAY') b ORDER BY 1, 2;
 -- q: burndown_history
 SELECT e.subject, b.segment_start, b.segment_end, b.balance_at_start, b.overage_at_start, b.usage, b.overage, b.terminations,
        (SELECT array_agg(u.v ORDER BY u.v) FROM jsonb_each_text(b.grant_usages) u(k, v)) AS grant_usages
-  FROM metering.entitlements e, metering.burndown_history(e.id, '2026-03-01', '2026-03-04 12:00') b
- WHERE e.subject IN ('s5', 's10') AND e.feature_key = 'gpt' ORDER BY 1, 2, 3;
+  FROM (SELECT id, subject FROM metering.entitlements WHERE subject IN ('s5', 's10') AND feature_key = 'gpt' OFFSET 0) e,
+       metering.burndown_history(e.id, '2026-03-01', '2026-03-04 12:00') b
+ ORDER BY 1, 2, 3;
 -- q: usage_overview
 SELECT s, o.* FROM unnest(ARRAY['s1', 's6', 's7', 's40']) s, metering.usage_overview(s, 'calls') o ORDER BY 1, 2;
 -- q: usage_overview of an entitlement's meter
@@ -80,8 +85,8 @@ SELECT subject, metering.burndown(time, (data->>'tokens')::numeric, '[{"amount":
   FROM (SELECT subject, time, data FROM metering.events WHERE type = 'llm.tokens' ORDER BY subject, time) e GROUP BY subject ORDER BY 1;
 -- q: grants, resets and entitlements after the other writers
 SELECT e.subject, e.feature_key, e.deleted_at IS NOT NULL, g.amount, g.priority, g.voided_at IS NOT NULL,
-       (SELECT count(*) FROM metering.resets r WHERE r.entitlement_id = e.id)
-  FROM metering.entitlements e LEFT JOIN metering.grants g ON g.entitlement_id = e.id ORDER BY 1, 2, 4, 5;
+       (SELECT count(*) FROM metering.resets r WHERE r.entitlement_id = e.id AND r.subject = e.subject)
+  FROM metering.entitlements e LEFT JOIN metering.grants g ON g.entitlement_id = e.id AND g.subject = e.subject ORDER BY 1, 2, 4, 5;
 -- q: AWS usage records
 SELECT customer_identifier, product_code, dimension, usage_hour, quantity FROM metering.usage_records ORDER BY 1, 2, 3, 4;
 -- q: AWS customers
@@ -104,7 +109,8 @@ SELECT meter, subject, bucket, groups, events, valued, sum, min, max, first_time
 -- q: usage periods after the refresh
 SELECT meter, subject, kind, start_time, end_time, id, events, valued, sum, min, max, latest_time, latest_value FROM metering.usage_periods ORDER BY 1, 2, 3, 4;
 -- q: entitlement_value after the refresh
-SELECT e.subject, e.feature_key, v.* FROM metering.entitlements e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
+WITH e AS MATERIALIZED (SELECT subject, feature_key FROM metering.entitlements)
+SELECT e.subject, e.feature_key, v.* FROM e, metering.entitlement_value(e.subject, e.feature_key) v ORDER BY 1, 2;
 -- q: query_meter after the refresh
 SELECT * FROM metering.query_meter('tokens', '2026-03-01', '2026-03-05', 'HOUR', 'UTC', NULL, '{model}', NULL) ORDER BY 1, 2, 3, 4;
 -- q: search_usage after the refresh
@@ -112,4 +118,5 @@ SELECT regexp_replace(metering.search_usage('{"searchByAttributes": [
   {"name": "startTime", "operator": "GREATER_THAN_OR_EQUAL", "value": "2026-03-01T00:00:00"},
   {"name": "aggregationPeriod", "operator": "EQUALS", "value": "MONTHLY"}], "limit": 50}')::text, '\.[A-Za-z0-9_-]{20,}"', '"', 'g');
 -- q: snapshots after the refresh
-SELECT e.subject, e.feature_key, s.at, s.usage, s.overage FROM metering.entitlement_snapshots s JOIN metering.entitlements e ON e.id = s.entitlement_id ORDER BY 1, 2, 3;
+SELECT e.subject, e.feature_key, s.at, s.usage, s.overage FROM metering.entitlement_snapshots s
+  JOIN metering.entitlements e ON e.id = s.entitlement_id AND e.subject = s.subject ORDER BY 1, 2, 3;
