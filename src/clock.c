@@ -116,6 +116,13 @@ CitusPreloaded(void)
 	return citus_preloaded == 1;
 }
 
+/* Whether this node is a Citus worker (of a database with the citus extension). */
+bool
+MeteringCitusWorkerNode(void)
+{
+	return CitusPreloaded() && IsTransactionState() && citus_loaded() && citus_group_id() != COORDINATOR_GROUP;
+}
+
 /*
  * The present of the current transaction when the setting metering.now
  * does not pin it: the start of the transaction, or in a database with

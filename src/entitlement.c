@@ -58,7 +58,10 @@ EntFind(text *subject, text *feature, TimestampTz at, pg_uuid_t *out, Datum *fea
 	UUIDPGetDatum(&id), TimestampTzGetDatum(at)};
 	char		nulls[4] = {' ', ' ', is_id ? ' ' : 'n', ' '};
 	bool		isnull;
-	int			ret = SPI_execute_plan(MeteringPrepare(&plan,
+	int			ret;
+
+	MeteringRequireNotInShardQuery("entitlement_value");
+	ret = SPI_execute_plan(MeteringPrepare(&plan,
 											   "SELECT id, feature_id FROM metering.entitlements "
 											   "WHERE subject = $1 AND (feature_key = $2 OR id = $3) "
 											   "  AND CASE WHEN type = 'metered' THEN measure_usage_from ELSE created_at END <= $4 "
@@ -236,6 +239,7 @@ static void
 LoadMetered(Entitlement *ent, pg_uuid_t *id)
 {
 	MeteringRequireSqlCurrent("an entitlement's balances and histories");
+	MeteringRequireNotInShardQuery("an entitlement's balances and histories");
 	if (!EntLoadEntitlement(ent, id, NULL, CurrentMemoryContext, true))
 	{
 		MeteringRequireCoordinator("an entitlement's balances and histories");

@@ -196,6 +196,19 @@ MeteringRequireCoordinator(const char *what)
 }
 
 /*
+ * What reads a subject's entitlement rows, called in a query that Citus sent
+ * to a worker's shard (not by a trigger of its rows, which may read the
+ * co-located shards): 0A000, since Citus refuses a query of other shards
+ * there.  A cheap test on the coordinator and on a single node.
+ */
+void
+MeteringRequireNotInShardQuery(const char *what)
+{
+	if (MeteringCitusWorkerNode() && DatumGetInt32(pg_trigger_depth(NULL)) == 0)
+		MeteringRequireCoordinator(what);
+}
+
+/*
  * Whether this session runs on a Citus worker of a distributed install
  * (metering._on_worker()); false on a single node, unasked.
  */

@@ -38,6 +38,8 @@ extern Oid	MeteringExtensionOwner(void);
 extern void MeteringRequireCoordinator(const char *what);
 extern bool MeteringOnWorker(void);
 extern bool MeteringDistributedTable(const char *relname);
+extern bool MeteringCitusWorkerNode(void);
+extern void MeteringRequireNotInShardQuery(const char *what);
 extern bool MeteringSqlCurrent(void);
 extern Oid	MeteringRelid(const char *relname);
 extern void MeteringRequireSqlCurrent(const char *what);

@@ -462,9 +462,9 @@ SELECT is(ARRAY(SELECT p.proname::text FROM pg_catalog.pg_proc p JOIN pg_catalog
                  WHERE p.pronamespace = 'metering'::regnamespace AND p.prokind = 'f' AND l.lanname = 'c'
                    AND NOT coalesce(p.proconfig, '{}') @> ARRAY['search_path=pg_catalog, pg_temp']
                  ORDER BY 1),
-          ARRAY['_base64url', '_burndown_final', '_burndown_trans', '_burndown_trans', '_calendar_index', '_hashmap_invalidate',
-                '_hmac_sha256', '_interval_at_least', '_jwt_hs256', '_made_by_us', '_meter_groups', '_meter_number',
-                '_meter_path_problem', '_meter_text', '_minute', '_outer_role', '_parse_events', '_price_fee', '_random_bytes',
+          ARRAY['_base64url', '_burndown_final', '_burndown_trans', '_burndown_trans', '_calendar_index', '_created_here', '_hashmap_invalidate',
+                '_hmac_sha256', '_interval_at_least', '_jwt_hs256', '_meter_groups', '_meter_number',
+                '_meter_path_problem', '_meter_text', '_minute', '_note_created', '_outer_role', '_parse_events', '_price_fee', '_random_bytes',
                 '_rated_total_trans', '_rated_total_trans', '_rfc3339', '_time_in_range', '_usage_max_age', '_valid_time_zone', 'calendar_step',
                 'now', 'rate', 'rate_explain', 'rollover', 'uuid_v7', 'uuid_v7_time'],
           '3: the C functions without a pinned search_path are those that run no SQL (rate pins its own)');

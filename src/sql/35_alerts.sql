@@ -29,7 +29,8 @@ COMMENT ON COLUMN metering.notification_rules.deleted_at IS 'when it was deleted
 
 CREATE TABLE metering.notification_events (
   id             uuid PRIMARY KEY DEFAULT metering.uuid_v7(),
-  rule_id        uuid NOT NULL REFERENCES metering.notification_rules (id),
+  -- (checked at commit, as the entitlements' feature: 31_entitlements.sql)
+  rule_id        uuid NOT NULL REFERENCES metering.notification_rules (id) DEFERRABLE INITIALLY DEFERRED,
   entitlement_id uuid NOT NULL REFERENCES metering.entitlements (id),
   subject        text COLLATE "C" NOT NULL,
   feature_key    text COLLATE "C" NOT NULL,

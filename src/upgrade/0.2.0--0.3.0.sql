@@ -47,6 +47,11 @@ DROP FUNCTION metering._unchanged_since_snapshot(uuid);
 -- which entitlements this transaction made is noted as they are made (a
 -- distributed table's xmin cannot be read)
 DROP FUNCTION metering._made_by_us(xid);
+-- an entitlement's feature is checked at commit: a restore of a distributed
+-- install's dump, in one transaction, may bring the features after it
+ALTER TABLE metering.entitlements ALTER CONSTRAINT entitlements_feature_id_fkey DEFERRABLE INITIALLY DEFERRED;
+-- (its comment, its definition, is made again: 95_object_comments.sql)
+COMMENT ON CONSTRAINT entitlements_feature_id_fkey ON metering.entitlements IS NULL;
 
 -- the alerts of a statement's events look up each subject's metered
 -- entitlements (alerts_batch.c)

@@ -131,3 +131,8 @@ SELECT id AS delete_me FROM metering.entitlements WHERE subject = 's13' AND feat
 SELECT metering.delete_entitlement(:'delete_me') IS NULL AS deleted;
 INSERT INTO metering.subjects (key, name, parent_key) VALUES ('s1-team', 'Team of s1', 's1'), ('s1-team-a', 'A', 's1-team');
 SELECT metering.refresh_snapshots() >= 0 AS snapshots;
+-- the database's clock again (the sessions that follow set their own)
+DO $$
+BEGIN
+  EXECUTE format('ALTER DATABASE %I RESET metering.now', current_database());
+END $$;
