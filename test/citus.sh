@@ -186,6 +186,21 @@ check "the events are on both workers, each shard on a worker" \
                       FROM run_command_on_shards('metering.events', 'SELECT count(*) FROM %s') x
                       JOIN pg_dist_shard_placement p USING (shardid) GROUP BY p.nodeport) r")" \
   "$w1:true $w2:true"
+# each subject's entitlement rows on the worker of its events
+spread() {  # table: the rows per worker, and the subjects whose rows are on another worker than their events
+  sql m "SELECT string_agg(nodeport || ':' || (r.result::bigint > 0), ' ' ORDER BY nodeport)
+           FROM (SELECT p.nodeport, sum(x.result::bigint) AS result
+                   FROM run_command_on_shards('metering.$1', 'SELECT count(*) FROM %s') x
+                   JOIN pg_dist_shard_placement p USING (shardid) GROUP BY p.nodeport) r"
+  sql m "WITH s AS MATERIALIZED (SELECT DISTINCT subject FROM metering.$1)
+         SELECT count(*) FROM s
+          WHERE (SELECT nodeport FROM pg_dist_shard_placement WHERE shardid = get_shard_id_for_distribution_column('metering.$1', s.subject))
+                IS DISTINCT FROM
+                (SELECT nodeport FROM pg_dist_shard_placement WHERE shardid = get_shard_id_for_distribution_column('metering.events', s.subject))"
+}
+check "the entitlements, grants, snapshots and notifications are on both workers; every subject's rows of these, its holds and resets are on the worker of its events" \
+  "$(for t in entitlements grants entitlement_snapshots notification_events; do spread $t; done | tr '\n' ' ')$(spread reservations | tail -1) $(spread resets | tail -1)" \
+  "$w1:true $w2:true 0 $w1:true $w2:true 0 $w1:true $w2:true 0 $w1:true $w2:true 0 0 0"
 sql m "SELECT metering.ingest('{\"specversion\": \"1.0\", \"id\": \"same\", \"source\": \"dup\", \"type\": \"api.call\", \"subject\": \"s1\"}'),
               metering.ingest('{\"specversion\": \"1.0\", \"id\": \"same\", \"source\": \"dup\", \"type\": \"api.call\", \"subject\": \"s2\"}'),
               metering.ingest('{\"specversion\": \"1.0\", \"id\": \"same\", \"source\": \"dup\", \"type\": \"api.call\", \"subject\": \"s2\"}')" >"$tmp.dup"

@@ -413,6 +413,7 @@ BEGIN
     create_grant.recurrence_anchor, coalesce(create_grant.min_rollover_amount, 0),
     coalesce(create_grant.max_rollover_amount, 0), create_grant.metadata)
   RETURNING g.id INTO id;
+  PERFORM metering._writer_alerts(entitlement, subject);
   RETURN id;
 END $$;
 COMMENT ON FUNCTION metering.create_grant(uuid, numeric, timestamptz, integer, interval, interval, timestamptz, numeric, numeric, jsonb) IS
@@ -436,6 +437,7 @@ BEGIN
       DETAIL = format('Grant %s was voided at %s.', g.id, g.voided_at);
   END IF;
   UPDATE metering.grants SET voided_at = metering.now() WHERE id = grant_id AND subject = g.subject;
+  PERFORM metering._writer_alerts(g.entitlement_id, g.subject);
 END $$;
 COMMENT ON FUNCTION metering.void_grant(uuid) IS
   'voids a grant from metering.now() (to the minute) on; usage it already paid stays paid';
@@ -453,6 +455,7 @@ BEGIN
   INSERT INTO metering.resets (entitlement_id, subject, effective_at, retain_anchor, preserve_overage)
   VALUES (reset_entitlement.entitlement, subject, reset_entitlement.effective_at,
           coalesce(reset_entitlement.retain_anchor, false), reset_entitlement.preserve_overage);
+  PERFORM metering._writer_alerts(entitlement, subject);
 END $$;
 COMMENT ON FUNCTION metering.reset_entitlement(uuid, timestamptz, boolean, boolean) IS
   'starts a new usage period at effective_at (default metering.now(), to the minute): grants roll over, usage counts from zero';

@@ -338,6 +338,21 @@ CREATE TRIGGER grants_alerts AFTER INSERT OR UPDATE OF voided_at, deleted_at ON 
 CREATE TRIGGER resets_alerts AFTER INSERT ON metering.resets
   FOR EACH ROW EXECUTE FUNCTION metering._entitlement_changed_alerts();
 
+-- Distributed (80_distribute.sql), the triggers of grants and resets run on
+-- the shards, whose nodes send no notification of the coordinator: the
+-- writers of the grants, voids and resets (create_grant, void_grant,
+-- reset_entitlement) evaluate them on the coordinator instead.
+CREATE FUNCTION metering._writer_alerts(entitlement uuid, subject text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF metering._distributed() AND metering._alerts_live() THEN
+    PERFORM metering._evaluate_alerts(entitlement, subject, NULL, true);
+  END IF;
+END $$;
+COMMENT ON FUNCTION metering._writer_alerts(uuid, text) IS
+  'internal (distributed mode): after a grant, a void or a reset made on the coordinator, evaluates the alerts of its entitlement';
+REVOKE EXECUTE ON FUNCTION metering._writer_alerts(uuid, text) FROM PUBLIC;
+
 -- the evaluation reads every entitlement and writes notifications, whoever
 -- stored the events
 ALTER FUNCTION metering._evaluate_alerts(uuid, text, timestamptz, boolean) SECURITY DEFINER;

@@ -117,6 +117,12 @@ SELECT granted, stored, amount, available FROM metering.consume('{"specversion":
     "type": "llm.tokens", "subject": "s4", "data": {"tokens": 10, "model": "big"}}', 'gpt');
 SELECT granted, stored, amount, available FROM metering.consume('{"specversion": "1.0", "id": "c3", "source": "app",
     "type": "llm.tokens", "subject": "s4", "data": {"tokens": 10, "model": "big"}}', 'gpt');
+-- a grant takes s3 back under its 50% threshold (resolved), its void over it
+-- again: distributed, their writers evaluate the alerts on the coordinator
+SELECT id AS s3_gpt FROM metering.entitlements WHERE subject = 's3' AND feature_key = 'gpt' \gset
+SELECT metering.create_grant(:'s3_gpt', 10000, '2026-03-04 12:00') AS s3_grant \gset
+SELECT metering.void_grant(:'s3_grant') IS NULL AS voided;
+SELECT kind, threshold->>'value' AS value FROM metering.notification_events WHERE subject = 's3' ORDER BY seq;
 -- the other writers: a released hold, a voided grant, a reset, a deleted
 -- entitlement, a subject tree, snapshots
 SELECT metering.release_reservation(h.reservation_id) AS released FROM metering.reserve('s5', 'gpt', 100) h;
