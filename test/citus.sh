@@ -301,7 +301,10 @@ readers_rows="SET ROLE citus_reader; SELECT count(DISTINCT subject) || ' ' || mi
               SELECT string_agg(customer_identifier || ':' || quantity, ' ') FROM metering.usage_records;
               SELECT string_agg(customer_identifier, ' ') FROM metering.customers;
               SELECT string_agg(customer_identifier || ':' || calls, ' ') FROM metering.registrations"
-check "row security on the workers: a role that sees one subject reads its events, usage records, customer and registrations only, as on one node" \
+for t in entitlements grants resets entitlement_snapshots entitlement_snapshot_queue reservations entitlement_turns notification_events; do
+  readers_rows="$readers_rows; SELECT '$t ' || count(*) || ' ' || coalesce(min(subject) || '-' || max(subject), '') FROM metering.$t"
+done
+check "row security on the workers: a role that sees one subject reads its events, usage records, customer, registrations, entitlements and all that is theirs only, as on one node" \
   "$(sql m "$readers_rows" | tr '\n' ' ')" "$(sql single "$readers_rows" | tr '\n' ' ')"
 check "... and the functions answer it as on one node" \
   "$(sql m "SET ROLE citus_reader; SELECT balance || ' ' || (SELECT count(*) FROM metering.entitlement_value('s4', 'gpt')) FROM metering.entitlement_value('s3', 'gpt')")" \

@@ -7,6 +7,9 @@ CREATE FUNCTION metering._calendar_index(anchor timestamptz, step interval, t ti
 COMMENT ON FUNCTION metering._calendar_index(timestamptz, interval, timestamptz) IS
   'internal: the largest n with calendar_step(anchor, step, n) <= t';
 
+-- (a distributed install's reads the entitlements first: distribute(),
+-- 80_distribute.sql, replaces it; an update that changes it must replace
+-- that one too)
 CREATE VIEW metering.entitlement_status WITH (security_invoker = true) AS
 SELECT e.subject, e.feature_key AS feature, e.type, v.has_access AS access, v.balance, v.usage, v.overage,
        v.start_of_period AS period_start,

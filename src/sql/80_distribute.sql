@@ -287,5 +287,5 @@ BEGIN
   PERFORM set_config('session_replication_role', 'origin', true);
 END $$;
 COMMENT ON FUNCTION metering.distribute(integer) IS
-  'on a Citus coordinator with workers: distributes the per-subject tables by subject (co-located: events, rollups, usage periods, AWS usage records and registrations) and replicates subjects, AWS products and customers and the configuration copies; idempotent, and converts what an update added; 55000 without Citus or workers';
+  'on a Citus coordinator with workers: distributes the per-subject tables by subject (co-located: events, rollups, usage periods, entitlements, grants, resets, snapshots, holds, turns, notifications, AWS usage records and registrations) and replicates subjects, AWS products and customers and the configuration copies; idempotent, and converts what an update added; 55000 without Citus or workers';
 REVOKE ALL ON FUNCTION metering.distribute(integer) FROM PUBLIC;
