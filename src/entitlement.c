@@ -216,9 +216,14 @@ Datum
 metering_gate_value(PG_FUNCTION_ARGS)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	TimestampTz at = NowOr(fcinfo, 2, "at");
-	TimestampTz since = NowOr(fcinfo, 3, "since");
+	TimestampTz at,
+				since;
 
+	/* (a declaration of another version would be read wrong) */
+	if (PG_NARGS() != 4)
+		elog(ERROR, "_gate_value takes an entitlement, its subject and two instants");
+	at = NowOr(fcinfo, 2, "at");
+	since = NowOr(fcinfo, 3, "since");
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),

@@ -95,10 +95,20 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, text *subject, MemoryContext
 		ent->deleted_at = DT_NOEND;
 	if (ent->type == 'm')
 	{
+		Datum		period = EntGetCol(0, 7, &isnull);
+		bool		no_anchor,
+					no_start;
+
 		ent->plan.periods = true;
-		ent->plan.period = *DatumGetIntervalP(EntGetCol(0, 7, &isnull));
-		ent->plan.anchor = DatumGetTimestampTz(EntGetCol(0, 8, &isnull));
-		ent->plan.measure_from = DatumGetTimestampTz(EntGetCol(0, 9, &isnull));
+		ent->plan.anchor = DatumGetTimestampTz(EntGetCol(0, 8, &no_anchor));
+		ent->plan.measure_from = DatumGetTimestampTz(EntGetCol(0, 9, &no_start));
+		/* (the insert trigger fills them: a row without them was never checked) */
+		if (isnull || no_anchor || no_start)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("metered entitlement %s has no usage period, anchor or measure_usage_from",
+							DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(id))))));
+		ent->plan.period = *DatumGetIntervalP(period);
 		ent->plan.preserve_overage = DatumGetBool(EntGetCol(0, 10, &isnull));
 	}
 	feature = EntCopyCol(0, 11, &isnull);

@@ -573,6 +573,13 @@ metering_made_by_us(PG_FUNCTION_ARGS)
 static HTAB *created = NULL;
 static LocalTransactionId created_lxid = InvalidLocalTransactionId;
 
+/* the transaction's memory goes: so does the table */
+static void
+ForgetCreated(void *arg)
+{
+	created = NULL;
+}
+
 PG_FUNCTION_INFO_V1(metering_note_created);
 Datum
 metering_note_created(PG_FUNCTION_ARGS)
@@ -582,12 +589,16 @@ metering_note_created(PG_FUNCTION_ARGS)
 	if (created == NULL || created_lxid != MyProc->lxid)
 	{
 		HASHCTL		ctl = {0};
+		MemoryContextCallback *forget = MemoryContextAllocZero(TopTransactionContext,
+															   sizeof(MemoryContextCallback));
 
 		ctl.keysize = sizeof(pg_uuid_t);
 		ctl.entrysize = sizeof(pg_uuid_t);
 		ctl.hcxt = TopTransactionContext;
 		created = hash_create("metering created entitlements", 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 		created_lxid = MyProc->lxid;
+		forget->func = ForgetCreated;
+		MemoryContextRegisterResetCallback(TopTransactionContext, forget);
 	}
 	hash_search(created, PG_GETARG_UUID_P(0), HASH_ENTER, &found);
 	PG_RETURN_VOID();

@@ -58,13 +58,12 @@ DECLARE
   fresh boolean := NOT metering._restored('entitlement', NEW.created_at);
 BEGIN
   SELECT * INTO f FROM metering.features WHERE id = NEW.feature_id;
-  IF NOT FOUND AND NOT fresh AND NEW.feature_key IS NOT NULL THEN
-    -- a restored row whose feature comes later in the restore (the dump of a
-    -- distributed install orders them by name): checked when it was made,
-    -- and its feature by the foreign key at commit
-    RETURN NEW;
-  END IF;
-  IF NOT FOUND THEN
+  -- A restored row on one node may come before its feature (the dump of a
+  -- distributed install, restored in one transaction, orders them by
+  -- name): the foreign key checks the feature at commit, and the checks
+  -- that need it (its key, its meter) are those the row passed when it was
+  -- made.  A distributed install's shards have no such key.
+  IF NOT FOUND AND (fresh OR NEW.feature_key IS NULL OR metering._distributed()) THEN
     RAISE EXCEPTION 'feature % does not exist', NEW.feature_id USING ERRCODE = 'foreign_key_violation';
   END IF;
   -- a row made now is new; one with an earlier created_at is being restored
@@ -79,11 +78,11 @@ BEGIN
     RAISE EXCEPTION 'entitlement: a new entitlement is not deleted (a restored one was deleted after its creation)'
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NEW.feature_key IS NOT NULL AND NEW.feature_key <> f.key THEN
+  IF f.id IS NOT NULL AND NEW.feature_key IS NOT NULL AND NEW.feature_key <> f.key THEN
     RAISE EXCEPTION 'feature_key "%" is not the key of feature % ("%")', NEW.feature_key, f.id, f.key
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  NEW.feature_key := f.key;
+  NEW.feature_key := coalesce(f.key, NEW.feature_key);
   IF NEW.subject IS NULL OR NEW.subject = '' THEN
     RAISE EXCEPTION 'entitlement: subject is required' USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -95,7 +94,7 @@ BEGIN
     RAISE EXCEPTION 'entitlement: type is required (metered, boolean or static)' USING ERRCODE = 'invalid_parameter_value';
   END IF;
   IF NEW.type = 'metered' THEN
-    IF f.meter_slug IS NULL THEN
+    IF f.id IS NOT NULL AND f.meter_slug IS NULL THEN
       RAISE EXCEPTION 'feature "%" has no meter: a metered entitlement needs one', f.key
         USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a boolean or static entitlement.';
     END IF;
@@ -132,6 +131,10 @@ BEGIN
       RAISE EXCEPTION 'entitlement: config belongs to static entitlements' USING ERRCODE = 'invalid_parameter_value';
     END IF;
   END IF;
+  -- (the grants made with it may start before its current period; noted
+  -- before the row is stored, so that a later part of the same statement,
+  -- a writable CTE's grants, sees it)
+  PERFORM metering._note_created(NEW.id);
   RETURN NEW;
 END $$;
 COMMENT ON FUNCTION metering._entitlements_before_insert() IS 'internal: validates an entitlement and fills its defaults';
@@ -141,8 +144,6 @@ COMMENT ON FUNCTION metering._entitlements_before_insert() IS 'internal: validat
 CREATE FUNCTION metering._entitlements_after_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-  -- (the grants made with it may start before its current period)
-  PERFORM metering._note_created(NEW.id);
   -- only for a new entitlement: a restored one comes with its grant
   IF NEW.issue_after_reset IS NOT NULL AND NEW.deleted_at IS NULL AND NEW.created_at = metering.now() THEN
     INSERT INTO metering.grants (entitlement_id, subject, amount, priority, effective_at,
@@ -225,6 +226,10 @@ BEGIN
     coalesce(create_entitlement.preserve_overage_at_reset, false),
     create_entitlement.config, create_entitlement.metadata)
   RETURNING e.id INTO id;
+  -- (the grant of issue_after_reset: 35_alerts.sql)
+  IF create_entitlement.issue_after_reset IS NOT NULL THEN
+    PERFORM metering._writer_alerts(id, create_entitlement.subject);
+  END IF;
   RETURN id;
 EXCEPTION WHEN unique_violation THEN
   -- a concurrent creation committed first: the same answer as the check above

@@ -538,8 +538,10 @@ BEGIN
   DELETE FROM metering.entitlement_snapshots s
    WHERE s.subject = ANY (who)
      AND s.at > (SELECT k.since FROM unnest(who, earliest) AS k(subject, since) WHERE k.subject = s.subject)
+     -- (e.subject = ANY (who) too: one node reads the snapshots of those entitlements by their key)
      AND EXISTS (SELECT 1 FROM metering.entitlements e
-                  WHERE e.id = s.entitlement_id AND e.subject = s.subject AND e.feature_id = ANY (features));
+                  WHERE e.id = s.entitlement_id AND e.subject = s.subject AND e.subject = ANY (who)
+                    AND e.feature_id = ANY (features));
 END $$;
 COMMENT ON FUNCTION metering._events_changed(text, text[], timestamptz[]) IS
   'internal: drops the snapshots that events of these subjects, at these times, reach';
