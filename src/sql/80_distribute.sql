@@ -151,7 +151,13 @@ REVOKE ALL ON FUNCTION metering._distribute_reference(text, text[]) FROM PUBLIC;
 -- which Citus checks on each shard; those to the configuration (features,
 -- alert rules) go, since a distributed table can reference none of the
 -- coordinator's plain tables: the functions that write them check both.
-CREATE FUNCTION metering._distribute_entitlements() RETURNS void
+-- Two steps: the tables' new keys and policies on every node (statements
+-- of their own on the workers, which must come before distribute()'s copy of
+-- the configuration writes the workers' features in the transaction: they
+-- would wait for it), then, once the features are on every node (the
+-- triggers of the rows Citus copies into the shards read them), the
+-- conversion.
+CREATE FUNCTION metering._distribute_entitlements(convert boolean) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   tabs text[] := ARRAY['entitlements', 'grants', 'resets', 'entitlement_snapshots', 'entitlement_snapshot_queue',
@@ -159,6 +165,30 @@ DECLARE
   stmt text;
   k record;
 BEGIN
+  IF convert THEN
+    FOREACH stmt IN ARRAY tabs LOOP
+      EXECUTE 'SELECT create_distributed_table($1, ''subject'', colocate_with => ''metering.events'')'
+        USING ('metering.' || stmt)::regclass;
+    END LOOP;
+    FOREACH stmt IN ARRAY tabs[2:] LOOP
+      IF stmt <> 'entitlement_turns' THEN
+        EXECUTE format('ALTER TABLE metering.%I ADD CONSTRAINT %I FOREIGN KEY (entitlement_id, subject) '
+                       'REFERENCES metering.entitlements (id, subject)', stmt, stmt || '_entitlement_fkey');
+      END IF;
+    END LOOP;
+    -- the view of every entitlement's value reads the entitlements first:
+    -- Citus would send its per-row calls to the shards, where no query of
+    -- other shards may run (51_reports.sql has the one-node definition, which
+    -- a filter by subject reaches through the index)
+    CREATE OR REPLACE VIEW metering.entitlement_status WITH (security_invoker = true) AS
+    WITH e AS MATERIALIZED (SELECT e.id, e.subject, e.feature_key, e.type FROM metering.entitlements e WHERE e.deleted_at IS NULL)
+    SELECT e.subject, e.feature_key AS feature, e.type, v.has_access AS access, v.balance, v.usage, v.overage,
+           v.start_of_period AS period_start,
+           CASE WHEN e.type = 'metered' THEN metering._period_bound(e.id, e.subject, metering.now(), true) END AS period_end,
+           v.config, e.id AS entitlement_id, v.reserved, v.available
+      FROM e CROSS JOIN LATERAL metering.entitlement_value(e.subject, e.id::text, metering.now()) v;
+    RETURN;
+  END IF;
   FOR stmt IN SELECT format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', conrelid::regclass, conname)
                 FROM pg_constraint
                WHERE contype = 'f' AND conrelid = ANY (SELECT ('metering.' || t)::regclass FROM unnest(tabs) t)
@@ -180,31 +210,10 @@ BEGIN
     'CREATE UNIQUE INDEX reservations_idempotency ON metering.reservations (entitlement_id, idempotency_key, subject) '
     'WHERE idempotency_key IS NOT NULL');
   PERFORM metering._distribute_prepare(NULL, NULL, tabs, 'subject');
-  FOREACH stmt IN ARRAY tabs LOOP
-    EXECUTE 'SELECT create_distributed_table($1, ''subject'', colocate_with => ''metering.events'')'
-      USING ('metering.' || stmt)::regclass;
-  END LOOP;
-  FOREACH stmt IN ARRAY tabs[2:] LOOP
-    IF stmt <> 'entitlement_turns' THEN
-      EXECUTE format('ALTER TABLE metering.%I ADD CONSTRAINT %I FOREIGN KEY (entitlement_id, subject) '
-                     'REFERENCES metering.entitlements (id, subject)', stmt, stmt || '_entitlement_fkey');
-    END IF;
-  END LOOP;
-  -- the view of every entitlement's value reads the entitlements first:
-  -- Citus would send its per-row calls to the shards, where no query of
-  -- other shards may run (51_reports.sql has the one-node definition, which
-  -- a filter by subject reaches through the index)
-  CREATE OR REPLACE VIEW metering.entitlement_status WITH (security_invoker = true) AS
-  WITH e AS MATERIALIZED (SELECT e.id, e.subject, e.feature_key, e.type FROM metering.entitlements e WHERE e.deleted_at IS NULL)
-  SELECT e.subject, e.feature_key AS feature, e.type, v.has_access AS access, v.balance, v.usage, v.overage,
-         v.start_of_period AS period_start,
-         CASE WHEN e.type = 'metered' THEN metering._period_bound(e.id, e.subject, metering.now(), true) END AS period_end,
-         v.config, e.id AS entitlement_id, v.reserved, v.available
-    FROM e CROSS JOIN LATERAL metering.entitlement_value(e.subject, e.id::text, metering.now()) v;
 END $$;
-COMMENT ON FUNCTION metering._distribute_entitlements() IS
-  'internal (distributed mode): distributes the entitlements, grants, resets, snapshots, holds, turns and notifications by subject, co-located with the events';
-REVOKE ALL ON FUNCTION metering._distribute_entitlements() FROM PUBLIC;
+COMMENT ON FUNCTION metering._distribute_entitlements(boolean) IS
+  'internal (distributed mode): the keys and policies the entitlements, grants, resets, snapshots, holds, turns and notifications need on every node, or (convert) their distribution by subject, co-located with the events';
+REVOKE ALL ON FUNCTION metering._distribute_entitlements(boolean) FROM PUBLIC;
 
 CREATE FUNCTION metering.distribute(shard_count integer DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -263,14 +272,19 @@ BEGIN
     EXECUTE 'SELECT create_distributed_table(''metering.registrations'', ''customer_identifier'', colocate_with => ''metering.events'')';
   END IF;
 
+  -- the entitlements and what is theirs: their keys first (see _distribute_entitlements)
   EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = ''metering.entitlements''::regclass)'
     INTO done;
   IF NOT done THEN
-    PERFORM metering._distribute_entitlements();
+    PERFORM metering._distribute_entitlements(false);
   END IF;
 
   -- again on every call: the configuration onto every node, a worker added since too
   PERFORM metering._config_distribute();
+
+  IF NOT done THEN
+    PERFORM metering._distribute_entitlements(true);
+  END IF;
   -- Citus copied the rows of a database that had some into the shards and
   -- left them in the coordinator's tables too, where nothing reads them any
   -- more: they go, without the events' TRUNCATE trigger, which would empty
