@@ -765,19 +765,20 @@ metering_period_start(PG_FUNCTION_ARGS)
 void
 EntCheckUnchanged(Datum id, Datum subject)
 {
+#define CHANGES_SQL(grant_condition, reset_condition) \
+	"SELECT coalesce((SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' " \
+	"                                   || coalesce(g.deleted_at::text, ''), ',' ORDER BY g.id) " \
+	"                   FROM metering.grants g WHERE g.entitlement_id = $1 " grant_condition "), '') || '|' || " \
+	"       (SELECT coalesce(string_agg(r.effective_at::text, ',' ORDER BY r.effective_at), '') " \
+	"          FROM metering.resets r WHERE r.entitlement_id = $1 " reset_condition ")"
 	/* (the tables of 0.2.0, which the library serves until the update, have no subject column) */
+	static const char *const sql[2] = {CHANGES_SQL("", ""), CHANGES_SQL("AND g.subject = $2", "AND r.subject = $2")};
 	bool		by_subject = MeteringSqlCurrent();
-	const char *sql =
-	psprintf("SELECT coalesce((SELECT string_agg(g.id::text || '/' || coalesce(g.voided_at::text, '') || '/' "
-			 "                                   || coalesce(g.deleted_at::text, ''), ',' ORDER BY g.id) "
-			 "                   FROM metering.grants g WHERE g.entitlement_id = $1 %s), '') || '|' || "
-			 "       (SELECT coalesce(string_agg(r.effective_at::text, ',' ORDER BY r.effective_at), '') "
-			 "          FROM metering.resets r WHERE r.entitlement_id = $1 %s)",
-			 by_subject ? "AND g.subject = $2" : "", by_subject ? "AND r.subject = $2" : "");
 	Oid			types[2] = {UUIDOID, TEXTOID};
 	Datum		args[2] = {id, subject};
 
-	MeteringErrorIfChangedSinceSnapshot(sql, by_subject ? 2 : 1, types, args, "the entitlement's grants or resets");
+	MeteringErrorIfChangedSinceSnapshot(sql[by_subject], by_subject ? 2 : 1, types, args,
+										"the entitlement's grants or resets");
 }
 
 PG_FUNCTION_INFO_V1(metering_unchanged_since_snapshot);

@@ -35,28 +35,42 @@ EntCopyCol(int row, int col, bool *isnull)
  * coordinator asks every shard.  lock: FOR NO KEY UPDATE.  Columns: the
  * entitlements' first columns, then e.* as a row (column ENT_ROW_COL).
  */
+#define ENT_ROW_SQL(condition) \
+	"SELECT e.type::text, e.subject, e.config, e.is_soft_limit, e.created_at, " \
+	"       e.deleted_at, e.usage_period, e.usage_period_anchor, e.measure_usage_from, " \
+	"       e.preserve_overage_at_reset, e.feature_id, e " \
+	"FROM metering.entitlements e WHERE e.id = $1 " condition
+
 bool
 EntReadRow(Datum id, Datum subject, bool lock)
 {
 	static SPIPlanPtr plans[2][2];
+	static const char *const sql[2][2] = {
+		{ENT_ROW_SQL(""), ENT_ROW_SQL("FOR NO KEY UPDATE")},
+		{ENT_ROW_SQL("AND e.subject = $2"), ENT_ROW_SQL("AND e.subject = $2 FOR NO KEY UPDATE")}
+	};
 	Oid			types[2] = {UUIDOID, TEXTOID};
 	Datum		args[2] = {id, subject};
 	bool		by_subject = subject != (Datum) 0;
 	int			ret;
 
-	ret = SPI_execute_plan(MeteringPrepare(&plans[by_subject][lock],
-										   psprintf("SELECT e.type::text, e.subject, e.config, e.is_soft_limit, e.created_at, "
-													"       e.deleted_at, e.usage_period, e.usage_period_anchor, e.measure_usage_from, "
-													"       e.preserve_overage_at_reset, e.feature_id, e "
-													"FROM metering.entitlements e WHERE e.id = $1 %s %s",
-													by_subject ? "AND e.subject = $2" : "",
-													lock ? "FOR NO KEY UPDATE" : ""),
-										   by_subject ? 2 : 1, types),
+	ret = SPI_execute_plan(MeteringPrepare(&plans[by_subject][lock], sql[by_subject][lock], by_subject ? 2 : 1, types),
 						   args, NULL, !lock, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the entitlement: %s", SPI_result_code_string(ret));
 	return SPI_processed > 0;
 }
+
+#define RESET_SQL(condition) \
+	"SELECT effective_at, retain_anchor, preserve_overage FROM metering.resets " \
+	"WHERE entitlement_id = $1 " condition " ORDER BY effective_at"
+#define GRANT_SQL(condition) \
+	"SELECT id, amount, priority, effective_at, coalesce(expires_at, 'infinity'), " \
+	"       least(coalesce(expires_at, 'infinity'), coalesce(voided_at, 'infinity'), " \
+	"             coalesce(deleted_at, 'infinity')), " \
+	"       recurrence, coalesce(recurrence_anchor, effective_at), " \
+	"       min_rollover_amount, max_rollover_amount, created_at " \
+	"FROM metering.grants WHERE entitlement_id = $1 " condition
 
 /*
  * Loads an entitlement (of `subject`, or NULL when not known: see
@@ -70,6 +84,8 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, text *subject, MemoryContext
 	static SPIPlanPtr meter_plan = NULL;
 	static SPIPlanPtr reset_plans[2];
 	static SPIPlanPtr grant_plans[2];
+	static const char *const reset_sql[2] = {RESET_SQL(""), RESET_SQL("AND subject = $2")};
+	static const char *const grant_sql[2] = {GRANT_SQL(""), GRANT_SQL("AND subject = $2")};
 	Oid			types[2] = {UUIDOID, TEXTOID};
 	/* (the tables of 0.2.0, which the library serves until the update, have no subject column) */
 	int			by_subject = MeteringSqlCurrent() ? 1 : 0;
@@ -142,11 +158,7 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, text *subject, MemoryContext
 	args[0] = UUIDPGetDatum(id);
 	args[1] = ent->subject;
 
-	ret = SPI_execute_plan(MeteringPrepare(&reset_plans[by_subject],
-										   psprintf("SELECT effective_at, retain_anchor, preserve_overage FROM metering.resets "
-													"WHERE entitlement_id = $1 %s ORDER BY effective_at",
-													by_subject ? "AND subject = $2" : ""),
-										   1 + by_subject, types),
+	ret = SPI_execute_plan(MeteringPrepare(&reset_plans[by_subject], reset_sql[by_subject], 1 + by_subject, types),
 						   args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the resets: %s", SPI_result_code_string(ret));
@@ -163,15 +175,7 @@ EntLoadEntitlement(Entitlement *ent, pg_uuid_t *id, text *subject, MemoryContext
 	if (!with_grants)
 		return true;
 
-	ret = SPI_execute_plan(MeteringPrepare(&grant_plans[by_subject],
-										   psprintf("SELECT id, amount, priority, effective_at, coalesce(expires_at, 'infinity'), "
-													"       least(coalesce(expires_at, 'infinity'), coalesce(voided_at, 'infinity'), "
-													"             coalesce(deleted_at, 'infinity')), "
-													"       recurrence, coalesce(recurrence_anchor, effective_at), "
-													"       min_rollover_amount, max_rollover_amount, created_at "
-													"FROM metering.grants WHERE entitlement_id = $1 %s",
-													by_subject ? "AND subject = $2" : ""),
-										   1 + by_subject, types),
+	ret = SPI_execute_plan(MeteringPrepare(&grant_plans[by_subject], grant_sql[by_subject], 1 + by_subject, types),
 						   args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the grants: %s", SPI_result_code_string(ret));
